@@ -1,0 +1,203 @@
+"""The bidirectional language model of ELMo (Peters et al. 2018), word-level.
+
+token embedding -> L-layer forward LSTM LM and L-layer backward LSTM LM (separate stacks, residual
+connections after the first layer) -> one output softmax shared by both directions, sampled during
+training so a large vocabulary stays cheap. Letters: B batch, T time, L layers, E/H/D dims, V vocab,
+N flattened tokens, C softmax candidates.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from elmo_core.config import BiLMConfig
+
+
+@dataclass
+class BiLMOutput:
+    layers: torch.Tensor  # (L+1, B, T, 2H): layer 0 = [x; x], layer k = [forward_k; backward_k]
+    mask: torch.Tensor  # (B, T) bool, True on real tokens
+
+
+def reverse_padded(x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    """Reverse each sequence of a right-padded batch within its own length (an involution).
+
+    x: (B, T, *) ; lengths: (B,) -> (B, T, *), padding stays at the end.
+    """
+    b, t = x.shape[:2]
+    pos = torch.arange(t, device=x.device).unsqueeze(0).expand(b, t)  # (B, T)
+    lens = lengths.to(x.device).unsqueeze(1)  # (B, 1)
+    idx = torch.where(pos < lens, lens - 1 - pos, pos)  # (B, T)
+    idx = idx.view(b, t, *([1] * (x.dim() - 2))).expand_as(x)
+    return x.gather(1, idx)
+
+
+class SampledSoftmax(nn.Module):
+    """Output softmax over V words shared by both directions.
+
+    Training: each prediction scores its true word against ``num_samples`` negatives shared by the
+    whole batch, drawn from a unigram^0.75 proposal; every logit is corrected by the log expected
+    count of its word and accidental hits are masked (Jean et al. 2015; TF's sampled_softmax).
+    The cost is one (N, D) x (D, S) matmul, whatever V is. Weight rows are looked up with sparse
+    gradients so the optimizer touches only the rows a step used. Evaluation (or
+    num_samples == 0): the exact full softmax, in chunks.
+    """
+
+    def __init__(self, vocab_size: int, dim: int, num_samples: int) -> None:
+        super().__init__()
+        self.num_samples = num_samples
+        self.weight = nn.Parameter(torch.empty(vocab_size, dim))
+        self.bias = nn.Parameter(torch.zeros(vocab_size, 1))
+        nn.init.normal_(self.weight, std=dim**-0.5)
+        proposal = torch.ones(vocab_size)
+        proposal[0] = 0.0
+        self.register_buffer("proposal", proposal / proposal.sum())
+
+    def set_proposal(self, unigram: torch.Tensor) -> None:
+        """Use unigram^0.75 of the pretraining counts as the negative-sampling proposal."""
+        p = unigram.double().clamp_min(0).pow(0.75)
+        p[0] = 0.0
+        self.proposal.copy_((p / p.sum()).to(self.proposal.dtype))
+
+    def _log_expected(self, ids: torch.Tensor) -> torch.Tensor:
+        """log of the expected number of times each id is drawn in ``num_samples`` draws."""
+        p = self.proposal[ids].double()
+        return torch.log1p(-torch.pow(1 - p, self.num_samples)).clamp_min(-30.0).float()
+
+    def _score(self, h: torch.Tensor, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        w = F.embedding(ids, self.weight, sparse=True)  # (*, D)
+        b = F.embedding(ids, self.bias, sparse=True).squeeze(-1)  # (*,)
+        return w, b
+
+    def forward(
+        self,
+        h: torch.Tensor,
+        targets: torch.Tensor,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
+        """h: (N, D), targets: (N,) -> mean negative log-likelihood (scalar)."""
+        if not self.training or self.num_samples == 0:
+            return self.nll(h, targets).mean()
+        samples = torch.multinomial(
+            self.proposal, self.num_samples, replacement=True, generator=generator
+        )
+        samples = torch.unique(samples).to(targets.device)  # (S,)
+        w_t, b_t = self._score(h, targets)  # (N, D), (N,)
+        true_logit = (h * w_t).sum(-1) + b_t - self._log_expected(targets)  # (N,)
+        w_s, b_s = self._score(h, samples)  # (S, D), (S,)
+        sampled = h @ w_s.t() + (b_s - self._log_expected(samples))  # (N, S)
+        sampled = sampled.masked_fill(targets.unsqueeze(1) == samples.unsqueeze(0), -1e4)
+        logits = torch.cat([true_logit.unsqueeze(1), sampled], dim=1).float()  # (N, 1+S)
+        return F.cross_entropy(logits, torch.zeros_like(targets))
+
+    def nll(self, h: torch.Tensor, targets: torch.Tensor, chunk: int = 2048) -> torch.Tensor:
+        """Exact per-token negative log-likelihood under the full softmax. (N, D) -> (N,)"""
+        out = []
+        for i in range(0, h.shape[0], chunk):
+            logits = h[i : i + chunk] @ self.weight.t() + self.bias.squeeze(-1)  # (n, V)
+            out.append(F.cross_entropy(logits.float(), targets[i : i + chunk], reduction="none"))
+        return torch.cat(out) if out else h.new_zeros(0)
+
+
+class BiLM(nn.Module):
+    """ELMo's biLM. ``forward`` gives every layer and the mask; ``lm_loss`` trains it."""
+
+    def __init__(self, config: BiLMConfig) -> None:
+        super().__init__()
+        self.config = config
+        e, h = config.embedding_dim, config.hidden_dim
+        self.embedding = nn.Embedding(config.vocab_size, e, padding_idx=0, sparse=True)
+        nn.init.normal_(self.embedding.weight, std=e**-0.5)
+        with torch.no_grad():
+            self.embedding.weight[0].zero_()
+        self.project = nn.Linear(e, h) if e != h else nn.Identity()
+        self.forward_lstms = nn.ModuleList(
+            nn.LSTM(h, h, batch_first=True) for _ in range(config.num_layers)
+        )
+        self.backward_lstms = nn.ModuleList(
+            nn.LSTM(h, h, batch_first=True) for _ in range(config.num_layers)
+        )
+        self.dropout = nn.Dropout(config.dropout)
+        self.softmax = SampledSoftmax(config.vocab_size, h, config.num_samples)
+
+    def sparse_parameters(self) -> list[nn.Parameter]:
+        """Parameters with sparse gradients (embedding, softmax rows): for SparseAdam."""
+        return [self.embedding.weight, self.softmax.weight, self.softmax.bias]
+
+    @property
+    def num_output_layers(self) -> int:
+        return self.config.num_layers + 1
+
+    @property
+    def output_dim(self) -> int:
+        return 2 * self.config.hidden_dim
+
+    def _stack(self, lstms: nn.ModuleList, x: torch.Tensor) -> list[torch.Tensor]:
+        """Run one direction's stack; residual after the first layer. (B, T, H) -> L x (B, T, H).
+
+        ``x`` arrives with dropout applied (once, shared by both directions); dropout is applied
+        again between layers.
+        """
+        outs = []
+        for i, lstm in enumerate(lstms):
+            y, _ = lstm(x if i == 0 else self.dropout(x))  # (B, T, H)
+            if i > 0:
+                y = y + x
+            outs.append(y)
+            x = y
+        return outs
+
+    def states(
+        self, tokens: torch.Tensor, lengths: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
+        """tokens (B, T) -> token vectors (B, T, H), forward and backward layer states L x (B, T, H).
+
+        ``lengths`` (B,) marks right padding; None means every row is full (training windows).
+        Backward states are returned in the original time order.
+        """
+        x = self.project(self.embedding(tokens))  # (B, T, H)
+        xd = self.dropout(x)
+        fwd = self._stack(self.forward_lstms, xd)
+        if lengths is None:
+            bwd = [y.flip(1) for y in self._stack(self.backward_lstms, xd.flip(1))]
+        else:
+            rev = reverse_padded(xd, lengths)  # (B, T, H)
+            bwd = [reverse_padded(y, lengths) for y in self._stack(self.backward_lstms, rev)]
+        return x, fwd, bwd
+
+    def forward(self, tokens: torch.Tensor, mask: torch.Tensor) -> BiLMOutput:
+        """tokens (B, T) long, mask (B, T) bool (right padding) -> BiLMOutput, layers (L+1, B, T, 2H)."""
+        lengths = mask.sum(1)  # (B,)
+        x, fwd, bwd = self.states(tokens, lengths)
+        layers = [torch.cat([x, x], dim=-1)]  # (B, T, 2H)
+        layers += [torch.cat([f, b], dim=-1) for f, b in zip(fwd, bwd, strict=True)]
+        stacked = torch.stack(layers) * mask.unsqueeze(0).unsqueeze(-1)  # (L+1, B, T, 2H)
+        return BiLMOutput(layers=stacked, mask=mask)
+
+    def lm_loss(
+        self, tokens: torch.Tensor, generator: torch.Generator | None = None
+    ) -> torch.Tensor:
+        """Full windows (B, T) -> mean sampled NLL over the 2*B*(T-1) predictions of both directions.
+
+        The forward state at t predicts token t+1; the backward state at t predicts token t-1.
+        """
+        _, fwd, bwd = self.states(tokens)
+        h = self.config.hidden_dim
+        f = fwd[-1][:, :-1].reshape(-1, h)  # (N, H)
+        b = bwd[-1][:, 1:].reshape(-1, h)  # (N, H)
+        # one softmax call for both directions: they share the negatives and one matmul.
+        targets = torch.cat([tokens[:, 1:].reshape(-1), tokens[:, :-1].reshape(-1)])  # (2N,)
+        return self.softmax(self.dropout(torch.cat([f, b])), targets, generator)
+
+    @torch.no_grad()
+    def exact_nll(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Full windows (B, T) -> per-token exact NLL (forward (N,), backward (N,)), full softmax."""
+        _, fwd, bwd = self.states(tokens)
+        h = self.config.hidden_dim
+        f = self.softmax.nll(fwd[-1][:, :-1].reshape(-1, h), tokens[:, 1:].reshape(-1))
+        b = self.softmax.nll(bwd[-1][:, 1:].reshape(-1, h), tokens[:, :-1].reshape(-1))
+        return f, b

@@ -1,0 +1,98 @@
+"""One frozen dataclass per stage config. Tasks hash ``asdict(config)`` into cache keys."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+
+@dataclass(frozen=True)
+class VocabConfig:
+    min_count: int = 2  # tokens seen fewer times in the pretraining text map to <unk>
+    max_size: int = 50_000  # cap on the vocabulary, special tokens included
+
+    def __post_init__(self) -> None:
+        if self.min_count < 1:
+            raise ValueError(f"min_count must be >= 1, got {self.min_count}")
+        if self.max_size < 8:
+            raise ValueError(f"max_size must be >= 8, got {self.max_size}")
+
+
+@dataclass(frozen=True)
+class BiLMConfig:
+    vocab_size: int  # V: rows of the token embedding and of the shared output softmax
+    embedding_dim: int = 256  # E: token embedding width (projected to H when E != H)
+    hidden_dim: int = 256  # H: LSTM state per direction; every returned layer is 2H wide
+    num_layers: int = 2  # LSTM layers per direction (forward and backward stacks are separate)
+    dropout: float = 0.1  # dropout on the embedding and between LSTM layers
+    num_samples: int = 512  # shared negatives of the sampled softmax (0 = full softmax)
+
+    def __post_init__(self) -> None:
+        for name in ("vocab_size", "embedding_dim", "hidden_dim", "num_layers"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+        if self.num_samples < 0:
+            raise ValueError(f"num_samples must be >= 0, got {self.num_samples}")
+
+
+@dataclass(frozen=True)
+class PretrainConfig:
+    epochs: int = 2  # passes over the pretraining token stream
+    window: int = 20  # T: tokens per training window (ELMo used 20)
+    batch_size: int = 128  # B: windows per step
+    lr: float = 2e-3  # Adam learning rate
+    clip_norm: float = 5.0  # gradient-norm clip
+    val_tokens: int = 50_000  # tokens held out for the exact (full-softmax) perplexity
+    max_steps: int = 0  # stop after this many steps (0 = no cap); for smoke runs
+    checkpoint_every: int = 500  # steps between mid-epoch checkpoints
+    seed: int = 13  # drives init, window order and negative sampling
+
+    def __post_init__(self) -> None:
+        if self.epochs < 1 or self.window < 2 or self.batch_size < 1:
+            raise ValueError(
+                f"epochs >= 1, window >= 2, batch_size >= 1 required; got "
+                f"{self.epochs}, {self.window}, {self.batch_size}"
+            )
+        if self.lr <= 0:
+            raise ValueError(f"lr must be > 0, got {self.lr}")
+
+
+@dataclass(frozen=True)
+class ClassifierConfig:
+    hidden_dim: int = 128  # BiLSTM state per direction
+    num_layers: int = 1  # BiLSTM layers
+    mlp_hidden: tuple[int, ...] = (128, 64)  # MLP hidden sizes
+    dropout: float = 0.5  # after the mix and inside the MLP
+    batch_size: int = 64  # documents per step
+    lr: float = 2e-3  # Adam learning rate
+    weight_decay: float = 0.0  # Adam weight decay
+    epochs: int = 8  # upper bound; early stopping usually ends sooner
+    patience: int = 2  # epochs without val-accuracy gain before stopping
+    max_len: int = 80  # T cap: tokens per document fed to the biLM
+    seed: int = 7  # init, batch order, the `sum` strategy's random weights
+    checkpoint_every: int = 200  # steps between mid-epoch checkpoints
+
+    def __post_init__(self) -> None:
+        if self.hidden_dim < 1 or self.num_layers < 1 or self.batch_size < 1:
+            raise ValueError(f"bad classifier sizes: {self}")
+        if any(h < 1 for h in self.mlp_hidden):
+            raise ValueError(f"mlp_hidden sizes must be >= 1, got {self.mlp_hidden}")
+        if self.epochs < 1 or self.patience < 1 or self.max_len < 1:
+            raise ValueError(f"epochs, patience, max_len must be >= 1: {self}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+
+
+@dataclass(frozen=True)
+class MixConfig:
+    strategy: str  # key of elmo_core.mix.STRATEGIES: sum | wsum | function
+    num_layers: int  # L: layers returned by the biLM (embedding + LSTM layers)
+    dim: int  # D: width of each layer (2H)
+    seed: int = 0  # draws the fixed random weights of `sum`
+
+
+def config_dict(cfg: Any) -> dict[str, Any]:
+    """A JSON-ready dict of a config dataclass (tuples become lists)."""
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(cfg).items()}

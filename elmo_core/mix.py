@@ -1,0 +1,94 @@
+"""Layer-combination strategies: how the biLM's L layers become one vector per token.
+
+A strategy is data — its initial layer weights, whether they train, or a function module — and
+``build_mix`` turns that data into a module. No call site branches on the strategy's name.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from elmo_core.config import MixConfig
+
+
+class ScalarMix(nn.Module):
+    """ELMo's scalar mix: ``gamma * sum_k softmax(w)_k * h_k``.
+
+    ``trainable=False`` freezes both ``w`` and ``gamma`` (the fixed-weight `sum` strategy).
+    """
+
+    def __init__(self, init_logits: torch.Tensor, trainable: bool) -> None:
+        super().__init__()
+        self.weights = nn.Parameter(init_logits.clone().float(), requires_grad=trainable)
+        self.gamma = nn.Parameter(torch.ones(1), requires_grad=trainable)
+
+    def layer_weights(self) -> torch.Tensor:
+        """The normalised layer weights (L,)."""
+        return torch.softmax(self.weights, dim=0)
+
+    def forward(self, layers: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """layers (L, B, T, D), mask (B, T) unused -> (B, T, D)."""
+        w = self.layer_weights().to(layers.dtype)  # (L,)
+        return self.gamma.to(layers.dtype) * torch.einsum("l,lbtd->btd", w, layers)
+
+
+class FunctionMix(nn.Module):
+    """A learned ``tanh(Linear([h_0; ...; h_{L-1}]))``: (L*D) -> D per token."""
+
+    def __init__(self, num_layers: int, dim: int) -> None:
+        super().__init__()
+        self.linear = nn.Linear(num_layers * dim, dim)
+
+    def forward(self, layers: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """layers (L, B, T, D), mask (B, T) unused -> (B, T, D)."""
+        n_layers, b, t, d = layers.shape
+        flat = layers.permute(1, 2, 0, 3).reshape(b, t, n_layers * d)  # (B, T, L*D)
+        return torch.tanh(self.linear(flat))
+
+
+def _uniform_logits(config: MixConfig) -> torch.Tensor:
+    return torch.zeros(config.num_layers)
+
+
+def _random_logits(config: MixConfig) -> torch.Tensor:
+    """Random positive weights summing to one, seeded, as log-weights (softmax gives them back)."""
+    g = torch.Generator().manual_seed(config.seed)
+    w = torch.rand(config.num_layers, generator=g, dtype=torch.float64) + 1e-3
+    return torch.log(w / w.sum()).float()
+
+
+@dataclass(frozen=True)
+class Strategy:
+    """What a strategy is. Exactly one of ``init_logits`` / ``module`` is set."""
+
+    description: str
+    init_logits: Callable[[MixConfig], torch.Tensor] | None = None  # scalar mix start (L,)
+    trainable: bool = False  # do the scalar-mix weights and gamma learn?
+    module: Callable[[MixConfig], nn.Module] | None = None  # a function of all layers instead
+
+
+STRATEGIES: dict[str, Strategy] = {
+    "sum": Strategy("fixed random layer weights, frozen", _random_logits, trainable=False),
+    "wsum": Strategy("trainable softmax weights and gamma (ELMo)", _uniform_logits, trainable=True),
+    "function": Strategy(
+        "learned Linear + Tanh over the concatenated layers",
+        module=lambda c: FunctionMix(c.num_layers, c.dim),
+    ),
+}
+
+
+def build_mix(config: MixConfig) -> nn.Module:
+    """The mix module for ``config.strategy``; unknown names raise ValueError."""
+    if config.strategy not in STRATEGIES:
+        raise ValueError(
+            f"unknown mix strategy {config.strategy!r}; expected one of {sorted(STRATEGIES)}"
+        )
+    spec = STRATEGIES[config.strategy]
+    if spec.module is not None:
+        return spec.module(config)
+    assert spec.init_logits is not None
+    return ScalarMix(spec.init_logits(config), spec.trainable)

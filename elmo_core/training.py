@@ -1,0 +1,442 @@
+"""Training loops for the biLM and the classifier, plus layer extraction.
+
+Loops report through a ``log_metrics(metrics, step)`` callback and never touch tracking systems.
+They checkpoint atomically (model, optimizers, RNG state, position) and resume from a checkpoint
+file when one is given and present, so a killed run continues where it stopped.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from elmo_core.bilm import BiLM
+from elmo_core.checkpoint import CheckpointError, atomic_save, safe_load
+from elmo_core.classifier import ELMoClassifier
+from elmo_core.config import ClassifierConfig, PretrainConfig
+
+LogFn = Callable[[dict[str, float], int], None]
+
+
+def _no_log(metrics: dict[str, float], step: int) -> None:
+    return None
+
+
+def pick_device(prefer: str = "auto") -> torch.device:
+    """CUDA when present (or asked for), else CPU."""
+    if prefer == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(prefer)
+
+
+def autocast(device: torch.device) -> Any:
+    """bf16 autocast on CUDA, nothing on CPU (CPU runs stay float32 and deterministic)."""
+    if device.type == "cuda":
+        return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
+    return nullcontext()
+
+
+def _rng_state() -> dict[str, torch.Tensor]:
+    return {"torch": torch.get_rng_state()}
+
+
+def _set_rng_state(state: dict[str, torch.Tensor]) -> None:
+    torch.set_rng_state(state["torch"])
+
+
+def _try_resume(path: Path | None, kind: str) -> dict[str, Any] | None:
+    if path is None or not path.exists():
+        return None
+    try:
+        state = safe_load(path)
+    except CheckpointError:
+        path.unlink(missing_ok=True)  # corrupt: never loaded, rebuilt from scratch
+        return None
+    return state if state.get("kind") == kind else None
+
+
+# --------------------------------------------------------------------------- biLM pretraining
+
+
+def make_windows(ids: np.ndarray, window: int) -> torch.Tensor:
+    """A token stream (N,) -> non-overlapping windows (W, T) (the tail that does not fill one is dropped)."""
+    n = len(ids) // window
+    if n == 0:
+        raise ValueError(f"token stream of {len(ids)} ids is shorter than one window of {window}")
+    return torch.from_numpy(np.ascontiguousarray(ids[: n * window], dtype=np.int64)).view(n, window)
+
+
+def bilm_optimizers(model: BiLM, lr: float) -> list[torch.optim.Optimizer]:
+    """SparseAdam for the embedding and softmax rows, Adam for the LSTMs."""
+    sparse = model.sparse_parameters()
+    ids = {id(p) for p in sparse}
+    dense = [p for p in model.parameters() if id(p) not in ids]
+    return [torch.optim.SparseAdam(sparse, lr=lr), torch.optim.Adam(dense, lr=lr)]
+
+
+@torch.no_grad()
+def perplexity(
+    model: BiLM, windows: torch.Tensor, device: torch.device, batch: int = 64
+) -> tuple[float, float]:
+    """Exact (full-softmax) perplexity of the forward and backward LMs over windows (W, T)."""
+    was_training = model.training
+    model.eval()
+    f_sum = b_sum = 0.0
+    n = 0
+    for i in range(0, len(windows), batch):
+        with autocast(device):
+            f, b = model.exact_nll(windows[i : i + batch].to(device))
+        f_sum += float(f.double().sum())
+        b_sum += float(b.double().sum())
+        n += f.numel()
+    model.train(was_training)
+    return math.exp(f_sum / max(n, 1)), math.exp(b_sum / max(n, 1))
+
+
+@dataclass
+class PretrainResult:
+    steps: int
+    tokens: int
+    seconds: float
+    val_perplexity_forward: float
+    val_perplexity_backward: float
+
+    @property
+    def val_perplexity(self) -> float:
+        return math.sqrt(self.val_perplexity_forward * self.val_perplexity_backward)
+
+
+def pretrain_bilm(
+    model: BiLM,
+    train_ids: np.ndarray,
+    val_ids: np.ndarray,
+    config: PretrainConfig,
+    log_metrics: LogFn = _no_log,
+    checkpoint: Path | None = None,
+    device: torch.device | None = None,
+    log_every: int = 50,
+) -> PretrainResult:
+    """Train the biLM on a token stream; resumes from ``checkpoint`` if it holds a run in progress.
+
+    Epoch e visits the windows in the order of a generator seeded by (seed, e), and negatives come
+    from a generator whose state is checkpointed, so a resumed run repeats an uninterrupted one.
+    """
+    device = device or pick_device()
+    torch.manual_seed(config.seed)
+    model.to(device).train()
+    train_w = make_windows(train_ids, config.window)  # (W, T)
+    val_w = make_windows(val_ids, config.window)
+    opts = bilm_optimizers(model, config.lr)
+    neg_gen = torch.Generator(device=model.softmax.proposal.device).manual_seed(config.seed + 1)
+    epoch, batch_i, step, tokens, seconds = 0, 0, 0, 0, 0.0
+    state = _try_resume(checkpoint, "bilm-train")
+    if state is not None:
+        model.load_state_dict(state["model"])
+        for o, s in zip(opts, state["optimizers"], strict=True):
+            o.load_state_dict(s)
+        neg_gen.set_state(state["neg_gen"])
+        _set_rng_state(state["rng"])
+        epoch, batch_i, step = state["epoch"], state["batch"], state["step"]
+        tokens, seconds = state["tokens"], state["seconds"]
+
+    def save() -> None:
+        if checkpoint is not None:
+            atomic_save(
+                {
+                    "kind": "bilm-train",
+                    "model": model.state_dict(),
+                    "optimizers": [o.state_dict() for o in opts],
+                    "neg_gen": neg_gen.get_state(),
+                    "rng": _rng_state(),
+                    "epoch": epoch,
+                    "batch": batch_i,
+                    "step": step,
+                    "tokens": tokens,
+                    "seconds": seconds,
+                },
+                checkpoint,
+            )
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    dense = [p for p in params if not any(p is s for s in model.sparse_parameters())]
+    done = False
+    ppl = (float("nan"), float("nan"))
+    while epoch < config.epochs and not done:
+        order = torch.randperm(
+            len(train_w),
+            generator=torch.Generator().manual_seed(config.seed * 1009 + epoch),
+        )
+        batches = order.split(config.batch_size)
+        t0, run_loss, run_n = time.perf_counter(), 0.0, 0
+        while batch_i < len(batches):
+            x = train_w[batches[batch_i]].to(device)  # (B, T)
+            with autocast(device):
+                loss = model.lm_loss(x, neg_gen)
+            for o in opts:
+                o.zero_grad(set_to_none=True)
+            loss.backward()
+            nn.utils.clip_grad_norm_(dense, config.clip_norm)
+            for o in opts:
+                o.step()
+            batch_i += 1
+            step += 1
+            tokens += x.numel()
+            run_loss += float(loss)
+            run_n += 1
+            if step % log_every == 0:
+                dt = time.perf_counter() - t0
+                seconds += dt
+                log_metrics(
+                    {
+                        "train_loss": run_loss / run_n,
+                        "tokens_per_s": run_n * x.numel() / dt,
+                        "epoch": epoch,
+                    },
+                    step,
+                )
+                t0, run_loss, run_n = time.perf_counter(), 0.0, 0
+            if config.checkpoint_every and step % config.checkpoint_every == 0:
+                save()
+            if config.max_steps and step >= config.max_steps:
+                done = True
+                break
+        seconds += time.perf_counter() - t0
+        ppl = perplexity(model, val_w, device)
+        log_metrics(
+            {
+                "val_perplexity": math.sqrt(ppl[0] * ppl[1]),
+                "val_perplexity_forward": ppl[0],
+                "val_perplexity_backward": ppl[1],
+            },
+            epoch + 1,
+        )
+        epoch, batch_i = epoch + 1, 0
+        save()
+    model.eval()
+    return PretrainResult(step, tokens, seconds, ppl[0], ppl[1])
+
+
+# --------------------------------------------------------------------------- layer extraction
+
+
+def doc_lengths(docs: Sequence[Sequence[int]], max_len: int) -> np.ndarray:
+    """Tokens kept per document: at least 1 (an empty document becomes one <unk>), at most max_len."""
+    return np.array([min(max(len(d), 1), max_len) for d in docs], dtype=np.int64)
+
+
+@torch.no_grad()
+def extract_layers(
+    model: BiLM,
+    docs: Sequence[Sequence[int]],
+    out: np.ndarray,
+    offsets: np.ndarray,
+    batch_size: int = 64,
+    device: torch.device | None = None,
+) -> None:
+    """Run the frozen biLM over documents and write their layers into ``out``.
+
+    out: (N_tok, L+1, 2H) float16, document i at rows offsets[i]:offsets[i+1] (from doc_lengths).
+    Documents are batched by length so padding stays small.
+    """
+    device = device or pick_device()
+    model.to(device).eval()
+    lengths = np.diff(offsets)
+    order = np.argsort(lengths, kind="stable")
+    for i in range(0, len(order), batch_size):
+        idx = order[i : i + batch_size]
+        t = int(lengths[idx].max())
+        tokens = torch.zeros(len(idx), t, dtype=torch.long)  # (B, T)
+        for r, d in enumerate(idx):
+            ids = list(docs[d])[: lengths[d]] or [1]
+            tokens[r, : len(ids)] = torch.tensor(ids)
+        mask = tokens != 0  # (B, T)
+        with autocast(device):
+            layers = model(tokens.to(device), mask.to(device)).layers  # (L+1, B, T, 2H)
+        layers = layers.permute(1, 2, 0, 3).to("cpu", torch.float16).numpy()  # (B, T, L+1, 2H)
+        for r, d in enumerate(idx):
+            out[offsets[d] : offsets[d + 1]] = layers[r, : lengths[d]]
+
+
+# --------------------------------------------------------------------------- classifier
+
+
+@dataclass
+class LayerStore:
+    """Precomputed biLM layers of a document set, flat over tokens (no padding stored)."""
+
+    features: np.ndarray  # (N_tok, L, D) float16, may be a memmap
+    offsets: np.ndarray  # (N+1,) int64 row offsets per document
+    labels: np.ndarray  # (N,) int64 class ids (or -1 when unknown)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def batch(self, idx: np.ndarray) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Documents idx -> layers (L, B, T, D) float32, mask (B, T) bool, labels (B,)."""
+        lens = self.offsets[idx + 1] - self.offsets[idx]
+        t = int(lens.max())
+        _, n_layers, d = self.features.shape
+        x = np.zeros((len(idx), t, n_layers, d), dtype=np.float32)  # (B, T, L, D)
+        for r, i in enumerate(idx):
+            x[r, : lens[r]] = self.features[self.offsets[i] : self.offsets[i + 1]]
+        mask = torch.from_numpy(np.arange(t)[None, :] < lens[:, None])  # (B, T)
+        layers = torch.from_numpy(x).permute(2, 0, 1, 3)  # (L, B, T, D)
+        return layers, mask, torch.from_numpy(self.labels[idx])
+
+    def batches(
+        self, batch_size: int, generator: torch.Generator | None = None
+    ) -> Iterator[np.ndarray]:
+        """Length-bucketed batches of document indices; shuffled (batches and members) if a generator is given."""
+        lens = np.diff(self.offsets)
+        if generator is None:
+            order = np.argsort(lens, kind="stable")
+        else:
+            noise = torch.rand(len(lens), generator=generator).numpy()
+            order = np.lexsort((noise, lens))  # by length, random among equal lengths
+        chunks = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+        if generator is not None:
+            perm = torch.randperm(len(chunks), generator=generator).tolist()
+            chunks = [chunks[p] for p in perm]
+        yield from chunks
+
+
+@torch.no_grad()
+def predict_proba(
+    model: ELMoClassifier,
+    store: LayerStore,
+    device: torch.device | None = None,
+    batch_size: int = 256,
+) -> np.ndarray:
+    """Class probabilities (N, C) in document order."""
+    device = device or pick_device()
+    model.to(device).eval()
+    probs: list[tuple[np.ndarray, np.ndarray]] = []
+    for idx in store.batches(batch_size):
+        layers, mask, _ = store.batch(idx)
+        with autocast(device):
+            logits = model(layers.to(device), mask.to(device))
+        probs.append((idx, torch.softmax(logits.float(), -1).cpu().numpy()))
+    out = np.zeros((len(store), probs[0][1].shape[1]), dtype=np.float32)
+    for idx, p in probs:
+        out[idx] = p
+    return out
+
+
+@dataclass
+class ClassifierResult:
+    best_val_accuracy: float
+    best_epoch: int
+    epochs_run: int
+    seconds: float
+
+
+def train_classifier(
+    model: ELMoClassifier,
+    train: LayerStore,
+    val: LayerStore,
+    config: ClassifierConfig,
+    log_metrics: LogFn = _no_log,
+    checkpoint: Path | None = None,
+    device: torch.device | None = None,
+) -> ClassifierResult:
+    """Adam with early stopping on validation accuracy; ``model`` ends holding the best weights."""
+    device = device or pick_device()
+    torch.manual_seed(config.seed)
+    model.to(device).train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.Adam(params, lr=config.lr, weight_decay=config.weight_decay)
+    gen = torch.Generator().manual_seed(config.seed)
+    epoch, batch_i, step, seconds = 0, 0, 0, 0.0
+    best_acc, best_epoch, bad = -1.0, 0, 0
+    best_state = copy.deepcopy(model.state_dict())
+    epoch_gen_state = gen.get_state()
+    state = _try_resume(checkpoint, "classifier-train")
+    if state is not None:
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        _set_rng_state(state["rng"])
+        epoch_gen_state = state["epoch_gen"]
+        epoch, batch_i, step, seconds = (
+            state["epoch"],
+            state["batch"],
+            state["step"],
+            state["seconds"],
+        )
+        best_acc, best_epoch, bad = state["best_acc"], state["best_epoch"], state["bad"]
+        best_state = state["best_model"]
+        run_loss, run_n = state["run_loss"], state["run_n"]
+    else:
+        run_loss, run_n = 0.0, 0
+
+    def save() -> None:
+        if checkpoint is not None:
+            atomic_save(
+                {
+                    "kind": "classifier-train",
+                    "model": model.state_dict(),
+                    "optimizer": opt.state_dict(),
+                    "rng": _rng_state(),
+                    "epoch_gen": epoch_gen_state,
+                    "epoch": epoch,
+                    "batch": batch_i,
+                    "step": step,
+                    "seconds": seconds,
+                    "best_acc": best_acc,
+                    "best_epoch": best_epoch,
+                    "bad": bad,
+                    "best_model": best_state,
+                    "run_loss": run_loss,
+                    "run_n": run_n,
+                },
+                checkpoint,
+            )
+
+    while epoch < config.epochs and bad < config.patience:
+        gen.set_state(epoch_gen_state)  # the epoch's batch order is a function of this state
+        batches = list(train.batches(config.batch_size, gen))
+        next_epoch_gen_state = gen.get_state()
+        t0 = time.perf_counter()
+        model.train()
+        while batch_i < len(batches):
+            layers, mask, y = train.batch(batches[batch_i])
+            with autocast(device):
+                logits = model(layers.to(device), mask.to(device))
+            loss = F.cross_entropy(logits.float(), y.to(device))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            nn.utils.clip_grad_norm_(params, 5.0)
+            opt.step()
+            batch_i += 1
+            step += 1
+            run_loss += float(loss)
+            run_n += 1
+            if config.checkpoint_every and step % config.checkpoint_every == 0:
+                seconds += time.perf_counter() - t0
+                t0 = time.perf_counter()
+                save()
+        seconds += time.perf_counter() - t0
+        probs = predict_proba(model, val, device)
+        acc = float((probs.argmax(1) == val.labels).mean())
+        log_metrics({"train_loss": run_loss / max(run_n, 1), "val_accuracy": acc}, epoch + 1)
+        if acc > best_acc:
+            best_acc, best_epoch, bad = acc, epoch + 1, 0
+            best_state = copy.deepcopy(model.state_dict())
+        else:
+            bad += 1
+        epoch, batch_i, run_loss, run_n = epoch + 1, 0, 0.0, 0
+        epoch_gen_state = next_epoch_gen_state
+        save()
+    model.load_state_dict(best_state)
+    model.eval()
+    return ClassifierResult(best_acc, best_epoch, epoch, seconds)

@@ -1,0 +1,77 @@
+"""Vocabulary: token <-> id, with counts kept for the sampled softmax's unigram proposal."""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from elmo_core.config import VocabConfig
+
+PAD, UNK, BOS, EOS = "<pad>", "<unk>", "<s>", "</s>"
+SPECIALS = (PAD, UNK, BOS, EOS)
+
+
+@dataclass(frozen=True)
+class Vocab:
+    tokens: tuple[str, ...]  # id -> token; the specials come first
+    counts: tuple[int, ...]  # id -> count in the pretraining text (specials: their stream count)
+
+    def __post_init__(self) -> None:
+        if self.tokens[: len(SPECIALS)] != SPECIALS:
+            raise ValueError(f"vocabulary must start with {SPECIALS}, got {self.tokens[:4]}")
+        if len(self.tokens) != len(self.counts):
+            raise ValueError(f"{len(self.tokens)} tokens but {len(self.counts)} counts")
+        object.__setattr__(self, "_index", {t: i for i, t in enumerate(self.tokens)})
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+    @property
+    def pad_id(self) -> int:
+        return 0
+
+    @property
+    def unk_id(self) -> int:
+        return 1
+
+    @property
+    def bos_id(self) -> int:
+        return 2
+
+    @property
+    def eos_id(self) -> int:
+        return 3
+
+    def encode(self, tokens: Sequence[str]) -> list[int]:
+        index: dict[str, int] = self._index  # type: ignore[attr-defined]
+        return [index.get(t, 1) for t in tokens]
+
+    def unigram(self) -> np.ndarray:
+        """Unigram probabilities over ids (pad never sampled)."""
+        c = np.asarray(self.counts, dtype=np.float64)
+        c[0] = 0.0
+        c = np.maximum(c, 0.0)
+        return c / c.sum()
+
+    @classmethod
+    def build(cls, documents: Iterable[Sequence[str]], config: VocabConfig) -> Vocab:
+        """Count tokens, keep those seen ``min_count`` times, most frequent first (ties by token)."""
+        counter: Counter[str] = Counter()
+        n_docs = 0
+        for doc in documents:
+            counter.update(doc)
+            n_docs += 1
+        for special in SPECIALS:
+            counter.pop(special, None)
+        kept = sorted(
+            ((t, c) for t, c in counter.items() if c >= config.min_count),
+            key=lambda tc: (-tc[1], tc[0]),
+        )[: config.max_size - len(SPECIALS)]
+        kept_set = {t for t, _ in kept}
+        unk = sum(c for t, c in counter.items() if t not in kept_set)
+        tokens = SPECIALS + tuple(t for t, _ in kept)
+        counts = (0, unk, n_docs, n_docs) + tuple(c for _, c in kept)
+        return cls(tokens=tokens, counts=counts)

@@ -1,0 +1,91 @@
+"""The ``elmo-news`` command line (typer)."""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Annotated, Any
+
+import typer
+
+app = typer.Typer(add_completion=False, help="Pretrain ELMo from scratch and classify news.")
+
+
+@app.callback()
+def main() -> None:
+    """elmo-news: a cached Prefect pipeline that pretrains ELMo and classifies news."""
+
+
+def prefect_defaults() -> None:
+    """Offline-friendly defaults for the embedded (ephemeral) Prefect server; env wins."""
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
+    os.environ.setdefault("PREFECT_LOGGING_LEVEL", "INFO")
+
+
+def parse_overrides(items: list[str]) -> dict[str, dict[str, Any]]:
+    """``section.field=value`` (value parsed as JSON when it can be) -> nested dict."""
+    out: dict[str, dict[str, Any]] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        section, dot, field = key.partition(".")
+        if not sep or not dot or not field:
+            raise typer.BadParameter(f"--set expects section.field=value, got {item!r}")
+        try:
+            value = json.loads(raw)
+        except json.JSONDecodeError:
+            value = raw
+        out.setdefault(section, {})[field] = value
+    return out
+
+
+@app.command()
+def run(
+    profile: Annotated[str, typer.Option(help="smoke | sample | full | seed")] = "smoke",
+    data: Annotated[
+        str | None, typer.Option(help="dataset folder/file or URL (default: AG News)")
+    ] = None,
+    pretrain_corpus: Annotated[
+        list[str] | None, typer.Option(help="extra unlabeled text (repeatable)")
+    ] = None,
+    home: Annotated[
+        str | None, typer.Option(help="home folder (default $ELMO_NEWS_HOME or .elmo-news)")
+    ] = None,
+    strategy: Annotated[
+        list[str] | None, typer.Option(help="sum | wsum | function (repeatable)")
+    ] = None,
+    device: Annotated[str, typer.Option(help="auto | cpu | cuda")] = "auto",
+    text_column: Annotated[
+        list[str] | None, typer.Option(help="your data: text column (repeatable)")
+    ] = None,
+    label_column: Annotated[str, typer.Option(help="your data: label column")] = "",
+    set_: Annotated[
+        list[str] | None, typer.Option("--set", help="override: section.field=value")
+    ] = None,
+) -> None:
+    """Run the whole pipeline once (ephemeral Prefect, local MLflow store, local Parquet store)."""
+    prefect_defaults()
+    from flows.params import RunParams
+    from storage.datasets import AG_NEWS_URL
+
+    params = RunParams(
+        profile=profile,  # type: ignore[arg-type]
+        data=data or AG_NEWS_URL,
+        pretrain_corpus=pretrain_corpus or [],
+        home=home,
+        strategies=strategy or ["sum", "wsum", "function"],  # type: ignore[arg-type]
+        device=device,  # type: ignore[arg-type]
+        text_columns=text_column or [],
+        label_column=label_column,
+        overrides=parse_overrides(set_ or []),
+    )  # bad parameters fail here, before Prefect starts
+    from flows.pipeline import elmo_news
+
+    summary = elmo_news(**params.model_dump())
+    typer.echo(
+        json.dumps({k: v.get("test_accuracy") for k, v in summary["models"].items()}, indent=2)
+    )
+
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,178 @@
+"""Typed run parameters: profiles plus overrides, validated into the stage dataclasses before a
+run starts (pydantic validates the dataclasses, so their own checks run too)."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, fields, replace
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, model_validator
+
+from elmo_core.config import ClassifierConfig, PretrainConfig, VocabConfig
+from elmo_core.mix import STRATEGIES
+from storage.datasets import AG_NEWS_URL
+from tasks.baseline import BaselineConfig
+from tasks.data import CorpusConfig, IngestConfig
+
+Profile = Literal["smoke", "sample", "full", "seed"]
+Strategy = Literal["sum", "wsum", "function"]
+assert set(Strategy.__args__) == set(STRATEGIES)  # type: ignore[attr-defined]
+
+
+@dataclass(frozen=True)
+class BiLMParams:
+    """BiLMConfig without vocab_size (that comes from the vocabulary)."""
+
+    embedding_dim: int = 256  # E
+    hidden_dim: int = 256  # H
+    num_layers: int = 2  # LSTM layers per direction
+    dropout: float = 0.1
+    num_samples: int = 512  # sampled-softmax negatives
+
+
+SECTIONS: dict[str, type] = {
+    "ingest": IngestConfig,
+    "corpus": CorpusConfig,
+    "vocab": VocabConfig,
+    "bilm": BiLMParams,
+    "pretrain": PretrainConfig,
+    "classifier": ClassifierConfig,
+    "baseline": BaselineConfig,
+}
+
+PROFILES: dict[str, dict[str, dict[str, Any]]] = {
+    # a few hundred rows, tiny dims, one epoch: the end-to-end test
+    "smoke": {
+        "ingest": {"limit_train": 400, "limit_test": 200, "val_fraction": 0.25},
+        "corpus": {"max_docs": 300},
+        "vocab": {"min_count": 1, "max_size": 6000},
+        "bilm": {"embedding_dim": 24, "hidden_dim": 24, "num_samples": 64},
+        "pretrain": {"epochs": 1, "batch_size": 16, "val_tokens": 1000, "checkpoint_every": 10},
+        "classifier": {
+            "hidden_dim": 16,
+            "mlp_hidden": (16,),
+            "epochs": 1,
+            "batch_size": 32,
+            "max_len": 40,
+            "checkpoint_every": 5,
+        },
+        "baseline": {"max_iter": 200},
+    },
+    # ag_news_sample (16k train rows) + Reuters: <= 45 min on 2 CPU cores
+    "sample": {
+        "vocab": {"min_count": 2, "max_size": 50_000},
+        "bilm": {"embedding_dim": 256, "hidden_dim": 256, "num_samples": 512},
+        "pretrain": {
+            "epochs": 3,
+            "batch_size": 128,
+            "window": 20,
+            "lr": 2e-3,
+            "val_tokens": 20_000,
+        },
+        "classifier": {
+            "hidden_dim": 128,
+            "mlp_hidden": (128, 64),
+            "epochs": 6,
+            "patience": 2,
+            "batch_size": 64,
+            "lr": 1e-3,
+            "max_len": 64,
+        },
+    },
+    # the full 120k AG News on a 2-core CPU: fewer passes over 7x the text
+    "full": {
+        "vocab": {"min_count": 3, "max_size": 60_000},
+        "bilm": {"embedding_dim": 256, "hidden_dim": 256, "num_samples": 512},
+        "pretrain": {
+            "epochs": 2,
+            "batch_size": 128,
+            "window": 20,
+            "lr": 2e-3,
+            "val_tokens": 20_000,
+        },
+        "classifier": {
+            "hidden_dim": 128,
+            "mlp_hidden": (128, 64),
+            "epochs": 4,
+            "patience": 1,
+            "batch_size": 64,
+            "lr": 1e-3,
+            "max_len": 64,
+        },
+    },
+    # the original system's hyperparameters, for GPU users
+    "seed": {
+        "vocab": {"min_count": 2, "max_size": 80_000},
+        "bilm": {"embedding_dim": 512, "hidden_dim": 512, "num_samples": 4096},
+        "pretrain": {"epochs": 5, "batch_size": 128, "window": 20, "lr": 1e-3},
+        "classifier": {
+            "hidden_dim": 256,
+            "num_layers": 2,
+            "mlp_hidden": (128, 64),
+            "epochs": 10,
+            "patience": 3,
+            "batch_size": 32,
+            "lr": 1e-3,
+            "max_len": 100,
+        },
+    },
+}
+
+
+@dataclass(frozen=True)
+class Resolved:
+    """The run's stage configs after profile + overrides."""
+
+    ingest: IngestConfig
+    corpus: CorpusConfig
+    vocab: VocabConfig
+    bilm: BiLMParams
+    pretrain: PretrainConfig
+    classifier: ClassifierConfig
+    baseline: BaselineConfig
+
+
+class RunParams(BaseModel):
+    """Everything a run takes. Unknown keys and bad values fail here, before any task runs."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    profile: Profile = "smoke"
+    data: str = AG_NEWS_URL  # folder, file or URL of a labelled dataset (train + test)
+    pretrain_corpus: list[str] = Field(default_factory=list)  # extra unlabeled text files
+    home: str | None = None  # default: $ELMO_NEWS_HOME or ./.elmo-news
+    strategies: list[Strategy] = Field(default_factory=lambda: ["sum", "wsum", "function"])
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    text_columns: list[str] = Field(default_factory=list)  # user data: text columns
+    label_column: str = ""  # user data: label column
+    overrides: dict[str, dict[str, Any]] = Field(default_factory=dict)  # section -> field -> value
+
+    @model_validator(mode="after")
+    def _check(self) -> RunParams:
+        unknown = set(self.overrides) - set(SECTIONS)
+        if unknown:
+            raise ValueError(
+                f"unknown override sections {sorted(unknown)}; expected {sorted(SECTIONS)}"
+            )
+        if not self.strategies:
+            raise ValueError("strategies must name at least one of sum, wsum, function")
+        self.resolve()  # raises on bad values
+        return self
+
+    def resolve(self) -> Resolved:
+        out = {}
+        for name, cls in SECTIONS.items():
+            merged = {**PROFILES[self.profile].get(name, {}), **self.overrides.get(name, {})}
+            extra = set(merged) - {f.name for f in fields(cls)}
+            if extra:
+                raise ValueError(f"unknown {name} settings {sorted(extra)}")
+            out[name] = TypeAdapter(cls).validate_python(merged)
+        ingest = replace(
+            out["ingest"], text_columns=tuple(self.text_columns), label_column=self.label_column
+        )
+        out["ingest"] = ingest
+        return Resolved(**out)
+
+    def home_dir(self) -> str:
+        return self.home or os.environ.get("ELMO_NEWS_HOME") or ".elmo-news"

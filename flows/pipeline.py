@@ -1,0 +1,176 @@
+"""The ``elmo-news`` flow: ingest -> vocab -> biLM -> layers -> one classifier per strategy
+(+ TF-IDF baseline) -> summary, with every stage cached by content and tracked in MLflow."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from prefect import flow, get_run_logger
+from prefect.artifacts import create_markdown_artifact
+from prefect.context import get_run_context
+from prefect.task_runners import ThreadPoolTaskRunner
+
+from flows.params import Profile, RunParams, Strategy
+from storage.datasets import AG_NEWS_URL
+from storage.hashing import code_version
+from storage.paths import Home, read_json, write_json
+from storage.tracking import Tracker
+from tasks.baseline import baseline
+from tasks.data import build_vocab, fetch_data, ingest, read_pretrain_corpus, source_hash
+from tasks.model import CLASSIFIER, PRETRAIN, classify, features, pretrain
+
+PARALLEL = int(os.environ.get("ELMO_NEWS_PARALLEL_TASKS", "1"))
+
+
+def _with_storage(t: Any, home: Home) -> Any:
+    return t.with_options(result_storage=home.prefect_results)
+
+
+def summary_markdown(rows: list[dict[str, Any]], timings: dict[str, float]) -> str:
+    lines = [
+        "| model | test accuracy | macro F1 | weighted F1 | best val accuracy | cached |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        m = r["metrics"]
+        lines.append(
+            f"| {r['name']} | {m['test_accuracy']:.4f} | {m['test_macro_f1']:.4f} | "
+            f"{m['test_weighted_f1']:.4f} | {m.get('best_val_accuracy', float('nan')):.4f} | {r['cached']} |"
+        )
+    lines += ["", "| stage | wall time (s) |", "|---|---|"]
+    lines += [f"| {k} | {v:.1f} |" for k, v in timings.items()]
+    return "\n".join(lines)
+
+
+@flow(name="elmo-news", task_runner=ThreadPoolTaskRunner(max_workers=PARALLEL))
+def elmo_news(
+    profile: Profile = "smoke",
+    data: str = AG_NEWS_URL,
+    pretrain_corpus: list[str] | None = None,
+    home: str | None = None,
+    strategies: list[Strategy] | None = None,
+    device: str = "auto",
+    text_columns: list[str] | None = None,
+    label_column: str = "",
+    overrides: dict[str, dict[str, Any]] | None = None,
+) -> dict[str, Any]:
+    """Run the whole pipeline; returns the summary (metrics per model, stage folders, run ids)."""
+    params = RunParams(
+        profile=profile,
+        data=data,
+        pretrain_corpus=pretrain_corpus or [],
+        home=home,
+        strategies=strategies or ["sum", "wsum", "function"],
+        device=device,
+        text_columns=text_columns or [],
+        label_column=label_column,
+        overrides=overrides or {},
+    )
+    cfg = params.resolve()
+    h = Home(params.home_dir())
+    home_s = str(h.root)
+    log = get_run_logger()
+    tracker = Tracker(h.mlflow_uri())
+    flow_run = get_run_context().flow_run
+    parent = tracker.start_parent(
+        run_name=flow_run.name,
+        params={
+            "profile": profile,
+            "data": data,
+            "pretrain_corpus": params.pretrain_corpus,
+            "strategies": params.strategies,
+        },
+        tags={"prefect_flow_run_id": str(flow_run.id), "profile": profile},
+    )
+    t_all = time.perf_counter()
+    timings: dict[str, float] = {}
+    try:
+        t = time.perf_counter()
+        source = fetch_data(data, home_s)
+        data_hash = source_hash(source)
+        dataset = _with_storage(ingest, h)(source, home_s, cfg.ingest)
+        corpora = [
+            _with_storage(read_pretrain_corpus, h)(c, home_s, cfg.corpus)
+            for c in params.pretrain_corpus
+        ]
+        timings["ingest"] = time.perf_counter() - t
+        base_future = _with_storage(baseline, h).submit(dataset, home_s, cfg.baseline)
+        t = time.perf_counter()
+        vocab = _with_storage(build_vocab, h)(dataset, corpora, home_s, cfg.vocab)
+        timings["vocab"] = time.perf_counter() - t
+        t = time.perf_counter()
+        bilm_dir = _with_storage(pretrain, h)(
+            dataset, corpora, vocab, home_s, dict(cfg.bilm.__dict__), cfg.pretrain, device
+        )
+        timings["pretrain"] = time.perf_counter() - t
+        t = time.perf_counter()
+        feats = _with_storage(features, h)(
+            bilm_dir, dataset, home_s, cfg.classifier.max_len, device
+        )
+        timings["features"] = time.perf_counter() - t
+        t = time.perf_counter()
+        futures = {
+            s: _with_storage(classify, h).submit(feats, dataset, s, home_s, cfg.classifier, device)
+            for s in params.strategies
+        }
+        clf_dirs = {s: f.result() for s, f in futures.items()}
+        timings["classifiers"] = time.perf_counter() - t
+        base_dir = base_future.result()
+
+        common = {"data_sha256": data_hash}
+        stats = read_json(Path(dataset) / "metrics.json")
+        tracker.log_metrics(parent, stats)
+        tracker.log_stage("ingest", Path(dataset), common)
+        tracker.log_stage(
+            "bilm-pretrain",
+            Path(bilm_dir),
+            {**common, "code_version": code_version(PRETRAIN.modules)},
+        )
+        rows = []
+        for s, d in clf_dirs.items():
+            tags = {**common, "strategy": s, "code_version": code_version(CLASSIFIER.modules)}
+            _, cached = tracker.log_stage(f"classifier-{s}", Path(d), tags)
+            rows.append({"name": f"classifier-{s}", "dir": d, "cached": cached})
+        _, cached = tracker.log_stage(
+            "baseline-tfidf", Path(base_dir), {**common, "strategy": "tfidf"}
+        )
+        rows.append({"name": "baseline-tfidf", "dir": base_dir, "cached": cached})
+        for r in rows:
+            r["metrics"] = read_json(Path(r["dir"]) / "metrics.json")
+            tracker.log_metrics(
+                parent,
+                {
+                    f"{r['name']}.test_accuracy": r["metrics"]["test_accuracy"],
+                    f"{r['name']}.test_macro_f1": r["metrics"]["test_macro_f1"],
+                },
+            )
+        timings["total"] = time.perf_counter() - t_all
+        tracker.log_metrics(parent, {f"wall_s.{k}": v for k, v in timings.items()})
+        md = summary_markdown(rows, timings)
+        tracker.log_text(parent, md, "summary.md")
+        create_markdown_artifact(
+            markdown=f"# elmo-news ({profile})\n\n{md}",
+            key="elmo-news-summary",
+            description="Per-strategy test metrics and the TF-IDF baseline",
+        )
+        log.info("summary\n%s", md)
+        summary = {
+            "parent_run_id": parent,
+            "home": home_s,
+            "dataset": dataset,
+            "vocab": vocab,
+            "bilm": bilm_dir,
+            "features": feats,
+            "models": {r["name"]: {"dir": r["dir"], **r["metrics"]} for r in rows},
+            "timings": timings,
+            "rows": stats,
+        }
+        write_json(h.root / "runs" / f"{parent}.json", summary)
+        tracker.finish(parent)
+        return summary
+    except BaseException:
+        tracker.finish(parent, "FAILED")
+        raise

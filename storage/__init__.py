@@ -1,0 +1,1 @@
+"""Everything that touches disk formats and tracking: Parquet, artifact layout, hashing, MLflow."""

@@ -1,0 +1,419 @@
+"""Reading labelled news and unlabeled corpora into validated Parquet.
+
+Sources: AG News' original CSV folder (train.csv/test.csv, no header: class 1-4, title,
+description), its public Parquet form (columns text, label 0-3), a URL serving the CSV form
+(downloaded once with a checksum check), or any labelled CSV/Parquet with named text/label columns.
+Bad rows go to a quarantine table with a reason; a file unusable as a whole raises DataError.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import os
+import sys
+import tempfile
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import polars as pl
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from elmo_core.text import normalize, tokenize
+
+AG_NEWS_URL = "https://raw.githubusercontent.com/mhjabreel/CharCnn_Keras/master/data/ag_news_csv/"
+AG_NEWS_MD5 = {
+    "train.csv": "b1a00f826fdfbd249f79597b59e1dc12",
+    "test.csv": "d52ea96a97a2d943681189a97654912d",
+}
+AG_LABELS = ("World", "Sports", "Business", "Sci/Tech")
+MAX_FIELD_CHARS = 1_000_000  # a field longer than this is quarantined, not tokenised
+
+DATASET_SCHEMA = pa.schema(
+    [
+        ("id", pa.int64()),
+        ("split", pa.string()),
+        ("label", pa.int32()),
+        ("label_name", pa.string()),
+        ("title", pa.string()),
+        ("text", pa.string()),
+        ("tokens", pa.list_(pa.string())),
+    ]
+)
+QUARANTINE_SCHEMA = pa.schema(
+    [("split", pa.string()), ("row", pa.int64()), ("reason", pa.string()), ("raw", pa.string())]
+)
+CORPUS_SCHEMA = pa.schema([("text", pa.string()), ("tokens", pa.list_(pa.string()))])
+
+
+class DataError(ValueError):
+    """A data file that cannot be used as a whole; the message names the file and the problem."""
+
+
+@dataclass
+class SplitRows:
+    rows: list[dict] = field(default_factory=list)  # accepted rows (DATASET_SCHEMA minus split)
+    quarantine: list[dict] = field(default_factory=list)
+    rows_in: int = 0
+    duplicates: int = 0
+
+
+def write_parquet(table: pa.Table, path: str | os.PathLike[str]) -> None:
+    """Atomic Parquet write (temp file + rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        pq.write_table(table, tmp, compression="zstd")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+# ----------------------------------------------------------------------------------- download
+
+
+def _digest(path: Path, algo: str) -> str:
+    h = hashlib.new(algo)
+    with open(path, "rb") as f:
+        while block := f.read(1 << 20):
+            h.update(block)
+    return h.hexdigest()
+
+
+def download(url: str, dest: Path, checksum: str | None = None, timeout: float = 60.0) -> Path:
+    """Fetch ``url`` to ``dest`` once. The body goes to a temp file, its length is checked against
+    Content-Length and its digest against ``checksum`` (md5 or sha256 hex) before the rename, so a
+    404, a truncated body or a wrong checksum never leaves a file that later runs would use."""
+    if dest.exists():
+        return dest
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".part", dir=dest.parent)
+    tmp = Path(tmp_name)
+    try:
+        try:
+            with urllib.request.urlopen(url, timeout=timeout) as resp, os.fdopen(fd, "wb") as f:
+                expected = resp.headers.get("Content-Length")
+                n = 0
+                while block := resp.read(1 << 20):
+                    f.write(block)
+                    n += len(block)
+        except urllib.error.HTTPError as e:
+            raise DataError(f"download of {url} failed: HTTP {e.code} {e.reason}") from e
+        except (urllib.error.URLError, OSError) as e:
+            raise DataError(f"download of {url} failed: {e}") from e
+        if expected is not None and n != int(expected):
+            raise DataError(f"download of {url} is truncated: {n} of {expected} bytes")
+        if checksum:
+            algo = "md5" if len(checksum) == 32 else "sha256"
+            got = _digest(tmp, algo)
+            if got != checksum.lower():
+                raise DataError(
+                    f"checksum mismatch for {url}: expected {algo} {checksum}, got {got}"
+                )
+        os.replace(tmp, dest)
+        return dest
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def fetch_source(data: str, downloads: Path, checksums: dict[str, str] | None = None) -> Path:
+    """A local folder/file for ``data``; URLs are downloaded into ``downloads`` first."""
+    if not data.startswith(("http://", "https://")):
+        return Path(data).expanduser()
+    base = data if data.endswith("/") else data + "/"
+    if checksums is None and base == AG_NEWS_URL:
+        checksums = AG_NEWS_MD5
+    folder = downloads / hashlib.sha256(base.encode()).hexdigest()[:16]
+    for name in ("train.csv", "test.csv"):
+        download(base + name, folder / name, (checksums or {}).get(name))
+    return folder
+
+
+# ----------------------------------------------------------------------------------- parsing
+
+
+def _read_text(path: Path) -> str:
+    if not path.exists():
+        raise DataError(f"{path}: file does not exist")
+    raw = path.read_bytes()
+    if not raw.strip():
+        raise DataError(f"{path}: file is empty")
+    # undecodable bytes survive as lone surrogates so the row holding them can be quarantined.
+    return raw.decode("utf-8", errors="surrogateescape")
+
+
+def _has_bad_utf8(fields: list[str]) -> bool:
+    return any("\udc80" <= ch <= "\udcff" for f in fields for ch in f)
+
+
+def _accept(
+    out: SplitRows,
+    split: str,
+    row_no: int,
+    raw: str,
+    label_value: str,
+    label_index: dict[str, int],
+    label_names: list[str],
+    title: str,
+    body: str,
+    seen: set,
+) -> None:
+    def reject(reason: str) -> None:
+        out.quarantine.append({"split": split, "row": row_no, "reason": reason, "raw": raw[:2000]})
+
+    if len(title) + len(body) > MAX_FIELD_CHARS:
+        reject(f"field longer than {MAX_FIELD_CHARS} characters")
+        return
+    label = label_index.get(label_value.strip())
+    if label is None:
+        reject(f"label {label_value[:50]!r} outside the class set {sorted(label_index)}")
+        return
+    title_n, body_n = normalize(title), normalize(body)
+    text = f"{title_n} . {body_n}" if title_n and body_n else (title_n or body_n)
+    if not text.strip():
+        reject("empty text")
+        return
+    key = (label, title_n, body_n)
+    if key in seen:
+        out.duplicates += 1
+    seen.add(key)
+    out.rows.append(
+        {
+            "id": row_no,
+            "label": label,
+            "label_name": label_names[label],
+            "title": title_n,
+            "text": text,
+            "tokens": tokenize(text),
+        }
+    )
+
+
+def read_ag_csv(path: Path, split: str) -> SplitRows:
+    """AG News' original CSV: no header, class (1-4), title, description."""
+    text = _read_text(path)
+    label_index = {str(i + 1): i for i in range(len(AG_LABELS))}
+    return _parse_csv(path, text, split, label_index, list(AG_LABELS), None, None)
+
+
+def _parse_csv(
+    path: Path,
+    text: str,
+    split: str,
+    label_index: dict[str, int],
+    label_names: list[str],
+    header: list[str] | None,
+    columns: tuple[str, list[str]] | None,
+) -> SplitRows:
+    out = SplitRows()
+    seen: set = set()
+    csv.field_size_limit(sys.maxsize)
+    reader = csv.reader(io.StringIO(text, newline=""), strict=False)
+    if columns is None:
+        label_col, text_cols, n_cols = 0, [1, 2], 3
+    else:
+        assert header is not None
+        label_col = header.index(columns[0])
+        text_cols = [header.index(c) for c in columns[1]]
+        n_cols = len(header)
+        next(reader)  # the header itself
+    try:
+        for row_no, fields in enumerate(reader, start=1):
+            out.rows_in += 1
+            raw = ",".join(fields)
+            if len(fields) != n_cols:
+                out.quarantine.append(
+                    {
+                        "split": split,
+                        "row": row_no,
+                        "reason": f"expected {n_cols} columns, got {len(fields)}",
+                        "raw": raw[:2000],
+                    }
+                )
+                continue
+            if _has_bad_utf8(fields):
+                out.quarantine.append(
+                    {
+                        "split": split,
+                        "row": row_no,
+                        "reason": "invalid UTF-8 bytes",
+                        "raw": raw[:2000].encode("utf-8", "replace").decode(),
+                    }
+                )
+                continue
+            parts = [fields[i] for i in text_cols]
+            title, body = (parts[0], " ".join(parts[1:])) if len(parts) > 1 else ("", parts[0])
+            _accept(
+                out,
+                split,
+                row_no,
+                raw,
+                fields[label_col],
+                label_index,
+                label_names,
+                title,
+                body,
+                seen,
+            )
+    except csv.Error as e:
+        raise DataError(f"{path}: unreadable CSV ({e})") from e
+    if out.rows_in == 0:
+        raise DataError(f"{path}: no data rows (header only?)")
+    return out
+
+
+def read_labelled(
+    path: Path, split: str, text_columns: list[str], label_column: str, classes: list[str] | None
+) -> tuple[SplitRows, list[str]]:
+    """A user CSV (with header) or Parquet with named text and label columns. Classes come from the
+    train split (sorted label values) unless given."""
+    if not path.exists():
+        raise DataError(f"{path}: file does not exist")
+    if path.suffix == ".parquet":
+        try:
+            table = pl.read_parquet(path)
+        except Exception as e:
+            raise DataError(f"{path}: unreadable Parquet ({e})") from e
+        missing = [c for c in [label_column, *text_columns] if c not in table.columns]
+        if missing:
+            raise DataError(
+                f"{path}: wrong schema, missing columns {missing} (has {table.columns})"
+            )
+        if table.height == 0:
+            raise DataError(f"{path}: no data rows")
+        labels = [str(v) for v in table[label_column].to_list()]
+        classes = classes or sorted(set(labels), key=_label_sort)
+        names = _label_names(classes, label_column, labels)
+        index = {c: i for i, c in enumerate(classes)}
+        out, seen = SplitRows(), set()
+        texts = [table[c].cast(pl.String).fill_null("").to_list() for c in text_columns]
+        for row_no in range(table.height):
+            out.rows_in += 1
+            parts = [t[row_no] for t in texts]
+            title, body = (parts[0], " ".join(parts[1:])) if len(parts) > 1 else ("", parts[0])
+            raw = " | ".join(parts)
+            _accept(out, split, row_no + 1, raw, labels[row_no], index, names, title, body, seen)
+        return out, classes
+    text = _read_text(path)
+    header = next(csv.reader(io.StringIO(text.split("\n", 1)[0])), [])
+    missing = [c for c in [label_column, *text_columns] if c not in header]
+    if missing:
+        raise DataError(f"{path}: wrong schema, missing columns {missing} (header {header})")
+    if classes is None:
+        rows = list(csv.DictReader(io.StringIO(text, newline="")))
+        classes = sorted(
+            {(r.get(label_column) or "").strip() for r in rows} - {""}, key=_label_sort
+        )
+    index = {c: i for i, c in enumerate(classes)}
+    return _parse_csv(
+        path, text, split, index, list(classes), header, (label_column, text_columns)
+    ), classes
+
+
+def _label_sort(v: str) -> tuple[int, float | str]:
+    try:
+        return (0, float(v))
+    except ValueError:
+        return (1, v)
+
+
+def _label_names(classes: list[str], label_column: str, labels: list[str]) -> list[str]:
+    # AG News' public Parquet form stores 0-3; name them as the original does.
+    if classes == ["0", "1", "2", "3"]:
+        return list(AG_LABELS)
+    return list(classes)
+
+
+def read_source(
+    source: Path, text_columns: list[str] | None, label_column: str | None
+) -> tuple[dict[str, SplitRows], list[str]]:
+    """Both splits of a labelled source folder -> (split -> rows, class names)."""
+    if not source.exists():
+        raise DataError(f"{source}: data folder or file does not exist")
+    if not source.is_dir():
+        raise DataError(f"{source}: expected a folder holding a train and a test file")
+    csvs = {s: source / f"{s}.csv" for s in ("train", "test")}
+    parquets = {s: sorted(source.glob(f"{s}*.parquet")) for s in ("train", "test")}
+    if label_column is None and all(p.exists() for p in csvs.values()):
+        return {s: read_ag_csv(p, s) for s, p in csvs.items()}, list(AG_LABELS)
+    if all(parquets.values()):
+        tc, lc = text_columns or ["text"], label_column or "label"
+        train, classes = read_labelled(parquets["train"][0], "train", tc, lc, None)
+        test, _ = read_labelled(parquets["test"][0], "test", tc, lc, classes)
+        return {"train": train, "test": test}, _label_names(classes, lc, [])
+    if label_column and all(p.exists() for p in csvs.values()):
+        tc = text_columns or ["text"]
+        train, classes = read_labelled(csvs["train"], "train", tc, label_column, None)
+        test, _ = read_labelled(csvs["test"], "test", tc, label_column, classes)
+        return {"train": train, "test": test}, classes
+    raise DataError(
+        f"{source}: no train/test pair found (expected train.csv + test.csv or train*.parquet + "
+        "test*.parquet)"
+    )
+
+
+def rows_table(rows: list[dict], split: str) -> pa.Table:
+    cols = {name: [r[name] for r in rows] for name in DATASET_SCHEMA.names if name != "split"}
+    cols["split"] = [split] * len(rows)
+    return pa.table({n: cols[n] for n in DATASET_SCHEMA.names}, schema=DATASET_SCHEMA)
+
+
+def quarantine_table(rows: list[dict]) -> pa.Table:
+    return pa.table(
+        {n: [r[n] for r in rows] for n in QUARANTINE_SCHEMA.names}, schema=QUARANTINE_SCHEMA
+    )
+
+
+def read_dataset(path: str | os.PathLike[str]) -> pl.DataFrame:
+    """A split written by ingest; a file with another schema raises DataError."""
+    try:
+        schema = pq.read_schema(path)
+    except Exception as e:
+        raise DataError(f"{path}: unreadable Parquet ({e})") from e
+    if not schema.equals(DATASET_SCHEMA, check_metadata=False):
+        raise DataError(f"{path}: wrong schema {schema.names}, expected {DATASET_SCHEMA.names}")
+    return pl.read_parquet(path)
+
+
+# ----------------------------------------------------------------------------------- corpora
+
+
+def read_corpus(path: Path, text_columns: list[str] | None = None) -> list[str]:
+    """Unlabeled texts from plain text (one document per non-empty line), CSV (named or
+    auto-detected text columns: title/body/text/description) or Parquet."""
+    if not path.exists():
+        raise DataError(f"{path}: pretraining corpus does not exist")
+    if path.suffix in (".csv", ".parquet"):
+        try:
+            df = (
+                pl.read_parquet(path)
+                if path.suffix == ".parquet"
+                else pl.read_csv(path, infer_schema=False, encoding="utf8-lossy")
+            )
+        except Exception as e:
+            raise DataError(f"{path}: unreadable {path.suffix[1:]} ({e})") from e
+        cols = text_columns or [
+            c for c in ("title", "body", "text", "description") if c in df.columns
+        ]
+        if not cols or any(c not in df.columns for c in cols):
+            raise DataError(
+                f"{path}: no text columns {text_columns or 'title/body/text/description'} in {df.columns}"
+            )
+        joined = df.select(
+            pl.concat_str([pl.col(c).cast(pl.String).fill_null("") for c in cols], separator=" . ")
+        ).to_series()
+        return [t for t in joined.to_list() if t and t.strip(" .")]
+    text = _read_text(path)
+    return [line for line in text.splitlines() if line.strip()]
+
+
+def corpus_table(texts: list[str]) -> pa.Table:
+    norm = [normalize(t.encode("utf-8", "replace").decode()) for t in texts]
+    return pa.table({"text": norm, "tokens": [tokenize(t) for t in norm]}, schema=CORPUS_SCHEMA)

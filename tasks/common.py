@@ -1,0 +1,75 @@
+"""What every stage task shares: cache keys, stage folders, progress logging, run history."""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+from prefect.context import TaskRunContext
+
+from storage.hashing import stage_key
+from storage.paths import Home, write_json
+
+STAGE_OPTS: dict[str, Any] = {"persist_result": True, "cache_result_in_memory": False}
+
+
+def logger() -> logging.Logger | logging.LoggerAdapter:
+    try:
+        from prefect import get_run_logger
+
+        return get_run_logger()
+    except Exception:
+        return logging.getLogger("elmo_news")
+
+
+def set_threads() -> None:
+    import torch
+
+    torch.set_num_threads(max(1, int(os.environ.get("ELMO_NEWS_THREADS", os.cpu_count() or 1))))
+
+
+class Stage:
+    """A stage's identity: name, the code it depends on, and how its key is made."""
+
+    def __init__(self, name: str, modules: Iterable[str]) -> None:
+        self.name = name
+        self.modules = tuple(modules)
+
+    def key(self, inputs: dict[str, str], config: Any) -> str:
+        return stage_key(self.name, inputs, config, self.modules)
+
+    def dir(self, home: str, inputs: dict[str, str], config: Any) -> Path:
+        return Home(home).stage_dir(self.name, self.key(inputs, config))
+
+
+def cache_key(key_fn: Callable[..., str]) -> Callable[[TaskRunContext, dict[str, Any]], str]:
+    """A Prefect cache_key_fn from a function of the task's parameters."""
+
+    def fn(context: TaskRunContext, parameters: dict[str, Any]) -> str:
+        return key_fn(**parameters)
+
+    return fn
+
+
+class History:
+    """The ``log_metrics`` callback handed to training loops: keeps every point for MLflow
+    (history.json) and logs progress lines through Prefect's logger."""
+
+    def __init__(self, prefix: str = "", every: int = 1) -> None:
+        self.points: list[dict[str, Any]] = []
+        self.prefix = prefix
+        self.log = logger()
+
+    def __call__(self, metrics: dict[str, float], step: int) -> None:
+        ts = int(time.time() * 1000)
+        for k, v in metrics.items():
+            self.points.append({"key": k, "value": float(v), "step": int(step), "ts": ts})
+        shown = ", ".join(f"{k}={v:.4g}" for k, v in metrics.items())
+        self.log.info("%s step %d: %s", self.prefix, step, shown)
+
+    def save(self, path: Path) -> None:
+        write_json(path, self.points)
