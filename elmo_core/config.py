@@ -14,8 +14,8 @@ class VocabConfig:
     def __post_init__(self) -> None:
         if self.min_count < 1:
             raise ValueError(f"min_count must be >= 1, got {self.min_count}")
-        if self.max_size < 8:
-            raise ValueError(f"max_size must be >= 8, got {self.max_size}")
+        if self.max_size < 5:  # the four special tokens plus at least one word
+            raise ValueError(f"max_size must be >= 5, got {self.max_size}")
 
 
 @dataclass(frozen=True)

@@ -180,6 +180,9 @@ def pretrain_bilm(
         batches = order.split(config.batch_size)
         t0, run_loss, run_n = time.perf_counter(), 0.0, 0
         while batch_i < len(batches):
+            if config.max_steps and step >= config.max_steps:
+                done = True  # position is kept as is: a longer run resumes from here
+                break
             x = train_w[batches[batch_i]].to(device)  # (B, T)
             with autocast(device):
                 loss = model.lm_loss(x, neg_gen)
@@ -192,7 +195,7 @@ def pretrain_bilm(
             batch_i += 1
             step += 1
             tokens += x.numel()
-            run_loss += float(loss)
+            run_loss += float(loss.detach())
             run_n += 1
             if step % log_every == 0:
                 dt = time.perf_counter() - t0
@@ -208,9 +211,6 @@ def pretrain_bilm(
                 t0, run_loss, run_n = time.perf_counter(), 0.0, 0
             if config.checkpoint_every and step % config.checkpoint_every == 0:
                 save()
-            if config.max_steps and step >= config.max_steps:
-                done = True
-                break
         seconds += time.perf_counter() - t0
         ppl = perplexity(model, val_w, device)
         log_metrics(
@@ -221,8 +221,11 @@ def pretrain_bilm(
             },
             epoch + 1,
         )
-        epoch, batch_i = epoch + 1, 0
+        if not done:
+            epoch, batch_i = epoch + 1, 0
         save()
+    if math.isnan(ppl[0]):  # resumed from a finished run
+        ppl = perplexity(model, val_w, device)
     model.eval()
     return PretrainResult(step, tokens, seconds, ppl[0], ppl[1])
 
@@ -419,7 +422,7 @@ def train_classifier(
             opt.step()
             batch_i += 1
             step += 1
-            run_loss += float(loss)
+            run_loss += float(loss.detach())
             run_n += 1
             if config.checkpoint_every and step % config.checkpoint_every == 0:
                 seconds += time.perf_counter() - t0

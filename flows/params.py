@@ -4,12 +4,12 @@ run starts (pydantic validates the dataclasses, so their own checks run too)."""
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, fields, replace
+from dataclasses import asdict, dataclass, fields, replace
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, model_validator
 
-from elmo_core.config import ClassifierConfig, PretrainConfig, VocabConfig
+from elmo_core.config import BiLMConfig, ClassifierConfig, PretrainConfig, VocabConfig
 from elmo_core.mix import STRATEGIES
 from storage.datasets import AG_NEWS_URL
 from tasks.baseline import BaselineConfig
@@ -29,6 +29,9 @@ class BiLMParams:
     num_layers: int = 2  # LSTM layers per direction
     dropout: float = 0.1
     num_samples: int = 512  # sampled-softmax negatives
+
+    def __post_init__(self) -> None:
+        BiLMConfig(vocab_size=5, **asdict(self))  # the same checks as the model's own config
 
 
 SECTIONS: dict[str, type] = {

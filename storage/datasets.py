@@ -345,7 +345,9 @@ def read_source(
         return {s: read_ag_csv(p, s) for s, p in csvs.items()}, list(AG_LABELS)
     if all(parquets.values()):
         tc, lc = text_columns or ["text"], label_column or "label"
-        train, classes = read_labelled(parquets["train"][0], "train", tc, lc, None)
+        # AG News' public Parquet form: labels 0-3, whatever subset a file happens to hold
+        fixed = ["0", "1", "2", "3"] if label_column is None else None
+        train, classes = read_labelled(parquets["train"][0], "train", tc, lc, fixed)
         test, _ = read_labelled(parquets["test"][0], "test", tc, lc, classes)
         return {"train": train, "test": test}, _label_names(classes, lc, [])
     if label_column and all(p.exists() for p in csvs.values()):

@@ -233,7 +233,8 @@ def classify(
     if isinstance(model.mix, ScalarMix):
         weights = model.mix.layer_weights().tolist()
         write_json(
-            out / "layer_weights.json", {"weights": weights, "gamma": float(model.mix.gamma)}
+            out / "layer_weights.json",
+            {"weights": weights, "gamma": float(model.mix.gamma.detach())},
         )
         metrics.update({f"layer_weight_{i}": w for i, w in enumerate(weights)})
     test_ids = read_dataset(Path(dataset) / "test.parquet")["id"].to_numpy()

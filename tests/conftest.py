@@ -1,0 +1,48 @@
+"""Shared fixtures: the real data beside the checkout, slices of it, temporary homes."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+SHARED = Path(os.environ.get("ELMO_NEWS_SHARED", ROOT.parent / "shared")) / "data"
+AG = SHARED / "ag_news_sample"
+REUTERS = SHARED / "reuters21578" / "reuters21578.csv"
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
+
+
+def write_slice(src: Path, dst: Path, n: int, step: int = 1) -> Path:
+    """Every ``step``-th of the first n*step lines of an AG CSV (one record per line there)."""
+    lines = src.read_text(encoding="utf-8").splitlines(keepends=True)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    dst.write_text("".join(lines[: n * step : step]), encoding="utf-8")
+    return dst
+
+
+@pytest.fixture(scope="session")
+def ag_slice(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A real slice of ag_news_sample: 480 train rows, 160 test rows (all four classes)."""
+    assert AG.exists(), f"shared data missing at {AG}"
+    d = tmp_path_factory.mktemp("ag_slice")
+    write_slice(AG / "train.csv", d / "train.csv", 480, step=30)
+    write_slice(AG / "test.csv", d / "test.csv", 160, step=40)
+    return d
+
+
+@pytest.fixture
+def home(tmp_path: Path) -> Path:
+    return tmp_path / "home"
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _torch_threads() -> None:
+    import torch
+
+    torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))

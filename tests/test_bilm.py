@@ -1,0 +1,107 @@
+import numpy as np
+import pytest
+import torch
+
+from elmo_core.bilm import BiLM, SampledSoftmax, reverse_padded
+from elmo_core.config import BiLMConfig
+
+CFG = BiLMConfig(
+    vocab_size=50, embedding_dim=6, hidden_dim=8, num_layers=2, dropout=0.0, num_samples=10
+)
+
+
+def _model(cfg: BiLMConfig = CFG) -> BiLM:
+    torch.manual_seed(0)
+    return BiLM(cfg).eval()
+
+
+def test_forward_returns_all_layers_and_mask():
+    m = _model()
+    tokens = torch.randint(4, 50, (3, 7))
+    mask = torch.ones(3, 7, dtype=torch.bool)
+    mask[1, 5:] = False
+    tokens[~mask] = 0
+    out = m(tokens, mask)
+    assert out.layers.shape == (3, 3, 7, 16)  # (L+1, B, T, 2H)
+    assert torch.equal(out.mask, mask)
+    assert torch.all(out.layers[:, 1, 5:] == 0)  # padding zeroed in every layer
+    x = out.layers[0]
+    assert torch.allclose(x[..., :8], x[..., 8:])  # layer 0 = [x; x]
+
+
+def test_padding_does_not_change_real_positions():
+    m = _model()
+    seq = torch.randint(4, 50, (1, 5))
+    alone = m(seq, torch.ones(1, 5, dtype=torch.bool)).layers
+    padded = torch.cat([seq, torch.zeros(1, 3, dtype=torch.long)], 1)
+    mask = torch.tensor([[True] * 5 + [False] * 3])
+    batched = m(padded, mask).layers[:, :, :5]
+    assert torch.allclose(alone, batched, atol=1e-6)
+
+
+def test_directions_see_only_their_side():
+    m = _model()
+    a = torch.randint(4, 50, (1, 6))
+    b = a.clone()
+    b[0, 5] = (a[0, 5] + 1 - 4) % 46 + 4  # change the last token only
+    mask = torch.ones(1, 6, dtype=torch.bool)
+    la, lb = m(a, mask).layers, m(b, mask).layers
+    # forward halves at t < 5 cannot see token 5; backward halves at t < 5 can
+    assert torch.allclose(la[1:, 0, :5, :8], lb[1:, 0, :5, :8])
+    assert not torch.allclose(la[2, 0, :5, 8:], lb[2, 0, :5, 8:])
+
+
+def test_reverse_padded_is_an_involution():
+    x = torch.arange(12.0).view(2, 6, 1)
+    lengths = torch.tensor([6, 4])
+    r = reverse_padded(x, lengths)
+    assert r[1, :, 0].tolist() == [9.0, 8.0, 7.0, 6.0, 10.0, 11.0]
+    assert torch.equal(reverse_padded(r, lengths), x)
+
+
+def test_exact_nll_matches_log_softmax_reference():
+    sm = SampledSoftmax(20, 4, num_samples=0).eval()
+    h = torch.randn(7, 4)
+    y = torch.randint(1, 20, (7,))
+    ref = -torch.log_softmax(h @ sm.weight.t() + sm.bias.squeeze(-1), -1)[torch.arange(7), y]
+    assert torch.allclose(sm.nll(h, y, chunk=3), ref, atol=1e-6)
+
+
+def test_sampled_loss_trains_lstms_and_touches_only_sampled_rows():
+    m = _model(BiLMConfig(vocab_size=500, embedding_dim=8, hidden_dim=8, num_samples=16))
+    m.train()
+    tokens = torch.randint(4, 500, (4, 10))
+    loss = m.lm_loss(tokens, torch.Generator().manual_seed(0))
+    assert loss.ndim == 0 and torch.isfinite(loss)
+    loss.backward()
+    assert m.forward_lstms[0].weight_hh_l0.grad.abs().sum() > 0
+    assert m.backward_lstms[1].weight_hh_l0.grad.abs().sum() > 0
+    g = m.softmax.weight.grad
+    assert g.is_sparse
+    touched = set(g.coalesce().indices()[0].tolist())
+    assert set(tokens.flatten().tolist()) <= touched and len(touched) < 500
+
+
+def test_sampled_loss_approaches_full_softmax_ordering():
+    """A word the model prefers has lower sampled loss than one it does not, as in the full loss."""
+    sm = SampledSoftmax(100, 4, num_samples=50)
+    sm.set_proposal(torch.from_numpy(np.r_[0.0, np.ones(99) / 99]))
+    h = torch.zeros(1, 4)
+    h[0, 0] = 5.0
+    with torch.no_grad():
+        sm.weight.zero_()
+        sm.weight[7, 0] = 1.0
+    g = torch.Generator().manual_seed(1)
+    good = sm(h, torch.tensor([7]), g)
+    bad = sm(h, torch.tensor([8]), torch.Generator().manual_seed(1))
+    assert good < bad
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [("vocab_size", 0), ("hidden_dim", 0), ("dropout", 1.0), ("num_samples", -1)],
+)
+def test_bilm_config_rejects_bad_values(field, value):
+    kwargs = {"vocab_size": 10, field: value}
+    with pytest.raises(ValueError, match=field):
+        BiLMConfig(**kwargs)

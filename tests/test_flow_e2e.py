@@ -1,0 +1,169 @@
+"""The whole flow on a small real slice under a Prefect test harness: MLflow runs and metrics,
+cache hits on a second run, only classifiers re-run when only their config changes, and a bad
+input file fails with a clear message."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from storage.datasets import DataError
+from storage.tracking import find_runs
+from tests.conftest import REUTERS
+
+pytestmark = pytest.mark.e2e
+CHILDREN = {
+    "ingest",
+    "bilm-pretrain",
+    "classifier-sum",
+    "classifier-wsum",
+    "classifier-function",
+    "baseline-tfidf",
+}
+FINAL = {"test_accuracy", "test_macro_f1", "test_weighted_f1", "test_precision", "test_recall"}
+
+
+@pytest.fixture(scope="module")
+def harness():
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=180):
+        yield
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory, monkeypatch_module):
+    home = tmp_path_factory.mktemp("e2e_home")
+    uri = f"sqlite:///{home / 'mlflow.db'}"
+    monkeypatch_module.setenv("MLFLOW_TRACKING_URI", uri)
+    return home, uri
+
+
+@pytest.fixture(scope="module")
+def monkeypatch_module():
+    mp = pytest.MonkeyPatch()
+    yield mp
+    mp.undo()
+
+
+def _run(harness, ag_slice: Path, home: Path, **kw):
+    from flows.pipeline import elmo_news
+
+    state = elmo_news(
+        profile="smoke",
+        data=str(ag_slice),
+        pretrain_corpus=[str(REUTERS)],
+        home=str(home),
+        return_state=True,
+        **kw,
+    )
+    return state.result(), _task_states(state.state_details.flow_run_id)
+
+
+def _task_states(flow_run_id) -> dict[str, list[str]]:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    with get_client(sync_client=True) as client:
+        runs = client.read_task_runs(
+            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id]))
+        )
+    out: dict[str, list[str]] = {}
+    for tr in runs:
+        out.setdefault(
+            tr.task_key.split("-")[0] if False else tr.name.rsplit("-", 1)[0], []
+        ).append(tr.state.name)
+    return out
+
+
+HEAVY = [
+    "ingest",
+    "read-corpus",
+    "build-vocab",
+    "pretrain-bilm",
+    "extract-layers",
+    "train-classifier",
+    "baseline-tfidf",
+]
+
+
+def test_flow_end_to_end(harness, env, ag_slice):
+    home, uri = env
+    first, states1 = _run(harness, ag_slice, home)
+    assert all(s == "Completed" for name in HEAVY for s in states1[name]), states1
+    assert len(states1["train-classifier"]) == 3
+
+    # MLflow: one parent with every child, final metrics, per-epoch history, artifacts
+    parent = find_runs(uri, f"attributes.run_id = '{first['parent_run_id']}'")[0]
+    for key in ("rows_in_train", "rows_accepted_train", "rows_quarantined_train", "rows_in_test"):
+        assert key in parent.data.metrics
+    assert parent.data.metrics["rows_in_train"] == 480
+    children = find_runs(uri, f"tags.mlflow.parentRunId = '{first['parent_run_id']}'")
+    by_name = {c.info.run_name: c for c in children}
+    assert set(by_name) == CHILDREN
+    for name in ("classifier-sum", "classifier-wsum", "classifier-function", "baseline-tfidf"):
+        run = by_name[name]
+        assert FINAL <= set(run.data.metrics), name
+        assert 0.0 <= run.data.metrics["test_accuracy"] <= 1.0
+        assert run.data.tags["cached"] == "false"
+    assert by_name["classifier-wsum"].data.tags["strategy"] == "wsum"
+    assert "val_perplexity" in by_name["bilm-pretrain"].data.metrics
+    assert by_name["bilm-pretrain"].data.params["bilm.hidden_dim"] == "24"
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(uri)
+    hist = client.get_metric_history(by_name["classifier-sum"].info.run_id, "val_accuracy")
+    assert len(hist) >= 1
+    arts = {a.path for a in client.list_artifacts(by_name["classifier-wsum"].info.run_id)}
+    assert {
+        "confusion_matrix.png",
+        "classification_report.txt",
+        "layer_weights.json",
+        "curves.png",
+    } <= arts
+    weights = json.loads(
+        (Path(first["models"]["classifier-wsum"]["dir"]) / "layer_weights.json").read_text()
+    )
+    assert len(weights["weights"]) == 3 and abs(sum(weights["weights"]) - 1) < 1e-5
+
+    # second identical run: every heavy task is served from Prefect's cache, MLflow still complete
+    second, states2 = _run(harness, ag_slice, home)
+    assert all(s == "Cached" for name in HEAVY for s in states2[name]), states2
+    assert second["models"] == first["models"]
+    children2 = find_runs(uri, f"tags.mlflow.parentRunId = '{second['parent_run_id']}'")
+    assert {c.info.run_name for c in children2} == CHILDREN
+    for c in children2:
+        assert c.data.tags["cached"] == "true"
+        assert c.data.tags["cached_from_run_id"] in {x.info.run_id for x in children}
+    sum2 = next(c for c in children2 if c.info.run_name == "classifier-sum")
+    assert (
+        sum2.data.metrics["test_accuracy"]
+        == by_name["classifier-sum"].data.metrics["test_accuracy"]
+    )
+
+    # only the classifier config changes: only the classifier tasks run again
+    third, states3 = _run(harness, ag_slice, home, overrides={"classifier": {"lr": 0.005}})
+    for name in (
+        "ingest",
+        "read-corpus",
+        "build-vocab",
+        "pretrain-bilm",
+        "extract-layers",
+        "baseline-tfidf",
+    ):
+        assert states3[name] == ["Cached"], (name, states3)
+    assert states3["train-classifier"] == ["Completed"] * 3
+
+
+def test_bad_input_file_fails_with_a_clear_error(harness, env, tmp_path):
+    home, _ = env
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "train.csv").write_text("")
+    (bad / "test.csv").write_text('"1","t","d"\n')
+    from flows.pipeline import elmo_news
+
+    with pytest.raises(DataError, match=r"train\.csv: file is empty"):
+        elmo_news(profile="smoke", data=str(bad), home=str(home))

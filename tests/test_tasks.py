@@ -1,0 +1,126 @@
+"""Task bodies via .fn(): paths in, paths out, keys from content/config/code."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+import storage.hashing as hashing
+from elmo_core.config import VocabConfig
+from flows.params import RunParams
+from storage.datasets import DATASET_SCHEMA
+from storage.paths import Home, safe_name
+from tasks.baseline import BaselineConfig, baseline
+from tasks.data import INGEST, VOCAB, IngestConfig, build_vocab, ingest, load_vocab
+from tasks.model import CLASSIFIER, FEATURES, PRETRAIN
+
+
+@pytest.fixture(scope="module")
+def dataset(ag_slice, tmp_path_factory) -> tuple[str, str]:
+    home = str(tmp_path_factory.mktemp("home"))
+    return ingest.fn(str(ag_slice), home, IngestConfig(val_fraction=0.2)), home
+
+
+def test_ingest_writes_schema_splits_and_accounting(dataset, ag_slice):
+    d, _ = dataset
+    stats = __import__("json").loads((Path(d) / "metrics.json").read_text())
+    for split in ("train", "test"):
+        assert (
+            stats[f"rows_in_{split}"]
+            == stats[f"rows_accepted_{split}"] + stats[f"rows_quarantined_{split}"]
+        )
+    assert stats["rows_in_train"] == 480 and stats["rows_in_test"] == 160
+    assert stats["rows_train"] + stats["rows_val"] == stats["rows_accepted_train"]
+    for split in ("train", "val", "test"):
+        assert pq.read_schema(Path(d) / f"{split}.parquet").equals(
+            DATASET_SCHEMA, check_metadata=False
+        )
+    val = pq.read_table(Path(d) / "val.parquet").to_pydict()
+    assert set(val["label"]) == {0, 1, 2, 3}  # stratified
+    assert set(val["split"]) == {"val"}
+
+
+def test_ingest_is_keyed_by_content(dataset, ag_slice, tmp_path):
+    d, home = dataset
+    assert ingest.fn(str(ag_slice), home, IngestConfig(val_fraction=0.2)) == d
+    copy = tmp_path / "copy"
+    shutil.copytree(ag_slice, copy)
+    assert ingest.fn(str(copy), home, IngestConfig(val_fraction=0.2)) == d  # same bytes, same key
+    with open(copy / "train.csv", "a") as f:
+        f.write('"1","New row","Added later."\n')
+    assert ingest.fn(str(copy), home, IngestConfig(val_fraction=0.2)) != d
+
+
+def test_vocab_and_baseline_tasks(dataset):
+    d, home = dataset
+    v_dir = build_vocab.fn(d, [], home, VocabConfig(min_count=1, max_size=2000))
+    vocab = load_vocab(v_dir)
+    assert len(vocab) <= 2000 and vocab.tokens[:2] == ("<pad>", "<unk>")
+    b_dir = baseline.fn(d, home, BaselineConfig(max_iter=200))
+    metrics = __import__("json").loads((Path(b_dir) / "metrics.json").read_text())
+    assert 0.3 < metrics["test_accuracy"] <= 1.0
+    assert (Path(b_dir) / "confusion_matrix.png").stat().st_size > 1000
+
+
+def test_stage_keys_follow_the_code_they_use(tmp_path, monkeypatch):
+    """Editing elmo_core/mix.py changes the classifier key only; editing bilm.py changes the biLM,
+    features and classifier keys but not ingest or vocab."""
+    root = tmp_path / "src"
+    for pkg in ("elmo_core", "storage", "tasks", "flows"):
+        shutil.copytree(hashing.ROOT / pkg, root / pkg)
+    monkeypatch.setattr(hashing, "ROOT", root)
+    stages = {
+        "ingest": INGEST,
+        "vocab": VOCAB,
+        "bilm": PRETRAIN,
+        "features": FEATURES,
+        "classifier": CLASSIFIER,
+    }
+
+    def keys() -> dict[str, str]:
+        return {n: s.key({"x": "1"}, {"c": 1}) for n, s in stages.items()}
+
+    k0 = keys()
+    with open(root / "elmo_core" / "mix.py", "a") as f:
+        f.write("\n# edited\n")
+    k1 = keys()
+    assert {n for n in k0 if k0[n] != k1[n]} == {"classifier"}
+    with open(root / "elmo_core" / "bilm.py", "a") as f:
+        f.write("\n# edited\n")
+    k2 = keys()
+    assert {n for n in k1 if k1[n] != k2[n]} == {"bilm", "features", "classifier"}
+
+
+@pytest.mark.parametrize("name", ["../x", "/etc", "a/b", "..", "", "x" * 200, "a\x00b"])
+def test_names_cannot_escape_the_home(name, tmp_path):
+    with pytest.raises(ValueError, match="unsafe name"):
+        safe_name(name)
+    with pytest.raises(ValueError):
+        Home(tmp_path).stage_dir("ingest", name)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "needle"),
+    [
+        ({"profile": "huge"}, "profile"),
+        ({"strategies": ["max"]}, "strategies"),
+        ({"overrides": {"classifier": {"epochs": 0}}}, "epochs"),
+        ({"overrides": {"classifier": {"epochz": 3}}}, "epochz"),
+        ({"overrides": {"bilm": {"hidden_dim": -1}}}, "hidden_dim"),
+        ({"overrides": {"optimizer": {}}}, "optimizer"),
+        ({"strategies": []}, "at least one"),
+    ],
+)
+def test_bad_run_parameters_fail_before_a_run(kwargs, needle):
+    with pytest.raises(ValueError, match=needle):
+        RunParams(**kwargs)
+
+
+def test_profiles_resolve_to_stage_configs():
+    r = RunParams(profile="seed").resolve()
+    assert r.bilm.embedding_dim == 512 and r.classifier.hidden_dim == 256
+    assert r.classifier.mlp_hidden == (128, 64) and r.classifier.batch_size == 32
+    assert r.classifier.lr == 1e-3 and r.classifier.num_layers == 2

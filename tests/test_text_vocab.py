@@ -1,0 +1,62 @@
+import pytest
+
+from elmo_core.config import VocabConfig
+from elmo_core.text import normalize, tokenize
+from elmo_core.vocab import SPECIALS, Vocab
+
+
+@pytest.mark.parametrize(
+    ("raw", "expected"),
+    [
+        ("Wall St. Bears Claw Back #39;s", "Wall St. Bears Claw Back 's"),
+        ("He said quot;hi quot;", 'He said "hi "'),
+        ("a &lt;b&gt; c", "a c"),
+        ("costs \\$5 for the\\band", "costs $5 for the band"),
+        ("  many   spaces\n", "many spaces"),
+        ("AT&amp;T", "AT&T"),
+    ],
+)
+def test_normalize_undoes_ag_news_escapes(raw, expected):
+    assert normalize(raw) == expected
+
+
+def test_normalize_is_idempotent():
+    s = "Reuters - Short-sellers, Wall Street #39;s dwindling\\band of ultra-cynics"
+    assert normalize(normalize(s)) == normalize(s)
+
+
+def test_tokenize_lowercases_and_splits_punctuation():
+    assert tokenize("Wall St. Bears (Reuters) - U.S. oil at $40.5!") == [
+        "wall", "st", ".", "bears", "(", "reuters", ")", "-", "u.s", ".", "oil", "at", "$",
+        "40.5", "!",
+    ]  # fmt: skip
+
+
+def test_vocab_min_count_max_size_and_order():
+    docs = [["a", "b", "b", "c"], ["b", "a", "d"]]
+    v = Vocab.build(docs, VocabConfig(min_count=2, max_size=100))
+    assert v.tokens == (*SPECIALS, "b", "a")
+    assert v.counts[4:] == (3, 2)
+    assert v.counts[1] == 2  # c and d became <unk>
+    assert v.encode(["b", "zzz", "a"]) == [4, 1, 5]
+    small = Vocab.build(docs, VocabConfig(min_count=1, max_size=5))
+    assert small.tokens == (*SPECIALS, "b")
+
+
+def test_vocab_unigram_never_samples_pad():
+    v = Vocab.build([["x", "y", "x"]], VocabConfig(min_count=1))
+    p = v.unigram()
+    assert p[0] == 0 and abs(p.sum() - 1) < 1e-12
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "needle"), [({"min_count": 0}, "min_count"), ({"max_size": 4}, "max_size")]
+)
+def test_vocab_config_rejects_bad_values(kwargs, needle):
+    with pytest.raises(ValueError, match=needle):
+        VocabConfig(**kwargs)
+
+
+def test_vocab_rejects_missing_specials():
+    with pytest.raises(ValueError, match="must start with"):
+        Vocab(tokens=("a", "b", "c", "d"), counts=(1, 1, 1, 1))

@@ -1,0 +1,193 @@
+"""Training loops: they learn, checkpoint atomically and resume to the same result."""
+
+import pickle
+
+import numpy as np
+import pytest
+import torch
+
+from elmo_core.bilm import BiLM
+from elmo_core.checkpoint import (
+    CheckpointError,
+    load_bilm,
+    load_classifier,
+    safe_load,
+    save_bilm,
+    save_classifier,
+)
+from elmo_core.classifier import ELMoClassifier
+from elmo_core.config import BiLMConfig, ClassifierConfig, MixConfig, PretrainConfig, VocabConfig
+from elmo_core.mix import build_mix
+from elmo_core.training import (
+    LayerStore,
+    doc_lengths,
+    extract_layers,
+    make_windows,
+    predict_proba,
+    pretrain_bilm,
+    train_classifier,
+)
+from elmo_core.vocab import Vocab
+
+CPU = torch.device("cpu")
+
+
+def _stream(n: int = 3000, seed: int = 0) -> np.ndarray:
+    """A learnable stream: a repeating pattern with noise."""
+    rng = np.random.default_rng(seed)
+    base = np.tile(np.arange(4, 24), n // 20 + 1)[:n]
+    noise = rng.random(n) < 0.1
+    base[noise] = rng.integers(4, 40, noise.sum())
+    return base.astype(np.int32)
+
+
+def _bilm() -> BiLM:
+    torch.manual_seed(0)
+    return BiLM(
+        BiLMConfig(vocab_size=40, embedding_dim=8, hidden_dim=8, dropout=0.1, num_samples=8)
+    )
+
+
+def test_make_windows_drops_the_tail_and_rejects_short_streams():
+    w = make_windows(np.arange(45), 10)
+    assert w.shape == (4, 10) and w[1, 0] == 10
+    with pytest.raises(ValueError, match="shorter than one window"):
+        make_windows(np.arange(5), 10)
+
+
+def test_pretraining_lowers_perplexity():
+    cfg = PretrainConfig(epochs=4, window=10, batch_size=16, lr=2e-2, val_tokens=500)
+    points = []
+    res = pretrain_bilm(
+        _bilm(), _stream(), _stream(500, 1), cfg, lambda m, s: points.append(m), device=CPU
+    )
+    ppl = [p["val_perplexity"] for p in points if "val_perplexity" in p]
+    assert len(ppl) == 4 and ppl[3] < ppl[0] < 40  # 36 words: uniform guessing is ~36
+    assert res.val_perplexity_forward < 8 and res.val_perplexity_backward < 8
+
+
+def test_pretraining_resume_matches_uninterrupted(tmp_path):
+    cfg = PretrainConfig(
+        epochs=2, window=10, batch_size=16, lr=1e-2, val_tokens=500, checkpoint_every=7
+    )
+    full = _bilm()
+    pretrain_bilm(full, _stream(), _stream(500, 1), cfg, device=CPU)
+    # a run stopped after 11 steps (its checkpoint is at step 7), then resumed with the full config
+    ckpt = tmp_path / "state.pt"
+    stopped = PretrainConfig(**{**cfg.__dict__, "max_steps": 11})
+    pretrain_bilm(_bilm(), _stream(), _stream(500, 1), stopped, checkpoint=ckpt, device=CPU)
+    state = torch.load(ckpt, weights_only=True)
+    assert state["step"] == 11 or state["step"] == 7
+    resumed = _bilm()
+    pretrain_bilm(resumed, _stream(), _stream(500, 1), cfg, checkpoint=ckpt, device=CPU)
+    for a, b in zip(full.state_dict().values(), resumed.state_dict().values(), strict=True):
+        assert torch.equal(a, b)
+
+
+def _separable_store(n: int, seed: int) -> LayerStore:
+    """Documents whose class is written in the mean of one feature: a head must learn it."""
+    rng = np.random.default_rng(seed)
+    lengths = rng.integers(3, 9, n)
+    labels = rng.integers(0, 3, n)
+    offsets = np.concatenate([[0], np.cumsum(lengths)])
+    feats = rng.normal(size=(offsets[-1], 3, 6)).astype(np.float16)
+    for i in range(n):
+        feats[offsets[i] : offsets[i + 1], :, labels[i]] += 2.0
+    return LayerStore(feats, offsets, labels)
+
+
+def _classifier(strategy: str = "wsum") -> tuple[ELMoClassifier, MixConfig, ClassifierConfig]:
+    cfg = ClassifierConfig(
+        hidden_dim=8, mlp_hidden=(8,), epochs=6, patience=6, batch_size=16, lr=1e-2, dropout=0.1
+    )
+    mix_cfg = MixConfig(strategy, num_layers=3, dim=6, seed=1)
+    torch.manual_seed(0)
+    return ELMoClassifier(cfg, build_mix(mix_cfg), 6, 3), mix_cfg, cfg
+
+
+def test_layer_store_batches_cover_every_document_once():
+    store = _separable_store(50, 0)
+    seen = np.concatenate(list(store.batches(8, torch.Generator().manual_seed(0))))
+    assert sorted(seen.tolist()) == list(range(50))
+    layers, mask, labels = store.batch(np.array([0, 1, 2]))
+    assert layers.shape[:2] == (3, 3) and layers.dtype == torch.float32  # (L, B, T, D)
+    assert mask.sum(1).tolist() == np.diff(store.offsets)[:3].tolist()
+
+
+@pytest.mark.parametrize("strategy", ["sum", "wsum", "function"])
+def test_classifier_learns_and_keeps_best(strategy):
+    model, _, cfg = _classifier(strategy)
+    train, val = _separable_store(300, 1), _separable_store(100, 2)
+    before = float((predict_proba(model, val, CPU).argmax(1) == val.labels).mean())
+    hist = []
+    res = train_classifier(model, train, val, cfg, lambda m, s: hist.append(m), device=CPU)
+    after = float((predict_proba(model, val, CPU).argmax(1) == val.labels).mean())
+    assert after == pytest.approx(res.best_val_accuracy)
+    assert after > 0.9 > before
+    assert res.best_val_accuracy == max(h["val_accuracy"] for h in hist)
+
+
+def test_classifier_resume_matches_uninterrupted(tmp_path):
+    train, val = _separable_store(200, 1), _separable_store(60, 2)
+    model, _, cfg = _classifier()
+    cfg = ClassifierConfig(**{**cfg.__dict__, "epochs": 3, "checkpoint_every": 5})
+    train_classifier(model, train, val, cfg, device=CPU)
+    ckpt = tmp_path / "c.pt"
+    part, _, _ = _classifier()
+    short = ClassifierConfig(**{**cfg.__dict__, "epochs": 1})
+    train_classifier(part, train, val, short, checkpoint=ckpt, device=CPU)
+    resumed, _, _ = _classifier()
+    train_classifier(resumed, train, val, cfg, checkpoint=ckpt, device=CPU)
+    for a, b in zip(model.state_dict().values(), resumed.state_dict().values(), strict=True):
+        assert torch.equal(a, b)
+
+
+def test_extract_layers_writes_each_document_in_place():
+    m = _bilm().eval()
+    docs = [[5, 6, 7], [8], [], [9, 10, 11, 12, 13]]
+    lengths = doc_lengths(docs, max_len=4)
+    assert lengths.tolist() == [3, 1, 1, 4]
+    offsets = np.concatenate([[0], np.cumsum(lengths)])
+    out = np.zeros((offsets[-1], 3, 16), dtype=np.float16)
+    extract_layers(m, docs, out, offsets, batch_size=2, device=CPU)
+    alone = m(torch.tensor([[9, 10, 11, 12]]), torch.ones(1, 4, dtype=torch.bool)).layers
+    got = torch.from_numpy(out[offsets[3] : offsets[4]].astype(np.float32)).permute(1, 0, 2)
+    assert torch.allclose(got, alone[:, 0], atol=2e-3)
+
+
+def test_checkpoints_round_trip(tmp_path):
+    m = _bilm()
+    v = Vocab.build([["a", "b", "a"]], VocabConfig(min_count=1))
+    save_bilm(tmp_path / "b.pt", m, v)
+    m2, v2 = load_bilm(tmp_path / "b.pt")
+    assert v2 == v and m2.config == m.config
+    assert all(
+        torch.equal(a, b)
+        for a, b in zip(m.state_dict().values(), m2.state_dict().values(), strict=True)
+    )
+    clf, mix_cfg, _ = _classifier("sum")
+    save_classifier(tmp_path / "c.pt", clf, mix_cfg, 6, ["x", "y", "z"])
+    clf2, labels = load_classifier(tmp_path / "c.pt")
+    assert labels == ["x", "y", "z"]
+    x = _separable_store(4, 0).batch(np.arange(4))
+    assert torch.equal(clf.eval()(x[0], x[1]), clf2(x[0], x[1]))
+
+
+class _Evil:
+    def __reduce__(self):
+        return (print, ("pwned",))
+
+
+def test_malicious_or_truncated_checkpoints_are_refused(tmp_path):
+    evil = tmp_path / "evil.pt"
+    evil.write_bytes(pickle.dumps({"kind": "bilm", "x": _Evil()}))
+    with pytest.raises(CheckpointError, match="unreadable or unsafe"):
+        load_bilm(evil)
+    good = tmp_path / "good.pt"
+    save_bilm(good, _bilm(), Vocab.build([["a"]], VocabConfig(min_count=1)))
+    cut = tmp_path / "cut.pt"
+    cut.write_bytes(good.read_bytes()[:2000])
+    with pytest.raises(CheckpointError):
+        safe_load(cut)
+    with pytest.raises(CheckpointError, match="does not exist"):
+        safe_load(tmp_path / "missing.pt")
