@@ -126,6 +126,8 @@ class BiLM(nn.Module):
 
     def sparse_parameters(self) -> list[nn.Parameter]:
         """Parameters with sparse gradients (embedding, softmax rows): for SparseAdam."""
+        if self.config.num_samples == 0:  # full softmax: dense gradients over all V rows
+            return [self.embedding.weight]
         return [self.embedding.weight, self.softmax.weight, self.softmax.bias]
 
     @property

@@ -91,6 +91,7 @@ def save_classifier(
             "config": asdict(model.config),
             "mix_config": asdict(mix_config),
             "input_dim": input_dim,
+            "vocab_size": model.embedding.num_embeddings if model.embedding is not None else 0,
             "label_names": list(label_names),
             "state_dict": model.state_dict(),
         },
@@ -106,7 +107,11 @@ def load_classifier(path: str | os.PathLike[str]) -> tuple[ELMoClassifier, list[
     mix = build_mix(_config(MixConfig, ckpt["mix_config"]))
     labels = list(ckpt["label_names"])
     model = ELMoClassifier(
-        _config(ClassifierConfig, ckpt["config"]), mix, ckpt["input_dim"], len(labels)
+        _config(ClassifierConfig, ckpt["config"]),
+        mix,
+        ckpt["input_dim"],
+        len(labels),
+        vocab_size=ckpt.get("vocab_size", 0),
     )
     model.load_state_dict(ckpt["state_dict"])
     return model.eval(), labels

@@ -64,6 +64,7 @@ class ClassifierConfig:
     hidden_dim: int = 128  # BiLSTM state per direction
     num_layers: int = 1  # BiLSTM layers
     mlp_hidden: tuple[int, ...] = (128, 64)  # MLP hidden sizes
+    token_embedding_dim: int = 0  # E of a task token embedding concatenated to the mix (0 = none)
     dropout: float = 0.5  # after the mix and inside the MLP
     batch_size: int = 64  # documents per step
     lr: float = 2e-3  # Adam learning rate
@@ -77,6 +78,8 @@ class ClassifierConfig:
     def __post_init__(self) -> None:
         if self.hidden_dim < 1 or self.num_layers < 1 or self.batch_size < 1:
             raise ValueError(f"bad classifier sizes: {self}")
+        if self.token_embedding_dim < 0:
+            raise ValueError(f"token_embedding_dim must be >= 0, got {self.token_embedding_dim}")
         if any(h < 1 for h in self.mlp_hidden):
             raise ValueError(f"mlp_hidden sizes must be >= 1, got {self.mlp_hidden}")
         if self.epochs < 1 or self.patience < 1 or self.max_len < 1:

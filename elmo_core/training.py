@@ -281,21 +281,28 @@ class LayerStore:
     features: np.ndarray  # (N_tok, L, D) float16, may be a memmap
     offsets: np.ndarray  # (N+1,) int64 row offsets per document
     labels: np.ndarray  # (N,) int64 class ids (or -1 when unknown)
+    tokens: np.ndarray | None = None  # (N_tok,) int32 vocabulary ids of the same tokens
 
     def __len__(self) -> int:
         return len(self.labels)
 
-    def batch(self, idx: np.ndarray) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Documents idx -> layers (L, B, T, D) float32, mask (B, T) bool, labels (B,)."""
+    def batch(
+        self, idx: np.ndarray
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Documents idx -> layers (L, B, T, D) float32, mask (B, T) bool, token ids (B, T)
+        (zeros when the store has none), labels (B,)."""
         lens = self.offsets[idx + 1] - self.offsets[idx]
         t = int(lens.max())
         _, n_layers, d = self.features.shape
         x = np.zeros((len(idx), t, n_layers, d), dtype=np.float32)  # (B, T, L, D)
+        ids = np.zeros((len(idx), t), dtype=np.int64)  # (B, T)
         for r, i in enumerate(idx):
             x[r, : lens[r]] = self.features[self.offsets[i] : self.offsets[i + 1]]
+            if self.tokens is not None:
+                ids[r, : lens[r]] = self.tokens[self.offsets[i] : self.offsets[i + 1]]
         mask = torch.from_numpy(np.arange(t)[None, :] < lens[:, None])  # (B, T)
         layers = torch.from_numpy(x).permute(2, 0, 1, 3)  # (L, B, T, D)
-        return layers, mask, torch.from_numpy(self.labels[idx])
+        return layers, mask, torch.from_numpy(ids), torch.from_numpy(self.labels[idx])
 
     def batches(
         self, batch_size: int, generator: torch.Generator | None = None
@@ -326,9 +333,9 @@ def predict_proba(
     model.to(device).eval()
     probs: list[tuple[np.ndarray, np.ndarray]] = []
     for idx in store.batches(batch_size):
-        layers, mask, _ = store.batch(idx)
+        layers, mask, tokens, _ = store.batch(idx)
         with autocast(device):
-            logits = model(layers.to(device), mask.to(device))
+            logits = model(layers.to(device), mask.to(device), tokens.to(device))
         probs.append((idx, torch.softmax(logits.float(), -1).cpu().numpy()))
     out = np.zeros((len(store), probs[0][1].shape[1]), dtype=np.float32)
     for idx, p in probs:
@@ -412,9 +419,9 @@ def train_classifier(
         t0 = time.perf_counter()
         model.train()
         while batch_i < len(batches):
-            layers, mask, y = train.batch(batches[batch_i])
+            layers, mask, tokens, y = train.batch(batches[batch_i])
             with autocast(device):
-                logits = model(layers.to(device), mask.to(device))
+                logits = model(layers.to(device), mask.to(device), tokens.to(device))
             loss = F.cross_entropy(logits.float(), y.to(device))
             opt.zero_grad(set_to_none=True)
             loss.backward()

@@ -55,6 +55,7 @@ PROFILES: dict[str, dict[str, dict[str, Any]]] = {
         "classifier": {
             "hidden_dim": 16,
             "mlp_hidden": (16,),
+            "token_embedding_dim": 8,
             "epochs": 1,
             "batch_size": 32,
             "max_len": 40,
@@ -67,7 +68,7 @@ PROFILES: dict[str, dict[str, dict[str, Any]]] = {
         "vocab": {"min_count": 2, "max_size": 50_000},
         "bilm": {"embedding_dim": 256, "hidden_dim": 256, "num_samples": 512},
         "pretrain": {
-            "epochs": 3,
+            "epochs": 4,
             "batch_size": 128,
             "window": 20,
             "lr": 2e-3,
@@ -76,7 +77,8 @@ PROFILES: dict[str, dict[str, dict[str, Any]]] = {
         "classifier": {
             "hidden_dim": 128,
             "mlp_hidden": (128, 64),
-            "epochs": 6,
+            "token_embedding_dim": 128,
+            "epochs": 8,
             "patience": 2,
             "batch_size": 64,
             "lr": 1e-3,
@@ -97,6 +99,7 @@ PROFILES: dict[str, dict[str, dict[str, Any]]] = {
         "classifier": {
             "hidden_dim": 128,
             "mlp_hidden": (128, 64),
+            "token_embedding_dim": 128,
             "epochs": 4,
             "patience": 1,
             "batch_size": 64,
@@ -113,6 +116,7 @@ PROFILES: dict[str, dict[str, dict[str, Any]]] = {
             "hidden_dim": 256,
             "num_layers": 2,
             "mlp_hidden": (128, 64),
+            "token_embedding_dim": 256,
             "epochs": 10,
             "patience": 3,
             "batch_size": 32,

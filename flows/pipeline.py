@@ -19,8 +19,10 @@ from storage.hashing import code_version
 from storage.paths import Home, read_json, write_json
 from storage.tracking import Tracker
 from tasks.baseline import baseline
+from tasks.classify import CLASSIFIER, classify
 from tasks.data import build_vocab, fetch_data, ingest, read_pretrain_corpus, source_hash
-from tasks.model import CLASSIFIER, PRETRAIN, classify, features, pretrain
+from tasks.features import features
+from tasks.pretrain import PRETRAIN, pretrain
 
 PARALLEL = int(os.environ.get("ELMO_NEWS_PARALLEL_TASKS", "1"))
 
@@ -113,7 +115,9 @@ def elmo_news(
         timings["features"] = time.perf_counter() - t
         t = time.perf_counter()
         futures = {
-            s: _with_storage(classify, h).submit(feats, dataset, s, home_s, cfg.classifier, device)
+            s: _with_storage(classify, h).submit(
+                feats, bilm_dir, dataset, s, home_s, cfg.classifier, device
+            )
             for s in params.strategies
         }
         clf_dirs = {s: f.result() for s, f in futures.items()}

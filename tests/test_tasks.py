@@ -14,8 +14,10 @@ from flows.params import RunParams
 from storage.datasets import DATASET_SCHEMA
 from storage.paths import Home, safe_name
 from tasks.baseline import BaselineConfig, baseline
+from tasks.classify import CLASSIFIER
 from tasks.data import INGEST, VOCAB, IngestConfig, build_vocab, ingest, load_vocab
-from tasks.model import CLASSIFIER, FEATURES, PRETRAIN
+from tasks.features import FEATURES
+from tasks.pretrain import PRETRAIN
 
 
 @pytest.fixture(scope="module")

@@ -109,9 +109,10 @@ def test_layer_store_batches_cover_every_document_once():
     store = _separable_store(50, 0)
     seen = np.concatenate(list(store.batches(8, torch.Generator().manual_seed(0))))
     assert sorted(seen.tolist()) == list(range(50))
-    layers, mask, labels = store.batch(np.array([0, 1, 2]))
+    layers, mask, tokens, labels = store.batch(np.array([0, 1, 2]))
     assert layers.shape[:2] == (3, 3) and layers.dtype == torch.float32  # (L, B, T, D)
     assert mask.sum(1).tolist() == np.diff(store.offsets)[:3].tolist()
+    assert tokens.shape == mask.shape and labels.tolist() == store.labels[:3].tolist()
 
 
 @pytest.mark.parametrize("strategy", ["sum", "wsum", "function"])
@@ -171,6 +172,27 @@ def test_checkpoints_round_trip(tmp_path):
     assert labels == ["x", "y", "z"]
     x = _separable_store(4, 0).batch(np.arange(4))
     assert torch.equal(clf.eval()(x[0], x[1]), clf2(x[0], x[1]))
+
+
+def test_token_embedding_is_concatenated_and_initialised_from_the_bilm(tmp_path):
+    store = _separable_store(40, 3)
+    store.tokens = np.random.default_rng(0).integers(1, 30, store.offsets[-1]).astype(np.int32)
+    init = torch.randn(30, 12)
+    cfg = ClassifierConfig(hidden_dim=8, mlp_hidden=(8,), token_embedding_dim=5, dropout=0.0)
+    mix_cfg = MixConfig("function", 3, 6)
+    clf = ELMoClassifier(cfg, build_mix(mix_cfg), 6, 3, vocab_size=30, init_embedding=init)
+    assert torch.equal(clf.embedding.weight, init[:, :5])
+    assert clf.rnn.input_size == 6 + 5
+    layers, mask, tokens, _ = store.batch(np.arange(4))
+    out = clf(layers, mask, tokens)
+    assert out.shape == (4, 3)
+    out.sum().backward()
+    assert clf.embedding.weight.grad is not None
+    with pytest.raises(ValueError, match="pass tokens"):
+        clf(layers, mask)
+    save_classifier(tmp_path / "e.pt", clf, mix_cfg, 6, ["a", "b", "c"])
+    clf2, _ = load_classifier(tmp_path / "e.pt")
+    assert torch.equal(clf.eval()(layers, mask, tokens), clf2(layers, mask, tokens))
 
 
 class _Evil:

@@ -1,0 +1,193 @@
+"""biLM training throughput on this machine, and the projected wall time of the `full` profile.
+
+Measures tokens/s (a token = one position of a training window, seen by both directions) of:
+  1. the full biLM training step (embedding, both 2-layer LSTM stacks, residual, dropout, sampled
+     softmax, backward, SparseAdam + Adam),
+  2. the plain LSTM stacks alone at the same shapes (forward + backward, no output layer),
+  3. the same full step with a full softmax output layer instead of the sampled one,
+plus the forward-only layer extraction and one classifier training step, and projects the `full`
+profile on 120k AG News from these figures. Last line: full_step_vs_lstm_only=<ratio>.
+
+    .venv/bin/python bench/bilm_throughput.py [--steps 20] [--vocab 44182] [--out bench/results/bilm_throughput.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from elmo_core.bilm import BiLM  # noqa: E402
+from elmo_core.classifier import ELMoClassifier  # noqa: E402
+from elmo_core.config import BiLMConfig, MixConfig  # noqa: E402
+from elmo_core.mix import build_mix  # noqa: E402
+from elmo_core.training import bilm_optimizers  # noqa: E402
+from flows.params import PROFILES, RunParams  # noqa: E402
+
+
+def timed(fn, steps: int, warmup: int = 3) -> float:
+    """Median seconds per call."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(steps):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument(
+        "--vocab", type=int, default=44_182, help="V (44,182 = the sample run's vocabulary)"
+    )
+    ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    ap.add_argument(
+        "--out", default=str(Path(__file__).parent / "results" / "bilm_throughput.json")
+    )
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    full = RunParams(profile="full").resolve()
+    bp, tp, cp = full.bilm, full.pretrain, full.classifier
+    b, t, h = tp.batch_size, tp.window, bp.hidden_dim
+    tokens = torch.randint(4, args.vocab, (b, t))
+
+    def make(num_samples: int) -> tuple[BiLM, list[torch.optim.Optimizer]]:
+        m = BiLM(
+            BiLMConfig(
+                vocab_size=args.vocab,
+                embedding_dim=bp.embedding_dim,
+                hidden_dim=h,
+                num_samples=num_samples,
+            )
+        )
+        return m.train(), bilm_optimizers(m, tp.lr)
+
+    model, opts = make(bp.num_samples)
+    gen = torch.Generator().manual_seed(0)
+
+    def step() -> None:
+        loss = model.lm_loss(tokens, gen)
+        for o in opts:
+            o.zero_grad(set_to_none=True)
+        loss.backward()
+        for o in opts:
+            o.step()
+
+    stacks = nn.ModuleList(nn.LSTM(h, h, batch_first=True) for _ in range(2 * bp.num_layers))
+    x = torch.randn(b, t, h, requires_grad=True)
+
+    def lstm_only() -> None:
+        stacks.zero_grad(set_to_none=True)
+        total = 0
+        for d in range(2):  # forward stack, backward stack: independent, same shapes
+            y = x
+            for layer in stacks[d * bp.num_layers : (d + 1) * bp.num_layers]:
+                y, _ = layer(y)
+            total = total + y.sum()
+        total.backward()
+
+    full_model, full_opts = make(0)
+
+    def full_softmax_step() -> None:
+        loss = full_model.lm_loss(tokens)
+        for o in full_opts:
+            o.zero_grad(set_to_none=True)
+        loss.backward()
+        for o in full_opts:
+            o.step()
+
+    doc = torch.randint(4, args.vocab, (64, 44))
+    mask = torch.ones_like(doc, dtype=torch.bool)
+
+    def extract() -> None:
+        with torch.no_grad():
+            model.eval()(doc, mask)
+        model.train()
+
+    n_layers, dim = bp.num_layers + 1, 2 * h
+    clf = ELMoClassifier(cp, build_mix(MixConfig("wsum", n_layers, dim)), dim, 4)
+    copt = torch.optim.Adam(clf.parameters(), lr=cp.lr)
+    layers = torch.randn(n_layers, cp.batch_size, 44, dim)
+    cmask = torch.ones(cp.batch_size, 44, dtype=torch.bool)
+    y = torch.randint(0, 4, (cp.batch_size,))
+
+    def clf_step() -> None:
+        loss = nn.functional.cross_entropy(clf(layers, cmask), y)
+        copt.zero_grad()
+        loss.backward()
+        copt.step()
+
+    s_full = timed(step, args.steps)
+    s_lstm = timed(lstm_only, args.steps)
+    s_fullsm = timed(full_softmax_step, max(3, args.steps // 4), warmup=1)
+    s_extract = timed(extract, max(3, args.steps // 2))
+    s_clf = timed(clf_step, max(3, args.steps // 2))
+    tps = {
+        "full_step": b * t / s_full,
+        "lstm_only": b * t / s_lstm,
+        "full_softmax_step": b * t / s_fullsm,
+        "extract_forward_only": doc.numel() / s_extract,
+        "classifier_step": cp.batch_size * 44 / s_clf,
+    }
+    # projection: 120k AG News rows, ~44 tokens + 2 boundary tokens each, 90 % train after the val split
+    ag_tokens = 120_000 * 0.9 * 46
+    pretrain_s = tp.epochs * ag_tokens / tps["full_step"]
+    extract_s = (120_000 + 7_600) * 44 / tps["extract_forward_only"]
+    clf_s = 3 * cp.epochs * 108_000 * 44 / tps["classifier_step"]
+    report = {
+        "machine": {
+            "platform": platform.platform(),
+            "processor": platform.processor() or platform.machine(),
+            "cpus": os.cpu_count(),
+            "torch": torch.__version__,
+            "threads": torch.get_num_threads(),
+        },
+        "shapes": {
+            "B": b,
+            "T": t,
+            "E": bp.embedding_dim,
+            "H": h,
+            "V": args.vocab,
+            "negatives": bp.num_samples,
+        },
+        "tokens_per_s": {k: round(v) for k, v in tps.items()},
+        "full_step_vs_lstm_only": tps["full_step"] / tps["lstm_only"],
+        "full_step_vs_full_softmax": tps["full_step"] / tps["full_softmax_step"],
+        "projection_full_profile_s": {
+            "pretrain": round(pretrain_s),
+            "extract_layers": round(extract_s),
+            "classifiers_upper_bound": round(clf_s),
+            "total": round(pretrain_s + extract_s + clf_s),
+            "assumes": f"120k AG rows x 46 tokens, {tp.epochs} biLM epochs, 3 strategies x {cp.epochs} classifier epochs, no extra corpus",
+        },
+        "profile_full": PROFILES["full"],
+    }
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(report, indent=2))
+    for k, v in report["tokens_per_s"].items():
+        print(f"{k:>22}: {v:>8} tokens/s")
+    print(f"full step vs full softmax: {report['full_step_vs_full_softmax']:.2f}x faster")
+    p = report["projection_full_profile_s"]
+    print(
+        f"projected full profile: pretrain {p['pretrain'] / 60:.0f} min, layers {p['extract_layers'] / 60:.0f} min, "
+        f"classifiers <= {p['classifiers_upper_bound'] / 60:.0f} min, total {p['total'] / 60:.0f} min"
+    )
+    print(f"full_step_vs_lstm_only={report['full_step_vs_lstm_only']:.3f}")
+
+
+if __name__ == "__main__":
+    main()
