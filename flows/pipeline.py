@@ -16,7 +16,7 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from flows.params import Profile, RunParams, Strategy
 from storage.datasets import AG_NEWS_URL
 from storage.hashing import code_version
-from storage.paths import Home, read_json, write_json
+from storage.paths import Home, read_json, verify_complete, write_json
 from storage.tracking import Tracker
 from tasks.baseline import baseline
 from tasks.classify import CLASSIFIER, classify
@@ -29,6 +29,20 @@ PARALLEL = int(os.environ.get("ELMO_NEWS_PARALLEL_TASKS", "1"))
 
 def _with_storage(t: Any, home: Home) -> Any:
     return t.with_options(result_storage=home.prefect_results)
+
+
+def _checked(t: Any, home: Home, out: str, *args: Any) -> str:
+    """A stage's folder, verified against its manifest. A cached result whose folder is missing
+    or corrupt (truncated Parquet, damaged checkpoint) is rebuilt, never used."""
+    ok, why = verify_complete(Path(out))
+    if ok:
+        return out
+    get_run_logger().warning("%s: %s; rebuilding it", t.name, why)
+    return _with_storage(t, home).with_options(refresh_cache=True)(*args)
+
+
+def _stage(t: Any, home: Home, *args: Any) -> str:
+    return _checked(t, home, _with_storage(t, home)(*args), *args)
 
 
 def summary_markdown(rows: list[dict[str, Any]], timings: dict[str, float]) -> str:
@@ -93,36 +107,31 @@ def elmo_news(
         t = time.perf_counter()
         source = fetch_data(data, home_s)
         data_hash = source_hash(source)
-        dataset = _with_storage(ingest, h)(source, home_s, cfg.ingest)
+        dataset = _stage(ingest, h, source, home_s, cfg.ingest)
         corpora = [
-            _with_storage(read_pretrain_corpus, h)(c, home_s, cfg.corpus)
-            for c in params.pretrain_corpus
+            _stage(read_pretrain_corpus, h, c, home_s, cfg.corpus) for c in params.pretrain_corpus
         ]
         timings["ingest"] = time.perf_counter() - t
         base_future = _with_storage(baseline, h).submit(dataset, home_s, cfg.baseline)
         t = time.perf_counter()
-        vocab = _with_storage(build_vocab, h)(dataset, corpora, home_s, cfg.vocab)
+        vocab = _stage(build_vocab, h, dataset, corpora, home_s, cfg.vocab)
         timings["vocab"] = time.perf_counter() - t
         t = time.perf_counter()
-        bilm_dir = _with_storage(pretrain, h)(
-            dataset, corpora, vocab, home_s, dict(cfg.bilm.__dict__), cfg.pretrain, device
-        )
+        bilm_args = (dataset, corpora, vocab, home_s, dict(cfg.bilm.__dict__), cfg.pretrain, device)
+        bilm_dir = _stage(pretrain, h, *bilm_args)
         timings["pretrain"] = time.perf_counter() - t
         t = time.perf_counter()
-        feats = _with_storage(features, h)(
-            bilm_dir, dataset, home_s, cfg.classifier.max_len, device
-        )
+        feats = _stage(features, h, bilm_dir, dataset, home_s, cfg.classifier.max_len, device)
         timings["features"] = time.perf_counter() - t
         t = time.perf_counter()
-        futures = {
-            s: _with_storage(classify, h).submit(
-                feats, bilm_dir, dataset, s, home_s, cfg.classifier, device
-            )
+        clf_args = {
+            s: (feats, bilm_dir, dataset, s, home_s, cfg.classifier, device)
             for s in params.strategies
         }
-        clf_dirs = {s: f.result() for s, f in futures.items()}
+        futures = {s: _with_storage(classify, h).submit(*a) for s, a in clf_args.items()}
+        clf_dirs = {s: _checked(classify, h, f.result(), *clf_args[s]) for s, f in futures.items()}
         timings["classifiers"] = time.perf_counter() - t
-        base_dir = base_future.result()
+        base_dir = _checked(baseline, h, base_future.result(), dataset, home_s, cfg.baseline)
 
         common = {"data_sha256": data_hash}
         stats = read_json(Path(dataset) / "metrics.json")

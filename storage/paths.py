@@ -5,10 +5,13 @@ Every name placed under it is checked so parameters or data can never point outs
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import re
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -72,10 +75,75 @@ def read_json(path: str | os.PathLike[str]) -> Any:
     return json.loads(Path(path).read_text())
 
 
-def is_complete(stage_dir: Path) -> bool:
-    """A stage folder counts only once its DONE marker (written last) exists."""
-    return (stage_dir / "DONE").exists()
+HASH_LIMIT = 256 * 1024 * 1024  # files up to this size are checked by sha256, larger by size
+
+
+def _manifest_entry(path: Path) -> dict[str, Any]:
+    from storage.hashing import sha256_file
+
+    size = path.stat().st_size
+    return {"size": size, "sha256": sha256_file(path) if size <= HASH_LIMIT else None}
 
 
 def mark_complete(stage_dir: Path) -> None:
-    write_json(stage_dir / "DONE", {"ok": True})
+    """Write the DONE manifest (size and, for files up to 256 MiB, sha256 of every output) last:
+    a stage folder without a valid manifest is never used."""
+    files = {
+        p.name: _manifest_entry(p)
+        for p in sorted(stage_dir.iterdir())
+        if p.is_file()
+        and not p.name.startswith(".")
+        and p.name not in ("DONE", "mlflow_source.json")
+    }
+    write_json(stage_dir / "DONE", {"files": files})
+
+
+def verify_complete(stage_dir: Path) -> tuple[bool, str]:
+    """(True, "") when the folder's outputs match its manifest, else (False, why)."""
+    done = stage_dir / "DONE"
+    if not done.exists():
+        return False, f"{stage_dir} has no DONE manifest"
+    try:
+        files = read_json(done)["files"]
+    except Exception as e:
+        return False, f"{done} is unreadable: {e}"
+    for name, want in files.items():
+        p = stage_dir / name
+        if not p.exists():
+            return False, f"{p} is missing"
+        got = p.stat().st_size
+        if got != want["size"]:
+            return False, f"{p} has {got} bytes, expected {want['size']}"
+        if want.get("sha256"):
+            from storage.hashing import sha256_file
+
+            if sha256_file(p) != want["sha256"]:
+                return False, f"{p} fails its sha256 check"
+    return True, ""
+
+
+def is_complete(stage_dir: Path) -> bool:
+    return verify_complete(stage_dir)[0]
+
+
+@contextmanager
+def stage_lock(stage_dir: Path) -> Iterator[None]:
+    """An exclusive lock per stage folder (flock on a file beside it): concurrent runs of the same
+    stage wait for each other, and the second then finds the first one's complete output."""
+    stage_dir.parent.mkdir(parents=True, exist_ok=True)
+    with open(stage_dir.parent / f".{stage_dir.name}.lock", "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def clear_incomplete(stage_dir: Path) -> None:
+    """Remove a stage folder whose outputs do not match their manifest (keeps resumable
+    training checkpoints, which are verified on their own when loaded)."""
+    if stage_dir.exists() and not is_complete(stage_dir):
+        (stage_dir / "DONE").unlink(missing_ok=True)
+        for p in stage_dir.iterdir():
+            if p.is_file() and p.name != "train_state.pt":
+                p.unlink()

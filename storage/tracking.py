@@ -8,7 +8,10 @@ Client calls take explicit run ids (no fluent active-run stack), so threads are 
 
 from __future__ import annotations
 
+import fcntl
 import json
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -42,13 +45,31 @@ def _flat(prefix: str, obj: Any, out: dict[str, str]) -> None:
         out[prefix] = json.dumps(obj) if isinstance(obj, list | tuple) else str(obj)
 
 
+@contextmanager
+def _store_lock(uri: str) -> Iterator[None]:
+    """Serialise first use of a local sqlite store: MLflow creates and migrates its schema on first
+    connection, and two processes doing that at once collide."""
+    if not uri.startswith("sqlite:///"):
+        yield
+        return
+    db = Path(uri.removeprefix("sqlite:///"))
+    db.parent.mkdir(parents=True, exist_ok=True)
+    with open(db.parent / f".{db.name}.lock", "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
 class Tracker:
     """An MLflow parent run for one flow run, and child runs under it."""
 
     def __init__(self, uri: str, parent_run_id: str | None = None) -> None:
         self.uri = uri
-        self.client = _client(uri)
-        self.experiment_id = _experiment_id(self.client)
+        with _store_lock(uri):
+            self.client = _client(uri)
+            self.experiment_id = _experiment_id(self.client)
         self.parent_run_id = parent_run_id
 
     def start_parent(self, run_name: str, params: dict[str, Any], tags: dict[str, str]) -> str:

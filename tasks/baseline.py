@@ -11,7 +11,15 @@ from sklearn.feature_extraction.text import TfidfVectorizer
 from sklearn.linear_model import LogisticRegression
 
 from storage.datasets import read_dataset
-from storage.paths import Home, is_complete, mark_complete, read_json, write_json
+from storage.paths import (
+    Home,
+    clear_incomplete,
+    is_complete,
+    mark_complete,
+    read_json,
+    stage_lock,
+    write_json,
+)
 from tasks.common import STAGE_OPTS, Stage, cache_key
 from tasks.data import stage_id
 from tasks.evaluate import evaluate
@@ -36,36 +44,42 @@ def _baseline_key(dataset: str, home: str, config: BaselineConfig) -> str:
 @task(name="baseline-tfidf", cache_key_fn=cache_key(_baseline_key), **STAGE_OPTS)
 def baseline(dataset: str, home: str, config: BaselineConfig) -> str:
     out = Home(home).stage_dir("baseline", _baseline_key(dataset, home, config))
-    if is_complete(out):
+    with stage_lock(out):
+        if is_complete(out):
+            return str(out)
+        clear_incomplete(out)
+        t0 = time.perf_counter()
+        train, val, test = (
+            read_dataset(Path(dataset) / f"{s}.parquet") for s in ("train", "val", "test")
+        )
+        vec = TfidfVectorizer(
+            ngram_range=(1, config.ngram_max),
+            min_df=config.min_df,
+            sublinear_tf=config.sublinear_tf,
+            lowercase=True,
+        )
+        x_train = vec.fit_transform(train["text"].to_list())
+        clf = LogisticRegression(C=config.C, max_iter=config.max_iter)
+        clf.fit(x_train, train["label"].to_numpy())
+        val_acc = float(
+            (clf.predict(vec.transform(val["text"].to_list())) == val["label"].to_numpy()).mean()
+        )
+        pred = clf.predict(vec.transform(test["text"].to_list()))
+        metrics = evaluate(
+            test["label"].to_numpy(),
+            pred,
+            read_json(Path(dataset) / "labels.json"),
+            out,
+            "TF-IDF + LR",
+        )
+        metrics.update(
+            {
+                "best_val_accuracy": val_acc,
+                "wall_s": time.perf_counter() - t0,
+                "n_features": x_train.shape[1],
+            }
+        )
+        write_json(out / "metrics.json", metrics)
+        write_json(out / "config.json", asdict(config))
+        mark_complete(out)
         return str(out)
-    t0 = time.perf_counter()
-    train, val, test = (
-        read_dataset(Path(dataset) / f"{s}.parquet") for s in ("train", "val", "test")
-    )
-    vec = TfidfVectorizer(
-        ngram_range=(1, config.ngram_max),
-        min_df=config.min_df,
-        sublinear_tf=config.sublinear_tf,
-        lowercase=True,
-    )
-    x_train = vec.fit_transform(train["text"].to_list())
-    clf = LogisticRegression(C=config.C, max_iter=config.max_iter)
-    clf.fit(x_train, train["label"].to_numpy())
-    val_acc = float(
-        (clf.predict(vec.transform(val["text"].to_list())) == val["label"].to_numpy()).mean()
-    )
-    pred = clf.predict(vec.transform(test["text"].to_list()))
-    metrics = evaluate(
-        test["label"].to_numpy(), pred, read_json(Path(dataset) / "labels.json"), out, "TF-IDF + LR"
-    )
-    metrics.update(
-        {
-            "best_val_accuracy": val_acc,
-            "wall_s": time.perf_counter() - t0,
-            "n_features": x_train.shape[1],
-        }
-    )
-    write_json(out / "metrics.json", metrics)
-    write_json(out / "config.json", asdict(config))
-    mark_complete(out)
-    return str(out)

@@ -16,7 +16,15 @@ from elmo_core.config import ClassifierConfig, MixConfig
 from elmo_core.mix import ScalarMix, build_mix
 from elmo_core.training import pick_device, predict_proba, train_classifier
 from storage.datasets import read_dataset, write_parquet
-from storage.paths import Home, is_complete, mark_complete, read_json, write_json
+from storage.paths import (
+    Home,
+    clear_incomplete,
+    is_complete,
+    mark_complete,
+    read_json,
+    stage_lock,
+    write_json,
+)
 from tasks.common import STAGE_OPTS, History, Stage, cache_key, logger, set_threads
 from tasks.data import SPLITS, stage_id
 from tasks.evaluate import evaluate, plot_curves
@@ -60,74 +68,76 @@ def classify(
     out = Home(home).stage_dir(
         "classifier", _classifier_key(features_dir, bilm_dir, dataset, strategy, home, config)
     )
-    if is_complete(out):
-        return str(out)
-    set_threads()
-    dev = pick_device(device)
-    train, val, test = (layer_store(features_dir, s) for s in SPLITS)
-    label_names = read_json(Path(dataset) / "labels.json")
-    _, n_layers, dim = train.features.shape
-    mix_config = MixConfig(strategy=strategy, num_layers=n_layers, dim=dim, seed=config.seed)
-    torch.manual_seed(config.seed)
-    bilm, vocab = load_bilm(Path(bilm_dir) / "bilm.pt")
-    if config.token_embedding_dim > bilm.config.embedding_dim:
-        raise ValueError(
-            f"token_embedding_dim {config.token_embedding_dim} exceeds the biLM's embedding_dim "
-            f"{bilm.config.embedding_dim} it is initialised from"
+    with stage_lock(out):
+        if is_complete(out):
+            return str(out)
+        clear_incomplete(out)
+        set_threads()
+        dev = pick_device(device)
+        train, val, test = (layer_store(features_dir, s) for s in SPLITS)
+        label_names = read_json(Path(dataset) / "labels.json")
+        _, n_layers, dim = train.features.shape
+        mix_config = MixConfig(strategy=strategy, num_layers=n_layers, dim=dim, seed=config.seed)
+        torch.manual_seed(config.seed)
+        bilm, vocab = load_bilm(Path(bilm_dir) / "bilm.pt")
+        if config.token_embedding_dim > bilm.config.embedding_dim:
+            raise ValueError(
+                f"token_embedding_dim {config.token_embedding_dim} exceeds the biLM's embedding_dim "
+                f"{bilm.config.embedding_dim} it is initialised from"
+            )
+        model = ELMoClassifier(
+            config,
+            build_mix(mix_config),
+            dim,
+            len(label_names),
+            vocab_size=len(vocab),
+            init_embedding=bilm.embedding.weight.detach(),
         )
-    model = ELMoClassifier(
-        config,
-        build_mix(mix_config),
-        dim,
-        len(label_names),
-        vocab_size=len(vocab),
-        init_embedding=bilm.embedding.weight.detach(),
-    )
-    hist = History(f"classifier-{strategy}")
-    t0 = time.perf_counter()
-    res = train_classifier(model, train, val, config, hist, out / "train_state.pt", dev)
-    save_classifier(out / "model.pt", model.cpu(), mix_config, dim, label_names)
-    probs = predict_proba(model, test, dev)
-    pred = probs.argmax(1)
-    metrics = evaluate(test.labels, pred, label_names, out, f"ELMo {strategy}")
-    metrics.update(
-        {
-            "best_val_accuracy": res.best_val_accuracy,
-            "best_epoch": res.best_epoch,
-            "epochs_run": res.epochs_run,
-            "wall_s": time.perf_counter() - t0,
-        }
-    )
-    if isinstance(model.mix, ScalarMix):
-        weights = model.mix.layer_weights().tolist()
-        write_json(
-            out / "layer_weights.json",
-            {"weights": weights, "gamma": float(model.mix.gamma.detach())},
-        )
-        metrics.update({f"layer_weight_{i}": w for i, w in enumerate(weights)})
-    test_ids = read_dataset(Path(dataset) / "test.parquet")["id"].to_numpy()
-    write_parquet(
-        pl.DataFrame(
+        hist = History(f"classifier-{strategy}")
+        t0 = time.perf_counter()
+        res = train_classifier(model, train, val, config, hist, out / "train_state.pt", dev)
+        save_classifier(out / "model.pt", model.cpu(), mix_config, dim, label_names)
+        probs = predict_proba(model, test, dev)
+        pred = probs.argmax(1)
+        metrics = evaluate(test.labels, pred, label_names, out, f"ELMo {strategy}")
+        metrics.update(
             {
-                "id": test_ids,
-                "label": test.labels,
-                "pred": pred,
-                **{f"p_{n}": probs[:, i] for i, n in enumerate(label_names)},
+                "best_val_accuracy": res.best_val_accuracy,
+                "best_epoch": res.best_epoch,
+                "epochs_run": res.epochs_run,
+                "wall_s": time.perf_counter() - t0,
             }
-        ).to_arrow(),
-        out / "predictions.parquet",
-    )
-    hist.save(out / "history.json")
-    plot_curves(hist.points, ["train_loss", "val_accuracy"], out, f"classifier {strategy}")
-    write_json(
-        out / "config.json",
-        {"strategy": strategy, "classifier": asdict(config), "mix": asdict(mix_config)},
-    )
-    write_json(out / "metrics.json", metrics)
-    (out / "train_state.pt").unlink(missing_ok=True)
-    mark_complete(out)
-    logger().info("classifier %s: test accuracy %.4f", strategy, metrics["test_accuracy"])
-    return str(out)
+        )
+        if isinstance(model.mix, ScalarMix):
+            weights = model.mix.layer_weights().tolist()
+            write_json(
+                out / "layer_weights.json",
+                {"weights": weights, "gamma": float(model.mix.gamma.detach())},
+            )
+            metrics.update({f"layer_weight_{i}": w for i, w in enumerate(weights)})
+        test_ids = read_dataset(Path(dataset) / "test.parquet")["id"].to_numpy()
+        write_parquet(
+            pl.DataFrame(
+                {
+                    "id": test_ids,
+                    "label": test.labels,
+                    "pred": pred,
+                    **{f"p_{n}": probs[:, i] for i, n in enumerate(label_names)},
+                }
+            ).to_arrow(),
+            out / "predictions.parquet",
+        )
+        hist.save(out / "history.json")
+        plot_curves(hist.points, ["train_loss", "val_accuracy"], out, f"classifier {strategy}")
+        write_json(
+            out / "config.json",
+            {"strategy": strategy, "classifier": asdict(config), "mix": asdict(mix_config)},
+        )
+        write_json(out / "metrics.json", metrics)
+        (out / "train_state.pt").unlink(missing_ok=True)
+        mark_complete(out)
+        logger().info("classifier %s: test accuracy %.4f", strategy, metrics["test_accuracy"])
+        return str(out)
 
 
 def load_pipeline_model(classifier_dir: str) -> tuple[ELMoClassifier, list[str]]:

@@ -26,7 +26,15 @@ from storage.datasets import (
     write_parquet,
 )
 from storage.hashing import sha256_dir, sha256_file
-from storage.paths import Home, is_complete, mark_complete, read_json, write_json
+from storage.paths import (
+    Home,
+    clear_incomplete,
+    is_complete,
+    mark_complete,
+    read_json,
+    stage_lock,
+    write_json,
+)
 from tasks.common import STAGE_OPTS, Stage, cache_key, logger
 
 SPLITS = ("train", "val", "test")
@@ -86,40 +94,44 @@ def _stratified_limit(rows: list[dict], limit: int, seed: int) -> list[dict]:
 def ingest(source: str, home: str, config: IngestConfig) -> str:
     """Validate rows, quarantine bad ones, carve a stratified validation split, write Parquet."""
     out = Home(home).stage_dir("ingest", _ingest_key(source, home, config))
-    if is_complete(out):
-        return str(out)
-    splits, classes = read_source(
-        Path(source), list(config.text_columns) or None, config.label_column or None
-    )
-    stats: dict[str, float] = {}
-    quarantine: list[dict] = []
-    for name, rows in splits.items():
-        stats[f"rows_in_{name}"] = rows.rows_in
-        stats[f"rows_accepted_{name}"] = len(rows.rows)
-        stats[f"rows_quarantined_{name}"] = len(rows.quarantine)
-        stats[f"rows_duplicate_{name}"] = rows.duplicates
-        quarantine += rows.quarantine
-        if not rows.rows:
-            raise DataError(f"{source}: no usable {name} rows ({len(rows.quarantine)} quarantined)")
-    train = _stratified_limit(splits["train"].rows, config.limit_train, config.seed)
-    test = _stratified_limit(splits["test"].rows, config.limit_test, config.seed)
-    labels = [r["label"] for r in train]
-    tr, va = train_test_split(
-        train, test_size=config.val_fraction, stratify=labels, random_state=config.seed
-    )
-    parts = {"train": tr, "val": va, "test": test}
-    for name, rows in parts.items():
-        write_parquet(
-            rows_table(sorted(rows, key=lambda r: r["id"]), name), out / f"{name}.parquet"
+    with stage_lock(out):
+        if is_complete(out):
+            return str(out)
+        clear_incomplete(out)
+        splits, classes = read_source(
+            Path(source), list(config.text_columns) or None, config.label_column or None
         )
-        stats[f"rows_{name}"] = len(rows)
-    write_parquet(quarantine_table(quarantine), out / "quarantine.parquet")
-    write_json(out / "labels.json", classes)
-    write_json(out / "metrics.json", stats)
-    write_json(out / "config.json", asdict(config))
-    logger().info("ingest %s: %s", source, stats)
-    mark_complete(out)
-    return str(out)
+        stats: dict[str, float] = {}
+        quarantine: list[dict] = []
+        for name, rows in splits.items():
+            stats[f"rows_in_{name}"] = rows.rows_in
+            stats[f"rows_accepted_{name}"] = len(rows.rows)
+            stats[f"rows_quarantined_{name}"] = len(rows.quarantine)
+            stats[f"rows_duplicate_{name}"] = rows.duplicates
+            quarantine += rows.quarantine
+            if not rows.rows:
+                raise DataError(
+                    f"{source}: no usable {name} rows ({len(rows.quarantine)} quarantined)"
+                )
+        train = _stratified_limit(splits["train"].rows, config.limit_train, config.seed)
+        test = _stratified_limit(splits["test"].rows, config.limit_test, config.seed)
+        labels = [r["label"] for r in train]
+        tr, va = train_test_split(
+            train, test_size=config.val_fraction, stratify=labels, random_state=config.seed
+        )
+        parts = {"train": tr, "val": va, "test": test}
+        for name, rows in parts.items():
+            write_parquet(
+                rows_table(sorted(rows, key=lambda r: r["id"]), name), out / f"{name}.parquet"
+            )
+            stats[f"rows_{name}"] = len(rows)
+        write_parquet(quarantine_table(quarantine), out / "quarantine.parquet")
+        write_json(out / "labels.json", classes)
+        write_json(out / "metrics.json", stats)
+        write_json(out / "config.json", asdict(config))
+        logger().info("ingest %s: %s", source, stats)
+        mark_complete(out)
+        return str(out)
 
 
 def _corpus_key(path: str, home: str, config: CorpusConfig) -> str:
@@ -130,17 +142,19 @@ def _corpus_key(path: str, home: str, config: CorpusConfig) -> str:
 def read_pretrain_corpus(path: str, home: str, config: CorpusConfig) -> str:
     """Unlabeled pretraining text -> corpus.parquet (normalised text + tokens)."""
     out = Home(home).stage_dir("corpus", _corpus_key(path, home, config))
-    if is_complete(out):
+    with stage_lock(out):
+        if is_complete(out):
+            return str(out)
+        clear_incomplete(out)
+        texts = read_corpus(Path(path), list(config.text_columns) or None)
+        if config.max_docs:
+            texts = texts[: config.max_docs]
+        table = corpus_table(texts)
+        write_parquet(table, out / "corpus.parquet")
+        n_tok = int(pa.compute.sum(pa.compute.list_value_length(table["tokens"])).as_py() or 0)
+        write_json(out / "metrics.json", {"corpus_docs": len(texts), "corpus_tokens": n_tok})
+        mark_complete(out)
         return str(out)
-    texts = read_corpus(Path(path), list(config.text_columns) or None)
-    if config.max_docs:
-        texts = texts[: config.max_docs]
-    table = corpus_table(texts)
-    write_parquet(table, out / "corpus.parquet")
-    n_tok = int(pa.compute.sum(pa.compute.list_value_length(table["tokens"])).as_py() or 0)
-    write_json(out / "metrics.json", {"corpus_docs": len(texts), "corpus_tokens": n_tok})
-    mark_complete(out)
-    return str(out)
 
 
 def stage_id(stage_dir: str) -> str:
@@ -166,27 +180,29 @@ def pretraining_documents(dataset: str, corpora: list[str]) -> list[list[str]]:
 def build_vocab(dataset: str, corpora: list[str], home: str, config: VocabConfig) -> str:
     """Vocabulary of the pretraining text -> vocab.parquet (id, token, count)."""
     out = Home(home).stage_dir("vocab", _vocab_key(dataset, corpora, home, config))
-    if is_complete(out):
+    with stage_lock(out):
+        if is_complete(out):
+            return str(out)
+        clear_incomplete(out)
+        vocab = Vocab.build(pretraining_documents(dataset, corpora), config)
+        write_parquet(
+            pa.table(
+                {
+                    "id": np.arange(len(vocab), dtype=np.int32),
+                    "token": list(vocab.tokens),
+                    "count": np.asarray(vocab.counts, dtype=np.int64),
+                }
+            ),
+            out / "vocab.parquet",
+        )
+        total = sum(vocab.counts[4:]) + vocab.counts[1]
+        write_json(
+            out / "metrics.json",
+            {"vocab_size": len(vocab), "oov_rate": vocab.counts[1] / max(total, 1)},
+        )
+        write_json(out / "config.json", asdict(config))
+        mark_complete(out)
         return str(out)
-    vocab = Vocab.build(pretraining_documents(dataset, corpora), config)
-    write_parquet(
-        pa.table(
-            {
-                "id": np.arange(len(vocab), dtype=np.int32),
-                "token": list(vocab.tokens),
-                "count": np.asarray(vocab.counts, dtype=np.int64),
-            }
-        ),
-        out / "vocab.parquet",
-    )
-    total = sum(vocab.counts[4:]) + vocab.counts[1]
-    write_json(
-        out / "metrics.json",
-        {"vocab_size": len(vocab), "oov_rate": vocab.counts[1] / max(total, 1)},
-    )
-    write_json(out / "config.json", asdict(config))
-    mark_complete(out)
-    return str(out)
 
 
 def load_vocab(vocab_dir: str) -> Vocab:

@@ -15,7 +15,7 @@ from elmo_core.checkpoint import save_bilm
 from elmo_core.config import BiLMConfig, PretrainConfig
 from elmo_core.training import pick_device, pretrain_bilm
 from storage.datasets import read_dataset
-from storage.paths import Home, is_complete, mark_complete, write_json
+from storage.paths import Home, clear_incomplete, is_complete, mark_complete, stage_lock, write_json
 from tasks.common import STAGE_OPTS, History, Stage, cache_key, logger, set_threads
 from tasks.data import load_vocab, pretraining_documents, stage_id
 from tasks.evaluate import plot_curves
@@ -66,45 +66,47 @@ def pretrain(
 
     ``bilm`` holds BiLMConfig fields except vocab_size (set from the vocabulary)."""
     out = Home(home).stage_dir("bilm", _pretrain_key(dataset, corpora, vocab, home, bilm, train))
-    if is_complete(out):
+    with stage_lock(out):
+        if is_complete(out):
+            return str(out)
+        clear_incomplete(out)
+        set_threads()
+        v = load_vocab(vocab)
+        config = BiLMConfig(vocab_size=len(v), **bilm)
+        train_ids = _encode_stream(pretraining_documents(dataset, corpora), v, train.seed)
+        val_docs = read_dataset(Path(dataset) / "val.parquet")["tokens"].to_list()
+        val_ids = _encode_stream(val_docs, v, train.seed)[: max(train.val_tokens, train.window)]
+        torch.manual_seed(train.seed)
+        model = BiLM(config)
+        model.softmax.set_proposal(torch.from_numpy(v.unigram()))
+        log = logger()
+        log.info(
+            "biLM: %d params, %d train tokens, %d val tokens",
+            sum(p.numel() for p in model.parameters()),
+            len(train_ids),
+            len(val_ids),
+        )
+        hist = History("biLM")
+        t0 = time.perf_counter()
+        res = pretrain_bilm(
+            model, train_ids, val_ids, train, hist, out / "train_state.pt", pick_device(device)
+        )
+        save_bilm(out / "bilm.pt", model.cpu(), v)
+        write_json(out / "config.json", {"bilm": asdict(config), "train": asdict(train)})
+        hist.save(out / "history.json")
+        plot_curves(hist.points, ["train_loss", "val_perplexity"], out, "biLM pretraining")
+        write_json(
+            out / "metrics.json",
+            {
+                "val_perplexity": res.val_perplexity,
+                "val_perplexity_forward": res.val_perplexity_forward,
+                "val_perplexity_backward": res.val_perplexity_backward,
+                "train_tokens": res.tokens,
+                "train_steps": res.steps,
+                "tokens_per_s": res.tokens / max(res.seconds, 1e-9),
+                "wall_s": time.perf_counter() - t0,
+            },
+        )
+        (out / "train_state.pt").unlink(missing_ok=True)
+        mark_complete(out)
         return str(out)
-    set_threads()
-    v = load_vocab(vocab)
-    config = BiLMConfig(vocab_size=len(v), **bilm)
-    train_ids = _encode_stream(pretraining_documents(dataset, corpora), v, train.seed)
-    val_docs = read_dataset(Path(dataset) / "val.parquet")["tokens"].to_list()
-    val_ids = _encode_stream(val_docs, v, train.seed)[: max(train.val_tokens, train.window)]
-    torch.manual_seed(train.seed)
-    model = BiLM(config)
-    model.softmax.set_proposal(torch.from_numpy(v.unigram()))
-    log = logger()
-    log.info(
-        "biLM: %d params, %d train tokens, %d val tokens",
-        sum(p.numel() for p in model.parameters()),
-        len(train_ids),
-        len(val_ids),
-    )
-    hist = History("biLM")
-    t0 = time.perf_counter()
-    res = pretrain_bilm(
-        model, train_ids, val_ids, train, hist, out / "train_state.pt", pick_device(device)
-    )
-    save_bilm(out / "bilm.pt", model.cpu(), v)
-    write_json(out / "config.json", {"bilm": asdict(config), "train": asdict(train)})
-    hist.save(out / "history.json")
-    plot_curves(hist.points, ["train_loss", "val_perplexity"], out, "biLM pretraining")
-    write_json(
-        out / "metrics.json",
-        {
-            "val_perplexity": res.val_perplexity,
-            "val_perplexity_forward": res.val_perplexity_forward,
-            "val_perplexity_backward": res.val_perplexity_backward,
-            "train_tokens": res.tokens,
-            "train_steps": res.steps,
-            "tokens_per_s": res.tokens / max(res.seconds, 1e-9),
-            "wall_s": time.perf_counter() - t0,
-        },
-    )
-    (out / "train_state.pt").unlink(missing_ok=True)
-    mark_complete(out)
-    return str(out)

@@ -167,3 +167,47 @@ def test_bad_input_file_fails_with_a_clear_error(harness, env, tmp_path):
 
     with pytest.raises(DataError, match=r"train\.csv: file is empty"):
         elmo_news(profile="smoke", data=str(bad), home=str(home))
+
+
+def test_invalidation_matrix_and_corrupt_outputs(harness, env, ag_slice, tmp_path):
+    """biLM config change re-runs biLM, layers and classifiers only; changed data behind the same
+    path re-runs everything; a truncated Parquet or checkpoint is rebuilt, never loaded."""
+    home, _ = env
+    data = tmp_path / "data"
+    data.mkdir()
+    for name in ("train.csv", "test.csv"):
+        (data / name).write_bytes((ag_slice / name).read_bytes())
+    first, _ = _run(harness, data, home)
+
+    _, states = _run(harness, data, home, overrides={"bilm": {"dropout": 0.2}})
+    for name in ("ingest", "read-corpus", "build-vocab", "baseline-tfidf"):
+        assert states[name] == ["Cached"], (name, states)
+    for name in ("pretrain-bilm", "extract-layers"):
+        assert states[name] == ["Completed"], (name, states)
+    assert states["train-classifier"] == ["Completed"] * 3
+
+    # a truncated Parquet file and a damaged checkpoint: detected, rebuilt, results unchanged
+    train_parquet = Path(first["dataset"]) / "train.parquet"
+    train_parquet.write_bytes(train_parquet.read_bytes()[:100])
+    bilm_pt = Path(first["bilm"]) / "bilm.pt"
+    raw = bytearray(bilm_pt.read_bytes())
+    raw[len(raw) // 2] ^= 0xFF
+    bilm_pt.write_bytes(bytes(raw))
+    again, states = _run(harness, data, home)
+    assert (
+        states["ingest"].count("Completed") == 1 and states["pretrain-bilm"].count("Completed") == 1
+    )
+    assert (
+        again["models"]["classifier-sum"]["test_accuracy"]
+        == first["models"]["classifier-sum"]["test_accuracy"]
+    )
+    assert again["bilm"] == first["bilm"]
+
+    with open(data / "train.csv", "a", encoding="utf-8") as f:
+        f.write('"2","A brand new sports story","The home team won the final again."\n')
+    changed, states = _run(harness, data, home)
+    for name in HEAVY:
+        if name != "read-corpus":  # the Reuters corpus did not change
+            assert set(states[name]) == {"Completed"}, (name, states)
+    assert changed["dataset"] != first["dataset"]
+    assert changed["rows"]["rows_in_train"] == first["rows"]["rows_in_train"] + 1

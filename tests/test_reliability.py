@@ -1,0 +1,124 @@
+"""Faults in real processes: SIGKILL mid-training then resume, and two concurrent runs sharing a
+home. Each runs the real CLI (smoke profile) in subprocesses."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import REUTERS, ROOT
+
+pytestmark = pytest.mark.e2e
+# longer pretraining than plain smoke, with frequent checkpoints, so a kill lands mid-training
+SLOW = [
+    "--set",
+    "pretrain.epochs=6",
+    "--set",
+    "pretrain.checkpoint_every=5",
+    "--set",
+    "corpus.max_docs=600",
+]
+
+
+def _cmd(data: Path, home: Path) -> list[str]:
+    return [
+        sys.executable, "-m", "flows.cli", "run", "--profile", "smoke", "--data", str(data),
+        "--pretrain-corpus", str(REUTERS), "--home", str(home), *SLOW,
+    ]  # fmt: skip
+
+
+def _env(tmp: Path, name: str) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(
+        PREFECT_HOME=str(tmp / f"prefect-{name}"),
+        MLFLOW_TRACKING_URI=f"sqlite:///{tmp / f'mlflow-{name}.db'}",
+        ELMO_NEWS_THREADS="1",
+        PYTHONPATH=str(ROOT),
+    )
+    return env
+
+
+def _summary(home: Path) -> dict:
+    runs = sorted((home / "runs").glob("*.json"), key=lambda p: p.stat().st_mtime)
+    return json.loads(runs[-1].read_text())
+
+
+def _final(summary: dict) -> dict:
+    bilm = json.loads((Path(summary["bilm"]) / "metrics.json").read_text())
+    return {
+        "val_perplexity": bilm["val_perplexity"],
+        **{k: v["test_accuracy"] for k, v in summary["models"].items()},
+    }
+
+
+def test_sigkill_mid_pretraining_resumes_to_the_same_result(ag_slice, tmp_path):
+    ref_home, home = tmp_path / "ref", tmp_path / "killed"
+    subprocess.run(
+        _cmd(ag_slice, ref_home),
+        env=_env(tmp_path, "ref"),
+        check=True,
+        cwd=ROOT,
+        capture_output=True,
+        timeout=600,
+    )
+    proc = subprocess.Popen(_cmd(ag_slice, home), env=_env(tmp_path, "k"), cwd=ROOT, start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    deadline = time.time() + 300
+    state = None
+    while time.time() < deadline and proc.poll() is None:
+        found = list(home.glob("bilm/*/train_state.pt"))
+        if found:
+            state = found[0]
+            time.sleep(0.3)  # let it run past the checkpoint, mid-epoch
+            break
+        time.sleep(0.02)
+    assert state is not None and proc.poll() is None, "pretraining never checkpointed"
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert state.exists() and not (state.parent / "DONE").exists()
+    assert not list(home.rglob("*.tmp")), "a temp file survived as a real file"
+    subprocess.run(
+        _cmd(ag_slice, home),
+        env=_env(tmp_path, "k"),
+        check=True,
+        cwd=ROOT,
+        capture_output=True,
+        timeout=600,
+    )
+    assert not state.exists()  # training finished and removed its resume checkpoint
+    assert _final(_summary(home)) == _final(_summary(ref_home))
+
+
+def test_two_concurrent_runs_share_a_home_safely(ag_slice, tmp_path):
+    home = tmp_path / "shared-home"
+    env = _env(tmp_path, "c")
+    procs = [
+        subprocess.Popen(
+            _cmd(ag_slice, home),
+            env={**env, "PREFECT_HOME": str(tmp_path / f"p{i}")},
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )  # fmt: skip
+        for i in range(2)
+    ]
+    outs = [p.communicate(timeout=600)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs[0][-3000:] + outs[1][-3000:]
+    runs = [json.loads(p.read_text()) for p in (home / "runs").glob("*.json")]
+    assert len(runs) == 2
+    assert _final(runs[0]) == _final(runs[1])
+    assert runs[0]["bilm"] == runs[1]["bilm"] and runs[0]["features"] == runs[1]["features"]
+    leftovers = [p for p in home.rglob("*") if p.name.endswith((".tmp", ".part"))]
+    assert not leftovers, leftovers
+    for stage in ("ingest", "vocab", "bilm", "features", "classifier", "baseline"):
+        for d in (home / stage).iterdir():
+            if d.is_dir():
+                assert (d / "DONE").exists(), d
