@@ -450,3 +450,27 @@ def train_classifier(
     model.load_state_dict(best_state)
     model.eval()
     return ClassifierResult(best_acc, best_epoch, epoch, seconds)
+
+
+# --------------------------------------------------------------------------- inference
+
+
+def layer_store_for(
+    model: BiLM,
+    docs: Sequence[Sequence[int]],
+    max_len: int,
+    labels: np.ndarray | None = None,
+    device: torch.device | None = None,
+) -> LayerStore:
+    """In-memory LayerStore of documents (ids): the same float16 layers, batching and truncation
+    as the pipeline's layer-extraction stage, so predictions reproduce the evaluated ones."""
+    offsets = np.concatenate([[0], np.cumsum(doc_lengths(docs, max_len))]).astype(np.int64)
+    out = np.zeros((int(offsets[-1]), model.num_output_layers, model.output_dim), dtype=np.float16)
+    extract_layers(model, docs, out, offsets, device=device)
+    tokens = np.zeros(int(offsets[-1]), dtype=np.int32)
+    for i, d in enumerate(docs):
+        ids = list(d)[: offsets[i + 1] - offsets[i]] or [1]
+        tokens[offsets[i] : offsets[i] + len(ids)] = ids
+    if labels is None:
+        labels = np.full(len(docs), -1, dtype=np.int64)
+    return LayerStore(out, offsets, labels, tokens)

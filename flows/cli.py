@@ -89,3 +89,49 @@ def run(
 
 if __name__ == "__main__":
     app()
+
+
+def _tracking(home: str | None) -> None:
+    """Point MLflow at the run's store (MLFLOW_TRACKING_URI wins) before resolving models:/ URIs."""
+    from storage.paths import Home
+
+    os.environ.setdefault("MLFLOW_TRACKING_URI", Home(home).mlflow_uri())
+
+
+@app.command()
+def predict(
+    model: Annotated[
+        str, typer.Option(help="MLflow model URI")
+    ] = "models:/elmo-news-classifier@champion",
+    input: Annotated[str, typer.Option("--input", help="CSV, Parquet or plain text")] = ...,  # type: ignore[assignment]
+    output: Annotated[str, typer.Option("--output", help="Parquet file to write")] = ...,  # type: ignore[assignment]
+    home: Annotated[str | None, typer.Option(help="home folder holding the MLflow store")] = None,
+) -> None:
+    """Predict labels and class probabilities for every document of a file."""
+    prefect_defaults()
+    _tracking(home)
+    from tasks.predict import predict_file
+
+    stats = predict_file.fn(model, input, output)
+    typer.echo(json.dumps(stats, indent=2))
+
+
+@app.command()
+def embed(
+    model: Annotated[
+        str, typer.Option(help="MLflow model URI")
+    ] = "models:/elmo-news-classifier@champion",
+    input: Annotated[str, typer.Option("--input", help="CSV, Parquet or plain text")] = ...,  # type: ignore[assignment]
+    output: Annotated[str, typer.Option("--output", help="Parquet file to write")] = ...,  # type: ignore[assignment]
+    all_layers: Annotated[
+        bool, typer.Option(help="every biLM layer instead of the learned mix")
+    ] = False,
+    home: Annotated[str | None, typer.Option(help="home folder holding the MLflow store")] = None,
+) -> None:
+    """Contextual token embeddings per token (the learned mix, or all layers) to Parquet."""
+    prefect_defaults()
+    _tracking(home)
+    from tasks.predict import embed_file
+
+    n = embed_file(model, input, output, all_layers)
+    typer.echo(f"{n} token vectors -> {output}")

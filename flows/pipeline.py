@@ -23,6 +23,7 @@ from tasks.classify import CLASSIFIER, classify
 from tasks.data import build_vocab, fetch_data, ingest, read_pretrain_corpus, source_hash
 from tasks.features import features
 from tasks.pretrain import PRETRAIN, pretrain
+from tasks.registry import register_best
 
 PARALLEL = int(os.environ.get("ELMO_NEWS_PARALLEL_TASKS", "1"))
 
@@ -72,6 +73,7 @@ def elmo_news(
     text_columns: list[str] | None = None,
     label_column: str = "",
     overrides: dict[str, dict[str, Any]] | None = None,
+    register: bool = True,
 ) -> dict[str, Any]:
     """Run the whole pipeline; returns the summary (metrics per model, stage folders, run ids)."""
     params = RunParams(
@@ -143,9 +145,10 @@ def elmo_news(
             {**common, "code_version": code_version(PRETRAIN.modules)},
         )
         rows = []
+        child_ids: dict[str, str] = {}
         for s, d in clf_dirs.items():
             tags = {**common, "strategy": s, "code_version": code_version(CLASSIFIER.modules)}
-            _, cached = tracker.log_stage(f"classifier-{s}", Path(d), tags)
+            child_ids[s], cached = tracker.log_stage(f"classifier-{s}", Path(d), tags)
             rows.append({"name": f"classifier-{s}", "dir": d, "cached": cached})
         _, cached = tracker.log_stage(
             "baseline-tfidf", Path(base_dir), {**common, "strategy": "tfidf"}
@@ -160,6 +163,19 @@ def elmo_news(
                     f"{r['name']}.test_macro_f1": r["metrics"]["test_macro_f1"],
                 },
             )
+        registry = None
+        if register:
+            best = max(
+                params.strategies,
+                key=lambda s: read_json(Path(clf_dirs[s]) / "metrics.json")["best_val_accuracy"],
+            )
+            t = time.perf_counter()
+            registry = register_best(
+                h.mlflow_uri(), parent, child_ids[best], clf_dirs[best], bilm_dir, dataset
+            )
+            registry["strategy"] = best
+            timings["register"] = time.perf_counter() - t
+            log.info("registry: %s (strategy %s)", registry["decision"], best)
         timings["total"] = time.perf_counter() - t_all
         tracker.log_metrics(parent, {f"wall_s.{k}": v for k, v in timings.items()})
         md = summary_markdown(rows, timings)
@@ -180,6 +196,7 @@ def elmo_news(
             "models": {r["name"]: {"dir": r["dir"], **r["metrics"]} for r in rows},
             "timings": timings,
             "rows": stats,
+            "registry": registry,
         }
         write_json(h.root / "runs" / f"{parent}.json", summary)
         tracker.finish(parent)

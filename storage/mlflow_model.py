@@ -1,0 +1,46 @@
+"""The MLflow pyfunc model of elmo-news (logged as "models from code": nothing is pickled).
+
+Artifacts: ``bilm`` (biLM checkpoint with its vocabulary) and ``classifier`` (head checkpoint), both
+read with ``torch.load(weights_only=True)``. Input: a DataFrame with a ``text`` column (title and
+description joined as ingest does, or any news text). Output: label id, label name, probabilities.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import mlflow
+import numpy as np
+import pandas as pd
+
+from elmo_core.checkpoint import load_bilm, load_classifier
+from elmo_core.text import tokenize
+from elmo_core.training import layer_store_for, pick_device, predict_proba
+
+
+class ELMoNewsModel(mlflow.pyfunc.PythonModel):
+    def load_context(self, context: Any) -> None:
+        self.bilm, self.vocab = load_bilm(context.artifacts["bilm"])
+        self.classifier, self.labels = load_classifier(context.artifacts["classifier"])
+        self.device = pick_device()
+
+    def predict_tokens(self, tokens: list[list[str]]) -> np.ndarray:
+        docs = [self.vocab.encode(t) for t in tokens]
+        store = layer_store_for(self.bilm, docs, self.classifier.config.max_len, device=self.device)
+        return predict_proba(self.classifier, store, self.device)
+
+    def predict(
+        self, context: Any, model_input: pd.DataFrame, params: dict | None = None
+    ) -> pd.DataFrame:
+        texts = model_input["text"].astype(str).tolist()
+        probs = self.predict_tokens([tokenize(t) for t in texts])
+        pred = probs.argmax(1)
+        out = pd.DataFrame(
+            {"label": pred.astype(np.int64), "label_name": [self.labels[i] for i in pred]}
+        )
+        for i, name in enumerate(self.labels):
+            out[f"p_{name}"] = probs[:, i].astype(np.float64)
+        return out
+
+
+mlflow.models.set_model(ELMoNewsModel())

@@ -1,0 +1,118 @@
+"""MLflow model registry: log the best classifier (biLM + vocab + head, no pickles), register it as
+``elmo-news-classifier`` and move the ``champion`` alias only when it beats the current champion on
+the same validation split; otherwise it becomes ``challenger`` and the run says why.
+
+A version's validation accuracy is measured through its own pyfunc (the path users predict with)
+and recorded as version tags with the split's key; a champion recorded on another split is
+measured again on this one, so the comparison is always on the same documents."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from storage.hashing import ROOT
+from storage.tracking import _store_lock
+
+MODEL_NAME = "elmo-news-classifier"
+MODEL_CODE = ROOT / "storage" / "mlflow_model.py"
+
+
+def _val_accuracy(model_uri: str, texts: list[str], labels: np.ndarray) -> float:
+    import mlflow.pyfunc
+    import pandas as pd
+
+    pred = mlflow.pyfunc.load_model(model_uri).predict(pd.DataFrame({"text": texts}))
+    return float((pred["label"].to_numpy() == labels).mean())
+
+
+def register_and_gate(
+    uri: str,
+    parent_run_id: str,
+    model_run_id: str,
+    key: str,
+    split_key: str,
+    bilm_pt: Path,
+    classifier_pt: Path,
+    val_texts: list[str],
+    val_labels: np.ndarray,
+) -> dict[str, Any]:
+    """Log + register the candidate (once per classifier key), compare it with the champion on
+    the given validation split, set the alias, record the decision on the parent run."""
+    import mlflow
+    import pandas as pd
+    from mlflow.exceptions import MlflowException
+    from mlflow.models import infer_signature
+    from mlflow.tracking import MlflowClient
+
+    mlflow.set_tracking_uri(uri)
+    client = MlflowClient(uri)
+    with _store_lock(uri):
+        try:
+            client.get_registered_model(MODEL_NAME)
+        except MlflowException:
+            client.create_registered_model(
+                MODEL_NAME, description="elmo-news: ELMo features + BiLSTM classifier"
+            )
+        existing = client.search_model_versions(
+            f"name='{MODEL_NAME}' and tags.classifier_key='{key}'"
+        )
+    if existing:
+        version = existing[0]
+    else:
+        example = pd.DataFrame({"text": val_texts[:3]})
+        out_example = pd.DataFrame({"label": [0], "label_name": ["x"]})
+        with mlflow.start_run(run_id=model_run_id):
+            info = mlflow.pyfunc.log_model(
+                name="elmo-news-classifier",
+                python_model=str(MODEL_CODE),
+                artifacts={"bilm": str(bilm_pt), "classifier": str(classifier_pt)},
+                code_paths=[str(ROOT / "elmo_core")],
+                signature=infer_signature(example, out_example),
+                input_example=example,
+                pip_requirements=["torch==2.13.0", "mlflow>=3.17", "pandas", "numpy"],
+            )
+        version = mlflow.register_model(info.model_uri, MODEL_NAME, tags={"classifier_key": key})
+
+    def accuracy_of(v: Any) -> float:
+        """A version's validation accuracy on this split: recorded once, else measured now."""
+        tags = v.tags or {}
+        if tags.get("val_split") == split_key and "val_accuracy" in tags:
+            return float(tags["val_accuracy"])
+        acc = _val_accuracy(f"models:/{MODEL_NAME}/{v.version}", val_texts, val_labels)
+        client.set_model_version_tag(MODEL_NAME, v.version, "val_split", split_key)
+        client.set_model_version_tag(MODEL_NAME, v.version, "val_accuracy", repr(acc))
+        return acc
+
+    version = client.get_model_version(MODEL_NAME, version.version)
+    candidate_acc = accuracy_of(version)
+    try:
+        champion = client.get_model_version_by_alias(MODEL_NAME, "champion")
+    except MlflowException:
+        champion = None
+    if champion is None:
+        decision, champion_acc = "promoted: no champion yet", float("nan")
+    elif champion.version == version.version:
+        decision, champion_acc = "already champion", candidate_acc
+    else:
+        champion_acc = accuracy_of(champion)
+        if candidate_acc > champion_acc:
+            decision = f"promoted: val accuracy {candidate_acc:.4f} > champion v{champion.version} {champion_acc:.4f}"
+        else:
+            decision = (
+                f"not promoted: val accuracy {candidate_acc:.4f} <= champion v{champion.version} "
+                f"{champion_acc:.4f} on the same validation split"
+            )
+    alias = "champion" if decision.startswith(("promoted", "already")) else "challenger"
+    client.set_registered_model_alias(MODEL_NAME, alias, version.version)
+    metrics = {"registry_candidate_val_accuracy": candidate_acc}
+    if not np.isnan(champion_acc):
+        metrics["registry_champion_val_accuracy"] = champion_acc
+    for k, v in metrics.items():
+        client.log_metric(parent_run_id, k, v)
+    client.set_tag(parent_run_id, "registry_decision", decision)
+    client.set_tag(parent_run_id, "registry_version", str(version.version))
+    client.set_tag(parent_run_id, "registry_alias", alias)
+    return {"version": int(version.version), "alias": alias, "decision": decision, **metrics}
