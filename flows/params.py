@@ -55,9 +55,11 @@ PROFILES: dict[str, dict[str, dict[str, Any]]] = {
         "classifier": {
             "hidden_dim": 16,
             "mlp_hidden": (16,),
-            "token_embedding_dim": 8,
+            "token_embedding_dim": 24,
+            "dropout": 0.1,
             "epochs": 1,
-            "batch_size": 32,
+            "batch_size": 16,
+            "lr": 0.01,
             "max_len": 40,
             "checkpoint_every": 5,
         },

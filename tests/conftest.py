@@ -45,4 +45,6 @@ def home(tmp_path: Path) -> Path:
 def _torch_threads() -> None:
     import torch
 
-    torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+    torch.set_num_threads(
+        int(os.environ.get("ELMO_NEWS_THREADS", max(1, min(2, os.cpu_count() or 1))))
+    )

@@ -81,6 +81,13 @@ def test_unusable_files_fail_naming_the_file(tmp_path, case, body, message):
     assert str(path) in str(err.value)
 
 
+def test_header_only_user_csv_fails_naming_the_file(tmp_path):
+    (tmp_path / "train.csv").write_text("headline,topic\n")
+    (tmp_path / "test.csv").write_text("headline,topic\nx,y\n")
+    with pytest.raises(DataError, match=r"train\.csv: no data rows"):
+        read_source(tmp_path, ["headline"], "topic")
+
+
 def test_missing_folder_and_missing_pair(tmp_path):
     with pytest.raises(DataError, match="does not exist"):
         read_source(tmp_path / "nope", None, None)

@@ -1,0 +1,95 @@
+"""The champion gate with real models: a worse model does not move `champion`, a better one
+takes it, and `elmo-news predict` with the champion reproduces its evaluated test accuracy."""
+
+from __future__ import annotations
+
+import json
+
+import polars as pl
+import pytest
+from typer.testing import CliRunner
+
+from flows.cli import app
+from storage.registry import MODEL_NAME
+
+pytestmark = pytest.mark.e2e
+# deterministic smoke classifiers (`sum` only): 5 epochs < 8 epochs of the same training;
+# lr 1e-5 for one epoch is an untrained head
+MEDIUM = {"classifier": {"epochs": 5, "patience": 8}}
+WORSE = {"classifier": {"epochs": 1, "lr": 1e-5}}
+BETTER = {"classifier": {"epochs": 8, "patience": 8}}
+
+
+@pytest.fixture(scope="module")
+def harness():
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=180):
+        yield
+
+
+def test_champion_gate_and_predict_with_the_champion(harness, ag_slice, tmp_path, monkeypatch):
+    from mlflow.tracking import MlflowClient
+
+    from flows.pipeline import elmo_news
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    home = tmp_path / "home"
+
+    def run(overrides):
+        return elmo_news(
+            profile="smoke",
+            data=str(ag_slice),
+            home=str(home),
+            strategies=["sum"],
+            overrides=overrides,
+        )
+
+    first = run(MEDIUM)
+    assert first["registry"]["alias"] == "champion" and first["registry"]["version"] == 1
+    second = run(WORSE)
+    assert second["registry"]["alias"] == "challenger", second["registry"]
+    assert "not promoted" in second["registry"]["decision"]
+    client = MlflowClient(uri)
+    assert client.get_model_version_by_alias(MODEL_NAME, "champion").version == "1"
+    parent = client.get_run(second["parent_run_id"])
+    assert parent.data.tags["registry_decision"].startswith("not promoted")
+    assert (
+        parent.data.metrics["registry_candidate_val_accuracy"]
+        < parent.data.metrics["registry_champion_val_accuracy"]
+    )
+    third = run(BETTER)
+    assert third["registry"]["alias"] == "champion", third["registry"]
+    assert (
+        third["registry"]["registry_candidate_val_accuracy"]
+        > first["registry"]["registry_candidate_val_accuracy"]
+    )
+    assert client.get_model_version_by_alias(MODEL_NAME, "champion").version == str(
+        third["registry"]["version"]
+    )
+
+    # predict with the champion on the run's own test split: the evaluated accuracy, exactly
+    test_parquet = f"{third['dataset']}/test.parquet"
+    out = tmp_path / "pred.parquet"
+    res = CliRunner().invoke(
+        app, ["predict", "--input", test_parquet, "--output", str(out), "--home", str(home)]
+    )
+    assert res.exit_code == 0, res.output
+    stats = json.loads(res.output[res.output.index("{") :])
+    assert stats["accuracy"] == third["models"]["classifier-sum"]["test_accuracy"]
+    pred = pl.read_parquet(out)
+    assert pred.height == 160 and {"label", "label_name", "p_World", "p_Sci/Tech"} <= set(
+        pred.columns
+    )
+    assert pred.select(pl.sum_horizontal(pl.col("^p_.*$"))).to_series().round(
+        4
+    ).unique().to_list() == [1.0]
+
+    emb = tmp_path / "emb.parquet"
+    res = CliRunner().invoke(
+        app, ["embed", "--input", test_parquet, "--output", str(emb), "--home", str(home)]
+    )
+    assert res.exit_code == 0, res.output
+    vectors = pl.read_parquet(emb)
+    assert vectors.height > 160 and len(vectors["vector"][0]) == 48  # 2H of the smoke biLM
