@@ -119,14 +119,17 @@ def main() -> None:
         model.train()
 
     n_layers, dim = bp.num_layers + 1, 2 * h
-    clf = ELMoClassifier(cp, build_mix(MixConfig("wsum", n_layers, dim)), dim, 4)
+    clf = ELMoClassifier(
+        cp, build_mix(MixConfig("wsum", n_layers, dim)), dim, 4, vocab_size=args.vocab
+    )
     copt = torch.optim.Adam(clf.parameters(), lr=cp.lr)
     layers = torch.randn(n_layers, cp.batch_size, 44, dim)
     cmask = torch.ones(cp.batch_size, 44, dtype=torch.bool)
     y = torch.randint(0, 4, (cp.batch_size,))
+    ctok = torch.randint(4, args.vocab, (cp.batch_size, 44))
 
     def clf_step() -> None:
-        loss = nn.functional.cross_entropy(clf(layers, cmask), y)
+        loss = nn.functional.cross_entropy(clf(layers, cmask, ctok), y)
         copt.zero_grad()
         loss.backward()
         copt.step()

@@ -112,7 +112,8 @@ def test_deploy_run_and_schedule(ag_slice, tmp_path):
                 time.sleep(2)
             assert state.name == "Completed", (tmp_path / "worker.log").read_text()[-4000:]
             scheduled = client.read_deployment_by_name("elmo-news/scheduled-retrain")
-            assert scheduled.concurrency_limit == 1
+            limit = scheduled.global_concurrency_limit
+            assert (limit.limit if limit is not None else scheduled.concurrency_limit) == 1
             schedules = [s.schedule for s in scheduled.schedules]
             assert [(s.cron, s.timezone) for s in schedules] == [("0 3 * * 1", "UTC")]
             on_demand = client.read_deployment_by_name("elmo-news/elmo-news")
@@ -131,7 +132,7 @@ def test_deploy_run_and_schedule(ag_slice, tmp_path):
         from mlflow.tracking import MlflowClient
 
         champion = MlflowClient(uri).get_model_version_by_alias(MODEL_NAME, "champion")
-        assert champion.version == "1"
+        assert str(champion.version) == "1"
     finally:
         for p in reversed(procs):
             _stop(p)

@@ -52,7 +52,7 @@ def test_champion_gate_and_predict_with_the_champion(harness, ag_slice, tmp_path
     assert second["registry"]["alias"] == "challenger", second["registry"]
     assert "not promoted" in second["registry"]["decision"]
     client = MlflowClient(uri)
-    assert client.get_model_version_by_alias(MODEL_NAME, "champion").version == "1"
+    assert str(client.get_model_version_by_alias(MODEL_NAME, "champion").version) == "1"
     parent = client.get_run(second["parent_run_id"])
     assert parent.data.tags["registry_decision"].startswith("not promoted")
     assert (
@@ -65,7 +65,7 @@ def test_champion_gate_and_predict_with_the_champion(harness, ag_slice, tmp_path
         third["registry"]["registry_candidate_val_accuracy"]
         > first["registry"]["registry_candidate_val_accuracy"]
     )
-    assert client.get_model_version_by_alias(MODEL_NAME, "champion").version == str(
+    assert str(client.get_model_version_by_alias(MODEL_NAME, "champion").version) == str(
         third["registry"]["version"]
     )
 
