@@ -81,7 +81,7 @@ PROFILES: dict[str, dict[str, dict[str, Any]]] = {
             "mlp_hidden": (128, 64),
             "token_embedding_dim": 256,
             "dropout": 0.4,
-            "epochs": 6,
+            "epochs": 10,
             "patience": 2,
             "batch_size": 64,
             "lr": 2e-3,
