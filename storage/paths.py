@@ -11,7 +11,7 @@ import os
 import re
 import tempfile
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -127,16 +127,21 @@ def is_complete(stage_dir: Path) -> bool:
 
 
 @contextmanager
-def stage_lock(stage_dir: Path) -> Iterator[None]:
-    """An exclusive lock per stage folder (flock on a file beside it): concurrent runs of the same
-    stage wait for each other, and the second then finds the first one's complete output."""
-    stage_dir.parent.mkdir(parents=True, exist_ok=True)
-    with open(stage_dir.parent / f".{stage_dir.name}.lock", "w") as f:
+def file_lock(target: Path) -> Iterator[None]:
+    """An exclusive, cross-process lock for ``target`` (flock on a hidden file beside it)."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with open(target.parent / f".{target.name}.lock", "w") as f:
         fcntl.flock(f, fcntl.LOCK_EX)
         try:
             yield
         finally:
             fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def stage_lock(stage_dir: Path) -> AbstractContextManager[None]:
+    """Concurrent runs of the same stage wait for each other; the second then finds the first
+    one's complete output."""
+    return file_lock(stage_dir)
 
 
 def clear_incomplete(stage_dir: Path) -> None:

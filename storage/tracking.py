@@ -8,14 +8,12 @@ Client calls take explicit run ids (no fluent active-run stack), so threads are 
 
 from __future__ import annotations
 
-import fcntl
 import json
-from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 from typing import Any
 
-from storage.paths import read_json, write_json
+from storage.paths import file_lock, read_json, write_json
 
 EXPERIMENT = "elmo-news"
 ARTIFACT_SUFFIXES = {".png", ".txt", ".json", ".md", ".csv"}
@@ -45,21 +43,12 @@ def _flat(prefix: str, obj: Any, out: dict[str, str]) -> None:
         out[prefix] = json.dumps(obj) if isinstance(obj, list | tuple) else str(obj)
 
 
-@contextmanager
-def _store_lock(uri: str) -> Iterator[None]:
+def _store_lock(uri: str) -> AbstractContextManager[None]:
     """Serialise first use of a local sqlite store: MLflow creates and migrates its schema on first
     connection, and two processes doing that at once collide."""
     if not uri.startswith("sqlite:///"):
-        yield
-        return
-    db = Path(uri.removeprefix("sqlite:///"))
-    db.parent.mkdir(parents=True, exist_ok=True)
-    with open(db.parent / f".{db.name}.lock", "w") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
+        return nullcontext()
+    return file_lock(Path(uri.removeprefix("sqlite:///")))
 
 
 class Tracker:
