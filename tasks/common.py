@@ -12,7 +12,7 @@ from typing import Any
 from prefect.context import TaskRunContext
 
 from storage.hashing import stage_key
-from storage.paths import Home, write_json
+from storage.paths import write_json
 
 STAGE_OPTS: dict[str, Any] = {"persist_result": True, "cache_result_in_memory": False}
 
@@ -42,9 +42,6 @@ class Stage:
     def key(self, inputs: dict[str, str], config: Any) -> str:
         return stage_key(self.name, inputs, config, self.modules)
 
-    def dir(self, home: str, inputs: dict[str, str], config: Any) -> Path:
-        return Home(home).stage_dir(self.name, self.key(inputs, config))
-
 
 def cache_key(key_fn: Callable[..., str]) -> Callable[[TaskRunContext, dict[str, Any]], str]:
     """A Prefect cache_key_fn from a function of the task's parameters."""
@@ -59,7 +56,7 @@ class History:
     """The ``log_metrics`` callback handed to training loops: keeps every point for MLflow
     (history.json) and logs progress lines through Prefect's logger."""
 
-    def __init__(self, prefix: str = "", every: int = 1) -> None:
+    def __init__(self, prefix: str = "") -> None:
         self.points: list[dict[str, Any]] = []
         self.prefix = prefix
         self.log = logger()
