@@ -37,11 +37,22 @@ class ScalarMix(nn.Module):
 
 
 class FunctionMix(nn.Module):
-    """A learned ``tanh(Linear([h_0; ...; h_{L-1}]))``: (L*D) -> D per token."""
+    """A learned ``tanh(Linear([h_0; ...; h_{L-1}]))``: (L*D) -> D per token.
 
-    def __init__(self, num_layers: int, dim: int) -> None:
+    The Linear starts as the plain layer average ``[I/L, ..., I/L]`` plus small noise, so training
+    starts from what the fixed-weight mix already gives and learns cross-layer terms from there;
+    a default (Kaiming) start scrambles the biLM's dimensions and overfits the small train split.
+    """
+
+    def __init__(self, num_layers: int, dim: int, seed: int = 0, noise: float = 0.01) -> None:
         super().__init__()
         self.linear = nn.Linear(num_layers * dim, dim)
+        g = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            eye = torch.eye(dim) / num_layers  # (D, D)
+            self.linear.weight.copy_(torch.cat([eye] * num_layers, dim=1))  # (D, L*D)
+            self.linear.weight.add_(noise * torch.randn(dim, num_layers * dim, generator=g))
+            self.linear.bias.zero_()
 
     def forward(self, layers: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         """layers (L, B, T, D), mask (B, T) unused -> (B, T, D)."""
@@ -69,6 +80,7 @@ class Strategy:
     init_logits: Callable[[MixConfig], torch.Tensor] | None = None  # scalar mix start (L,)
     trainable: bool = False  # do the scalar-mix weights and gamma learn?
     module: Callable[[MixConfig], nn.Module] | None = None  # a function of all layers instead
+    lr_scale: float = 1.0  # the mix's learning rate relative to the classifier's
 
 
 STRATEGIES: dict[str, Strategy] = {
@@ -76,7 +88,10 @@ STRATEGIES: dict[str, Strategy] = {
     "wsum": Strategy("trainable softmax weights and gamma (ELMo)", _uniform_logits, trainable=True),
     "function": Strategy(
         "learned Linear + Tanh over the concatenated layers",
-        module=lambda c: FunctionMix(c.num_layers, c.dim),
+        module=lambda c: FunctionMix(c.num_layers, c.dim, seed=c.seed),
+        # Adam moves each of the (L*D) x D weights by ~lr per step: at the classifier's rate the
+        # layer-average start is scrambled within an epoch, so this mix learns 10x slower
+        lr_scale=0.1,
     ),
 }
 
@@ -89,6 +104,9 @@ def build_mix(config: MixConfig) -> nn.Module:
         )
     spec = STRATEGIES[config.strategy]
     if spec.module is not None:
-        return spec.module(config)
-    assert spec.init_logits is not None
-    return ScalarMix(spec.init_logits(config), spec.trainable)
+        mix = spec.module(config)
+    else:
+        assert spec.init_logits is not None
+        mix = ScalarMix(spec.init_logits(config), spec.trainable)
+    mix.lr_scale = spec.lr_scale  # read by the training loop for the mix's parameter group
+    return mix

@@ -20,7 +20,13 @@ from tasks.common import STAGE_OPTS, History, Stage, cache_key, logger, set_thre
 from tasks.data import load_vocab, pretraining_documents, stage_id
 from tasks.evaluate import plot_curves
 
-BILM_CODE = ["elmo_core.bilm", "elmo_core.config", "elmo_core.training", "elmo_core.checkpoint"]
+BILM_CODE = [
+    "elmo_core.bilm",
+    "elmo_core.config",
+    "elmo_core.training",
+    "elmo_core.optim",
+    "elmo_core.checkpoint",
+]
 PRETRAIN = Stage("bilm", [*BILM_CODE, "elmo_core.vocab", "tasks.pretrain"])
 
 

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import torch
 
-from elmo_core.bilm import BiLM, SampledSoftmax, reverse_padded
+from elmo_core.bilm import BiLM, SampledSoftmax, locked_dropout, reverse_padded
 from elmo_core.config import BiLMConfig
 
 CFG = BiLMConfig(
@@ -105,3 +105,14 @@ def test_bilm_config_rejects_bad_values(field, value):
     kwargs = {"vocab_size": 10, field: value}
     with pytest.raises(ValueError, match=field):
         BiLMConfig(**kwargs)
+
+
+def test_locked_dropout_shares_one_mask_over_time_and_is_identity_in_eval():
+    torch.manual_seed(0)
+    x = torch.ones(4, 9, 32)
+    y = locked_dropout(x, 0.5, training=True)
+    assert torch.equal(y, y[:, :1].expand_as(y))  # (B, 1, D) mask broadcast over T
+    assert set(y.unique().tolist()) <= {0.0, 2.0}  # kept units rescaled by 1 / (1 - p)
+    assert 0 < (y == 0).float().mean() < 1
+    assert torch.equal(locked_dropout(x, 0.5, training=False), x)
+    assert torch.equal(locked_dropout(x, 0.0, training=True), x)

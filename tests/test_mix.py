@@ -54,6 +54,17 @@ def test_function_mix_shape_and_gradients():
     assert mix.linear.weight.grad.shape == (4, 12)
 
 
+def test_function_mix_starts_near_tanh_of_the_layer_average():
+    layers = _layers()
+    mix = FunctionMix(3, 4, seed=0, noise=0.0)
+    ref = np.tanh(layers.numpy().mean(axis=0))  # numpy reference: tanh(mean_k h_k)
+    assert np.allclose(mix(layers).detach().numpy(), ref, atol=1e-6)
+    noisy = build_mix(MixConfig("function", 3, 4, seed=3))
+    assert not torch.equal(noisy.linear.weight, mix.linear.weight)
+    again = build_mix(MixConfig("function", 3, 4, seed=3))
+    assert torch.equal(noisy.linear.weight, again.linear.weight)  # seeded
+
+
 def test_strategies_are_data():
     assert set(STRATEGIES) == {"sum", "wsum", "function"}
     for spec in STRATEGIES.values():

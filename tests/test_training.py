@@ -18,6 +18,7 @@ from elmo_core.checkpoint import (
 from elmo_core.classifier import ELMoClassifier
 from elmo_core.config import BiLMConfig, ClassifierConfig, MixConfig, PretrainConfig, VocabConfig
 from elmo_core.mix import build_mix
+from elmo_core.optim import LazyAdam
 from elmo_core.training import (
     LayerStore,
     doc_lengths,
@@ -213,3 +214,30 @@ def test_malicious_or_truncated_checkpoints_are_refused(tmp_path):
         safe_load(cut)
     with pytest.raises(CheckpointError, match="does not exist"):
         safe_load(tmp_path / "missing.pt")
+
+
+def test_lazy_adam_matches_torch_sparse_adam():
+    torch.manual_seed(0)
+    a = torch.nn.Embedding(30, 6, sparse=True)
+    b = torch.nn.Embedding(30, 6, sparse=True)
+    b.load_state_dict(a.state_dict())
+    opt_a, opt_b = (
+        LazyAdam(a.parameters(), lr=0.05),
+        torch.optim.SparseAdam(b.parameters(), lr=0.05),
+    )
+    start = a.weight.detach().clone()
+    touched = torch.zeros(30, dtype=torch.bool)
+    for step in range(5):
+        ids = torch.randint(0, 20, (4, 3), generator=torch.Generator().manual_seed(step))
+        touched[ids.unique()] = True
+        for emb, opt in ((a, opt_a), (b, opt_b)):
+            opt.zero_grad()
+            emb(ids).pow(2).sum().backward()
+            opt.step()
+    assert torch.allclose(a.weight, b.weight, atol=1e-6)
+    assert torch.equal(a.weight[~touched], start[~touched])  # rows never seen never move
+    assert not torch.allclose(a.weight[touched], start[touched])
+    with pytest.raises(ValueError, match="sparse gradients"):
+        dense = torch.nn.Parameter(torch.ones(3))
+        dense.grad = torch.ones(3)
+        LazyAdam([dense]).step()
