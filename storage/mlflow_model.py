@@ -14,8 +14,9 @@ import numpy as np
 import pandas as pd
 
 from elmo_core.checkpoint import load_bilm, load_classifier
+from elmo_core.classifier_training import predict_proba
 from elmo_core.text import tokenize
-from elmo_core.training import layer_store_for, pick_device, predict_proba
+from elmo_core.training import layer_store_for, pick_device
 
 
 class ELMoNewsModel(mlflow.pyfunc.PythonModel):

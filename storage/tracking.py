@@ -25,12 +25,24 @@ def _client(uri: str) -> Any:
     return MlflowClient(tracking_uri=uri)
 
 
-def _experiment_id(client: Any, name: str = EXPERIMENT) -> str:
+def artifact_location(uri: str) -> str | None:
+    """Where a new experiment keeps its artifacts: beside a local sqlite store (``mlartifacts/``
+    next to the .db, so everything stays under the home folder), else the server's default.
+
+    MLflow's own default for a sqlite store is ``./mlruns`` of whatever directory the process
+    happens to run in, which scatters artifacts and models outside the home folder.
+    """
+    if not uri.startswith("sqlite:///"):
+        return None
+    return (Path(uri.removeprefix("sqlite:///")).resolve().parent / "mlartifacts").as_uri()
+
+
+def _experiment_id(client: Any, uri: str, name: str = EXPERIMENT) -> str:
     exp = client.get_experiment_by_name(name)
     if exp is not None:
         return exp.experiment_id
     try:
-        return client.create_experiment(name)
+        return client.create_experiment(name, artifact_location=artifact_location(uri))
     except Exception:  # created concurrently by another run
         return client.get_experiment_by_name(name).experiment_id
 
@@ -58,7 +70,7 @@ class Tracker:
         self.uri = uri
         with _store_lock(uri):
             self.client = _client(uri)
-            self.experiment_id = _experiment_id(self.client)
+            self.experiment_id = _experiment_id(self.client, uri)
         self.parent_run_id = parent_run_id
 
     def start_parent(self, run_name: str, params: dict[str, Any], tags: dict[str, str]) -> str:

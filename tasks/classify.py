@@ -12,9 +12,10 @@ from prefect import task
 
 from elmo_core.checkpoint import load_bilm, load_classifier, save_classifier
 from elmo_core.classifier import ELMoClassifier
+from elmo_core.classifier_training import predict_proba, train_classifier
 from elmo_core.config import ClassifierConfig, MixConfig
 from elmo_core.mix import ScalarMix, build_mix
-from elmo_core.training import pick_device, predict_proba, train_classifier
+from elmo_core.training import pick_device
 from storage.datasets import read_dataset, write_parquet
 from storage.paths import (
     Home,
@@ -33,7 +34,14 @@ from tasks.pretrain import BILM_CODE
 
 CLASSIFIER = Stage(
     "classifier",
-    [*BILM_CODE, "elmo_core.mix", "elmo_core.classifier", "tasks.classify", "tasks.evaluate"],
+    [
+        *BILM_CODE,
+        "elmo_core.mix",
+        "elmo_core.classifier",
+        "elmo_core.classifier_training",
+        "tasks.classify",
+        "tasks.evaluate",
+    ],
 )
 
 

@@ -117,6 +117,10 @@ def test_flow_end_to_end(harness, env, ag_slice):
     hist = client.get_metric_history(by_name["classifier-sum"].info.run_id, "val_accuracy")
     assert len(hist) >= 1
     arts = {a.path for a in client.list_artifacts(by_name["classifier-wsum"].info.run_id)}
+    # artifacts live beside the sqlite store under the home folder, not in ./mlruns of the cwd
+    art_uri = client.get_run(by_name["classifier-wsum"].info.run_id).info.artifact_uri
+    assert art_uri.startswith((home / "mlartifacts").resolve().as_uri()), art_uri
+    assert (home / "mlartifacts").is_dir()
     assert {
         "confusion_matrix.png",
         "classification_report.txt",

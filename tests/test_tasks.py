@@ -94,6 +94,26 @@ def test_stage_keys_follow_the_code_they_use(tmp_path, monkeypatch):
         f.write("\n# edited\n")
     k2 = keys()
     assert {n for n in k1 if k1[n] != k2[n]} == {"bilm", "features", "classifier"}
+    with open(root / "elmo_core" / "classifier_training.py", "a") as f:
+        f.write("\n# edited\n")
+    k3 = keys()
+    assert {n for n in k2 if k2[n] != k3[n]} == {"classifier"}  # the biLM stays cached
+
+
+def test_stage_code_lists_cover_every_elmo_core_module_they_import():
+    """A stage's code version must include each elmo_core module its task module imports, or
+    editing that module would leave stale cached results."""
+    import ast
+
+    for stage, task_file in ((PRETRAIN, "pretrain.py"), (CLASSIFIER, "classify.py")):
+        tree = ast.parse((hashing.ROOT / "tasks" / task_file).read_text())
+        imported = {
+            n.module
+            for n in ast.walk(tree)
+            if isinstance(n, ast.ImportFrom) and (n.module or "").startswith("elmo_core.")
+        }
+        assert imported, task_file
+        assert imported <= set(stage.modules), (task_file, imported - set(stage.modules))
 
 
 @pytest.mark.parametrize("name", ["../x", "/etc", "a/b", "..", "", "x" * 200, "a\x00b"])

@@ -16,6 +16,7 @@ from elmo_core.checkpoint import (
     save_classifier,
 )
 from elmo_core.classifier import ELMoClassifier
+from elmo_core.classifier_training import predict_proba, train_classifier
 from elmo_core.config import BiLMConfig, ClassifierConfig, MixConfig, PretrainConfig, VocabConfig
 from elmo_core.mix import build_mix
 from elmo_core.optim import LazyAdam
@@ -24,9 +25,7 @@ from elmo_core.training import (
     doc_lengths,
     extract_layers,
     make_windows,
-    predict_proba,
     pretrain_bilm,
-    train_classifier,
 )
 from elmo_core.vocab import Vocab
 

@@ -1,0 +1,179 @@
+"""The classifier's training loop (Adam, early stopping on validation accuracy, best weights
+kept) and batch prediction, over precomputed biLM layers (a ``LayerStore``).
+
+Like the biLM loop it reports through ``log_metrics(metrics, step)``, checkpoints atomically and
+resumes from its checkpoint file.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from elmo_core.checkpoint import atomic_save
+from elmo_core.classifier import ELMoClassifier
+from elmo_core.config import ClassifierConfig
+from elmo_core.training import (
+    LayerStore,
+    LogFn,
+    _no_log,
+    _rng_state,
+    _set_rng_state,
+    _try_resume,
+    adam,
+    autocast,
+    pick_device,
+)
+
+
+@torch.no_grad()
+def predict_proba(
+    model: ELMoClassifier,
+    store: LayerStore,
+    device: torch.device | None = None,
+    batch_size: int = 256,
+) -> np.ndarray:
+    """Class probabilities (N, C) in document order."""
+    device = device or pick_device()
+    model.to(device).eval()
+    probs: list[tuple[np.ndarray, np.ndarray]] = []
+    for idx in store.batches(batch_size):
+        layers, mask, tokens, _ = store.batch(idx)
+        with autocast(device):
+            logits = model(layers.to(device), mask.to(device), tokens.to(device))
+        probs.append((idx, torch.softmax(logits.float(), -1).cpu().numpy()))
+    out = np.zeros((len(store), probs[0][1].shape[1]), dtype=np.float32)
+    for idx, p in probs:
+        out[idx] = p
+    return out
+
+
+@dataclass
+class ClassifierResult:
+    best_val_accuracy: float
+    best_epoch: int
+    epochs_run: int
+    seconds: float
+
+
+def classifier_param_groups(model: nn.Module, lr: float) -> list[dict[str, Any]]:
+    """Trainable parameters in two Adam groups: the mix at ``lr * mix.lr_scale`` (its strategy's
+    data), everything else at ``lr``."""
+    mix = getattr(model, "mix", None)
+    mix_params = [p for p in mix.parameters() if p.requires_grad] if mix is not None else []
+    mix_ids = {id(p) for p in mix_params}
+    rest = [p for p in model.parameters() if p.requires_grad and id(p) not in mix_ids]
+    groups: list[dict[str, Any]] = [{"params": rest, "lr": lr}]
+    if mix_params:
+        groups.append({"params": mix_params, "lr": lr * getattr(mix, "lr_scale", 1.0)})
+    return groups
+
+
+def train_classifier(
+    model: ELMoClassifier,
+    train: LayerStore,
+    val: LayerStore,
+    config: ClassifierConfig,
+    log_metrics: LogFn = _no_log,
+    checkpoint: Path | None = None,
+    device: torch.device | None = None,
+) -> ClassifierResult:
+    """Adam with early stopping on validation accuracy; ``model`` ends holding the best weights."""
+    device = device or pick_device()
+    torch.manual_seed(config.seed)
+    model.to(device).train()
+    groups = classifier_param_groups(model, config.lr)
+    params = [p for g in groups for p in g["params"]]
+    opt = adam(groups, lr=config.lr, weight_decay=config.weight_decay)
+    gen = torch.Generator().manual_seed(config.seed)
+    epoch, batch_i, step, seconds = 0, 0, 0, 0.0
+    best_acc, best_epoch, bad = -1.0, 0, 0
+    best_state = copy.deepcopy(model.state_dict())
+    epoch_gen_state = gen.get_state()
+    state = _try_resume(checkpoint, "classifier-train")
+    if state is not None:
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        _set_rng_state(state["rng"])
+        epoch_gen_state = state["epoch_gen"]
+        epoch, batch_i, step, seconds = (
+            state["epoch"],
+            state["batch"],
+            state["step"],
+            state["seconds"],
+        )
+        best_acc, best_epoch, bad = state["best_acc"], state["best_epoch"], state["bad"]
+        best_state = state["best_model"]
+        run_loss, run_n = state["run_loss"], state["run_n"]
+    else:
+        run_loss, run_n = 0.0, 0
+
+    def save() -> None:
+        if checkpoint is not None:
+            atomic_save(
+                {
+                    "kind": "classifier-train",
+                    "model": model.state_dict(),
+                    "optimizer": opt.state_dict(),
+                    "rng": _rng_state(),
+                    "epoch_gen": epoch_gen_state,
+                    "epoch": epoch,
+                    "batch": batch_i,
+                    "step": step,
+                    "seconds": seconds,
+                    "best_acc": best_acc,
+                    "best_epoch": best_epoch,
+                    "bad": bad,
+                    "best_model": best_state,
+                    "run_loss": run_loss,
+                    "run_n": run_n,
+                },
+                checkpoint,
+            )
+
+    while epoch < config.epochs and bad < config.patience:
+        gen.set_state(epoch_gen_state)  # the epoch's batch order is a function of this state
+        batches = list(train.batches(config.batch_size, gen))
+        next_epoch_gen_state = gen.get_state()
+        t0 = time.perf_counter()
+        model.train()
+        while batch_i < len(batches):
+            layers, mask, tokens, y = train.batch(batches[batch_i])
+            with autocast(device):
+                logits = model(layers.to(device), mask.to(device), tokens.to(device))
+            loss = F.cross_entropy(logits.float(), y.to(device))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            nn.utils.clip_grad_norm_(params, 5.0)
+            opt.step()
+            batch_i += 1
+            step += 1
+            run_loss += float(loss.detach())
+            run_n += 1
+            if config.checkpoint_every and step % config.checkpoint_every == 0:
+                seconds += time.perf_counter() - t0
+                t0 = time.perf_counter()
+                save()
+        seconds += time.perf_counter() - t0
+        probs = predict_proba(model, val, device)
+        acc = float((probs.argmax(1) == val.labels).mean())
+        log_metrics({"train_loss": run_loss / max(run_n, 1), "val_accuracy": acc}, epoch + 1)
+        if acc > best_acc:
+            best_acc, best_epoch, bad = acc, epoch + 1, 0
+            best_state = copy.deepcopy(model.state_dict())
+        else:
+            bad += 1
+        epoch, batch_i, run_loss, run_n = epoch + 1, 0, 0.0, 0
+        epoch_gen_state = next_epoch_gen_state
+        save()
+    model.load_state_dict(best_state)
+    model.eval()
+    return ClassifierResult(best_acc, best_epoch, epoch, seconds)
