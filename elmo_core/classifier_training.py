@@ -64,17 +64,25 @@ class ClassifierResult:
     seconds: float
 
 
-def classifier_param_groups(model: nn.Module, lr: float) -> list[dict[str, Any]]:
-    """Trainable parameters in two Adam groups: the mix at ``lr * mix.lr_scale`` (its strategy's
-    data), everything else at ``lr``."""
+def classifier_param_groups(
+    model: nn.Module, lr: float, embedding_lr_scale: float = 1.0
+) -> list[dict[str, Any]]:
+    """Trainable parameters in Adam groups: the mix at ``lr * mix.lr_scale`` (its strategy's
+    data), the task token embedding at ``lr * embedding_lr_scale``, everything else at ``lr``."""
     mix = getattr(model, "mix", None)
-    mix_params = [p for p in mix.parameters() if p.requires_grad] if mix is not None else []
-    mix_ids = {id(p) for p in mix_params}
-    rest = [p for p in model.parameters() if p.requires_grad and id(p) not in mix_ids]
-    groups: list[dict[str, Any]] = [{"params": rest, "lr": lr}]
-    if mix_params:
-        groups.append({"params": mix_params, "lr": lr * getattr(mix, "lr_scale", 1.0)})
-    return groups
+    special = [
+        (mix, getattr(mix, "lr_scale", 1.0)),
+        (getattr(model, "embedding", None), embedding_lr_scale),
+    ]
+    groups: list[dict[str, Any]] = []
+    taken: set[int] = set()
+    for module, scale in special:
+        params = [p for p in module.parameters() if p.requires_grad] if module is not None else []
+        if params:
+            groups.append({"params": params, "lr": lr * scale})
+            taken |= {id(p) for p in params}
+    rest = [p for p in model.parameters() if p.requires_grad and id(p) not in taken]
+    return [{"params": rest, "lr": lr}, *groups]
 
 
 def train_classifier(
@@ -86,11 +94,15 @@ def train_classifier(
     checkpoint: Path | None = None,
     device: torch.device | None = None,
 ) -> ClassifierResult:
-    """Adam with early stopping on validation accuracy; ``model`` ends holding the best weights."""
+    """Adam with early stopping on validation accuracy; ``model`` ends holding the best weights.
+
+    With ``config.lr_decay < 1`` an epoch without a validation gain also sends the model back to
+    its best weights and shrinks every group's learning rate (restored on resume with the
+    optimizer's state)."""
     device = device or pick_device()
     torch.manual_seed(config.seed)
     model.to(device).train()
-    groups = classifier_param_groups(model, config.lr)
+    groups = classifier_param_groups(model, config.lr, config.embedding_lr_scale)
     params = [p for g in groups for p in g["params"]]
     opt = adam(groups, lr=config.lr, weight_decay=config.weight_decay)
     gen = torch.Generator().manual_seed(config.seed)
@@ -165,12 +177,23 @@ def train_classifier(
         seconds += time.perf_counter() - t0
         probs = predict_proba(model, val, device)
         acc = float((probs.argmax(1) == val.labels).mean())
-        log_metrics({"train_loss": run_loss / max(run_n, 1), "val_accuracy": acc}, epoch + 1)
+        log_metrics(
+            {
+                "train_loss": run_loss / max(run_n, 1),
+                "val_accuracy": acc,
+                "lr": opt.param_groups[0]["lr"],  # the lr this epoch trained with
+            },
+            epoch + 1,
+        )
         if acc > best_acc:
             best_acc, best_epoch, bad = acc, epoch + 1, 0
             best_state = copy.deepcopy(model.state_dict())
         else:
             bad += 1
+            if config.lr_decay < 1.0:  # overshot: go back to the best weights, smaller steps
+                model.load_state_dict(best_state)
+                for g in opt.param_groups:
+                    g["lr"] *= config.lr_decay
         epoch, batch_i, run_loss, run_n = epoch + 1, 0, 0.0, 0
         epoch_gen_state = next_epoch_gen_state
         save()

@@ -69,6 +69,8 @@ class ClassifierConfig:
     batch_size: int = 64  # documents per step
     lr: float = 2e-3  # Adam learning rate
     weight_decay: float = 0.0  # Adam weight decay
+    embedding_lr_scale: float = 1.0  # the task token embedding's lr relative to lr
+    lr_decay: float = 1.0  # epoch without val gain: back to the best weights, lr *= this (1 = off)
     epochs: int = 8  # upper bound; early stopping usually ends sooner
     patience: int = 2  # epochs without val-accuracy gain before stopping
     max_len: int = 80  # T cap: tokens per document fed to the biLM
@@ -86,6 +88,10 @@ class ClassifierConfig:
             raise ValueError(f"epochs, patience, max_len must be >= 1: {self}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+        if not 0.0 < self.lr_decay <= 1.0:
+            raise ValueError(f"lr_decay must be in (0, 1], got {self.lr_decay}")
+        if self.embedding_lr_scale <= 0.0:
+            raise ValueError(f"embedding_lr_scale must be > 0, got {self.embedding_lr_scale}")
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,11 @@ from elmo_core.checkpoint import (
     save_classifier,
 )
 from elmo_core.classifier import ELMoClassifier
-from elmo_core.classifier_training import predict_proba, train_classifier
+from elmo_core.classifier_training import (
+    classifier_param_groups,
+    predict_proba,
+    train_classifier,
+)
 from elmo_core.config import BiLMConfig, ClassifierConfig, MixConfig, PretrainConfig, VocabConfig
 from elmo_core.mix import build_mix
 from elmo_core.optim import LazyAdam
@@ -126,6 +130,38 @@ def test_classifier_learns_and_keeps_best(strategy):
     assert after == pytest.approx(res.best_val_accuracy)
     assert after > 0.9 > before
     assert res.best_val_accuracy == max(h["val_accuracy"] for h in hist)
+
+
+def test_lr_decay_returns_to_the_best_weights_with_a_smaller_lr():
+    model, _, cfg = _classifier("wsum")
+    cfg = ClassifierConfig(**{**cfg.__dict__, "lr_decay": 0.5})
+    train = _separable_store(200, 1)
+    val = _separable_store(60, 2)
+    val.labels[:] = np.random.default_rng(0).integers(0, 3, len(val.labels))  # val acc wanders
+    hist: list[dict[str, float]] = []
+    res = train_classifier(model, train, val, cfg, lambda m, s: hist.append(m), device=CPU)
+    best = -1.0
+    decays = 0
+    for prev, nxt in zip(hist, hist[1:], strict=False):
+        improved = prev["val_accuracy"] > best
+        best = max(best, prev["val_accuracy"])
+        assert nxt["lr"] == pytest.approx(prev["lr"] * (1.0 if improved else 0.5))
+        decays += not improved
+    assert decays >= 1 and hist[0]["lr"] == cfg.lr
+    after = float((predict_proba(model, val, CPU).argmax(1) == val.labels).mean())
+    assert after == pytest.approx(res.best_val_accuracy)
+
+
+def test_param_groups_scale_the_mix_and_the_token_embedding():
+    cfg = ClassifierConfig(hidden_dim=4, mlp_hidden=(4,), token_embedding_dim=3)
+    model = ELMoClassifier(cfg, build_mix(MixConfig("function", 3, 6)), 6, 3, vocab_size=20)
+    groups = classifier_param_groups(model, 0.01, embedding_lr_scale=0.5)
+    by_lr = {round(g["lr"], 6): g["params"] for g in groups}
+    assert set(by_lr) == {0.01, 0.001, 0.005}  # rest, function mix (0.1x), embedding (0.5x)
+    assert by_lr[0.005] == [model.embedding.weight]
+    assert sum(p.numel() for g in groups for p in g["params"]) == sum(
+        p.numel() for p in model.parameters()
+    )
 
 
 def test_classifier_resume_matches_uninterrupted(tmp_path):
