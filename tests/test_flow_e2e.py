@@ -72,9 +72,9 @@ def _task_states(flow_run_id) -> dict[str, list[str]]:
         )
     out: dict[str, list[str]] = {}
     for tr in runs:
-        out.setdefault(
-            tr.task_key.split("-")[0] if False else tr.name.rsplit("-", 1)[0], []
-        ).append(tr.state.name)
+        out.setdefault(tr.name.rsplit("-", 1)[0], []).append(
+            tr.state.name
+        )  # "ingest-3fa" -> "ingest"
     return out
 
 
