@@ -59,16 +59,15 @@ def _final(summary: dict) -> dict:
     }
 
 
+def _run_to_completion(data: Path, home: Path, env: dict[str, str]) -> None:
+    subprocess.run(
+        _cmd(data, home), env=env, check=True, cwd=ROOT, capture_output=True, timeout=600
+    )
+
+
 def test_sigkill_mid_pretraining_resumes_to_the_same_result(ag_slice, tmp_path):
     ref_home, home = tmp_path / "ref", tmp_path / "killed"
-    subprocess.run(
-        _cmd(ag_slice, ref_home),
-        env=_env(tmp_path, "ref"),
-        check=True,
-        cwd=ROOT,
-        capture_output=True,
-        timeout=600,
-    )
+    _run_to_completion(ag_slice, ref_home, _env(tmp_path, "ref"))
     proc = subprocess.Popen(_cmd(ag_slice, home), env=_env(tmp_path, "k"), cwd=ROOT, start_new_session=True,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
     deadline = time.time() + 300
@@ -91,14 +90,7 @@ def test_sigkill_mid_pretraining_resumes_to_the_same_result(ag_slice, tmp_path):
     assert not orphans, f"a temp file survived under a real name: {orphans}"
     # make the kill-inside-a-write case certain: the resumed run must sweep such orphans
     (state.parent / f".{state.name}.killed.tmp").write_bytes(b"PK\x03\x04 torn")
-    subprocess.run(
-        _cmd(ag_slice, home),
-        env=_env(tmp_path, "k"),
-        check=True,
-        cwd=ROOT,
-        capture_output=True,
-        timeout=600,
-    )
+    _run_to_completion(ag_slice, home, _env(tmp_path, "k"))
     assert not state.exists()  # training finished and removed its resume checkpoint
     assert not list(home.rglob("*.tmp")), "the resumed run left a temp orphan behind"
     assert _final(_summary(home)) == _final(_summary(ref_home))
