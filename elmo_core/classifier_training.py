@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from torch import nn
 from torch.nn import functional as F
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from elmo_core.checkpoint import atomic_save
 from elmo_core.classifier import ELMoClassifier
@@ -64,6 +65,12 @@ class ClassifierResult:
     seconds: float
 
 
+# Validation, early stopping and the kept model use an exponential moving average of the weights
+# (horizon ~1 / (1 - decay) = 100 steps, about half an epoch on the sample profile). Single runs
+# of the raw weights differed by ~0.4 pt test accuracy from float-level perturbations alone.
+EMA_DECAY = 0.99
+
+
 def classifier_param_groups(
     model: nn.Module, lr: float, embedding_lr_scale: float = 1.0
 ) -> list[dict[str, Any]]:
@@ -94,7 +101,8 @@ def train_classifier(
     checkpoint: Path | None = None,
     device: torch.device | None = None,
 ) -> ClassifierResult:
-    """Adam with early stopping on validation accuracy; ``model`` ends holding the best weights.
+    """Adam with early stopping on validation accuracy; ``model`` ends holding the best weights
+    (of the exponential moving average, ``EMA_DECAY``).
 
     With ``config.lr_decay < 1`` an epoch without a validation gain also sends the model back to
     its best weights and shrinks every group's learning rate (restored on resume with the
@@ -108,6 +116,8 @@ def train_classifier(
     gen = torch.Generator().manual_seed(config.seed)
     epoch, batch_i, step, seconds = 0, 0, 0, 0.0
     best_acc, best_epoch, bad = -1.0, 0, 0
+    # what is evaluated and kept: an exponential moving average of the trained weights
+    ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(EMA_DECAY))
     best_state = copy.deepcopy(model.state_dict())
     epoch_gen_state = gen.get_state()
     state = _try_resume(checkpoint, "classifier-train")
@@ -124,6 +134,7 @@ def train_classifier(
         )
         best_acc, best_epoch, bad = state["best_acc"], state["best_epoch"], state["bad"]
         best_state = state["best_model"]
+        ema.load_state_dict(state["ema"])
         run_loss, run_n = state["run_loss"], state["run_n"]
     else:
         run_loss, run_n = 0.0, 0
@@ -145,6 +156,7 @@ def train_classifier(
                     "best_epoch": best_epoch,
                     "bad": bad,
                     "best_model": best_state,
+                    "ema": ema.state_dict(),
                     "run_loss": run_loss,
                     "run_n": run_n,
                 },
@@ -166,6 +178,7 @@ def train_classifier(
             loss.backward()
             nn.utils.clip_grad_norm_(params, 5.0)
             opt.step()
+            ema.update_parameters(model)
             batch_i += 1
             step += 1
             run_loss += float(loss.detach())
@@ -175,7 +188,7 @@ def train_classifier(
                 t0 = time.perf_counter()
                 save()
         seconds += time.perf_counter() - t0
-        probs = predict_proba(model, val, device)
+        probs = predict_proba(ema.module, val, device)
         acc = float((probs.argmax(1) == val.labels).mean())
         log_metrics(
             {
@@ -187,11 +200,12 @@ def train_classifier(
         )
         if acc > best_acc:
             best_acc, best_epoch, bad = acc, epoch + 1, 0
-            best_state = copy.deepcopy(model.state_dict())
+            best_state = copy.deepcopy(ema.module.state_dict())
         else:
             bad += 1
             if config.lr_decay < 1.0:  # overshot: go back to the best weights, smaller steps
                 model.load_state_dict(best_state)
+                ema.module.load_state_dict(best_state)
                 for g in opt.param_groups:
                     g["lr"] *= config.lr_decay
         epoch, batch_i, run_loss, run_n = epoch + 1, 0, 0.0, 0
