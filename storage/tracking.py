@@ -25,6 +25,11 @@ def _client(uri: str) -> Any:
     return MlflowClient(tracking_uri=uri)
 
 
+def _sqlite_db(uri: str) -> Path | None:
+    """The database file of a local ``sqlite:///`` tracking URI, else None."""
+    return Path(uri.removeprefix("sqlite:///")) if uri.startswith("sqlite:///") else None
+
+
 def artifact_location(uri: str) -> str | None:
     """Where a new experiment keeps its artifacts: beside a local sqlite store (``mlartifacts/``
     next to the .db, so everything stays under the home folder), else the server's default.
@@ -32,9 +37,8 @@ def artifact_location(uri: str) -> str | None:
     MLflow's own default for a sqlite store is ``./mlruns`` of whatever directory the process
     happens to run in, which scatters artifacts and models outside the home folder.
     """
-    if not uri.startswith("sqlite:///"):
-        return None
-    return (Path(uri.removeprefix("sqlite:///")).resolve().parent / "mlartifacts").as_uri()
+    db = _sqlite_db(uri)
+    return None if db is None else (db.resolve().parent / "mlartifacts").as_uri()
 
 
 def _experiment_id(client: Any, uri: str, name: str = EXPERIMENT) -> str:
@@ -58,9 +62,8 @@ def _flat(prefix: str, obj: Any, out: dict[str, str]) -> None:
 def _store_lock(uri: str) -> AbstractContextManager[None]:
     """Serialise first use of a local sqlite store: MLflow creates and migrates its schema on first
     connection, and two processes doing that at once collide."""
-    if not uri.startswith("sqlite:///"):
-        return nullcontext()
-    return file_lock(Path(uri.removeprefix("sqlite:///")))
+    db = _sqlite_db(uri)
+    return nullcontext() if db is None else file_lock(db)
 
 
 class Tracker:
