@@ -81,9 +81,10 @@ class SampledSoftmax(nn.Module):
         p = self.proposal[ids].double()
         return torch.log1p(-torch.pow(1 - p, self.num_samples)).clamp_min(-30.0).float()
 
-    def _score(self, h: torch.Tensor, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        w = F.embedding(ids, self.weight, sparse=True)  # (*, D)
-        b = F.embedding(ids, self.bias, sparse=True).squeeze(-1)  # (*,)
+    def _rows(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Weight rows (U, D) and biases (U,) of distinct ids (U,), with sparse gradients."""
+        w = F.embedding(ids, self.weight, sparse=True)  # (U, D)
+        b = F.embedding(ids, self.bias, sparse=True).squeeze(-1)  # (U,)
         return w, b
 
     def forward(
@@ -98,19 +99,33 @@ class SampledSoftmax(nn.Module):
         samples = torch.multinomial(
             self.proposal, self.num_samples, replacement=True, generator=generator
         )
-        samples = torch.unique(samples).to(targets.device)  # (S,)
+        samples = torch.unique(samples).to(targets.device)  # (S,) distinct
+        n, s = targets.shape[0], samples.shape[0]
         # one sparse lookup of the distinct rows a step needs (targets repeat a lot): the sparse
         # gradient, and the optimizer work on it, scale with U instead of N + S
         rows, inv = torch.unique(torch.cat([targets, samples]), return_inverse=True)  # (U,), (N+S,)
-        w_u, b_u = self._score(h, rows)  # (U, D), (U,)
-        n = targets.shape[0]
-        w_t, b_t = w_u[inv[:n]], b_u[inv[:n]]  # (N, D), (N,)
-        true_logit = (h * w_t).sum(-1) + b_t - self._log_expected(targets)  # (N,)
-        w_s, b_s = w_u[inv[n:]], b_u[inv[n:]]  # (S, D), (S,)
-        sampled = h @ w_s.t() + (b_s - self._log_expected(samples))  # (N, S)
-        sampled = sampled.masked_fill(targets.unsqueeze(1) == samples.unsqueeze(0), -1e4)
-        logits = torch.cat([true_logit.unsqueeze(1), sampled], dim=1).float()  # (N, 1+S)
-        return F.cross_entropy(logits, torch.zeros_like(targets))
+        inv_t, inv_s = inv[:n], inv[n:]  # (N,), (S,)
+        w_u, b_u = self._rows(rows)  # (U, D), (U,)
+        corr = b_u - self._log_expected(rows)  # (U,) bias minus log expected count
+        # index_select (not advanced indexing): its backward is an index_add, not a slower
+        # accumulating index_put
+        w_t = w_u.index_select(0, inv_t)  # (N, D)
+        true_logit = (h * w_t).sum(-1) + corr.index_select(0, inv_t)  # (N,)
+        w_s = w_u.index_select(0, inv_s)  # (S, D)
+        sampled = torch.addmm(corr.index_select(0, inv_s), h, w_s.t())  # (N, S)
+        # accidental hits: samples are distinct, so a target equals at most one sampled column;
+        # masked in place (addmm's backward does not need its output)
+        col = torch.full_like(rows, -1)
+        col[inv_s] = torch.arange(s, device=rows.device)
+        hit = col.index_select(0, inv_t)  # (N,) column of the target among the samples, or -1
+        hit_rows = (hit >= 0).nonzero().squeeze(1)  # (K,)
+        sampled = sampled.index_put_(
+            (hit_rows, hit.index_select(0, hit_rows)), sampled.new_tensor(-1e4)
+        )
+        # -log softmax of the true word over [true; sampled], without building that (N, 1+S) matrix
+        true_logit = true_logit.float()
+        lse = torch.logaddexp(true_logit, torch.logsumexp(sampled.float(), dim=1))  # (N,)
+        return (lse - true_logit).mean()
 
     def nll(self, h: torch.Tensor, targets: torch.Tensor, chunk: int = 2048) -> torch.Tensor:
         """Exact per-token negative log-likelihood under the full softmax. (N, D) -> (N,)"""
@@ -208,14 +223,17 @@ class BiLM(nn.Module):
         """Full windows (B, T) -> mean sampled NLL over the 2*B*(T-1) predictions of both directions.
 
         The forward state at t predicts token t+1; the backward state at t predicts token t-1.
+        The backward LM is a forward LM over the time-reversed window, so its states stay in
+        reversed order and its targets are the reversed tokens: no flip of any state.
         """
-        _, fwd, bwd = self.states(tokens)
+        x = self._drop(self.project(self.embedding(tokens)))  # (B, T, H)
+        f = self._stack(self.forward_lstms, x)[-1][:, :-1]  # (B, T-1, H)
+        b = self._stack(self.backward_lstms, x.flip(1))[-1][:, :-1]  # (B, T-1, H), reversed time
+        # one dropout and one softmax call for both directions: shared negatives, one matmul
+        states = self._drop(torch.cat([f, b]))  # (2B, T-1, H)
+        targets = torch.cat([tokens[:, 1:], tokens.flip(1)[:, 1:]])  # (2B, T-1)
         h = self.config.hidden_dim
-        f = self._drop(fwd[-1][:, :-1]).reshape(-1, h)  # (N, H), N = B*(T-1)
-        b = self._drop(bwd[-1][:, 1:]).reshape(-1, h)  # (N, H)
-        # one softmax call for both directions: they share the negatives and one matmul.
-        targets = torch.cat([tokens[:, 1:].reshape(-1), tokens[:, :-1].reshape(-1)])  # (2N,)
-        return self.softmax(torch.cat([f, b]), targets, generator)
+        return self.softmax(states.reshape(-1, h), targets.reshape(-1), generator)
 
     @torch.no_grad()
     def exact_nll(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

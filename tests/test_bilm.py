@@ -82,6 +82,62 @@ def test_sampled_loss_trains_lstms_and_touches_only_sampled_rows():
     assert set(tokens.flatten().tolist()) <= touched and len(touched) < 500
 
 
+def _naive_sampled_loss(sm: SampledSoftmax, h, targets, generator):
+    """The sampled softmax written the plain way: [true; negatives] logits, hits masked, CE."""
+    samples = torch.unique(
+        torch.multinomial(sm.proposal, sm.num_samples, True, generator=generator)
+    )
+
+    def log_q(ids):
+        return torch.log1p(-torch.pow(1 - sm.proposal[ids].double(), sm.num_samples)).float()
+
+    w, b = sm.weight, sm.bias.squeeze(-1)
+    true = (h * w[targets]).sum(-1) + b[targets] - log_q(targets)  # (N,)
+    neg = h @ w[samples].t() + b[samples] - log_q(samples)  # (N, S)
+    neg = neg.masked_fill(targets[:, None] == samples[None, :], -1e4)
+    logits = torch.cat([true[:, None], neg], 1)
+    return torch.nn.functional.cross_entropy(logits, torch.zeros_like(targets))
+
+
+def test_sampled_loss_and_gradients_match_a_naive_reference():
+    torch.manual_seed(0)
+    sm = SampledSoftmax(40, 5, num_samples=25)
+    sm.set_proposal(torch.rand(40))
+    h = torch.randn(30, 5, requires_grad=True)
+    targets = torch.randint(1, 40, (30,))  # 40 words, 25 draws: accidental hits are certain
+    loss = sm(h, targets, torch.Generator().manual_seed(4))
+    (gh,) = torch.autograd.grad(loss, h, retain_graph=True)
+    loss.backward()
+    gw, gb = sm.weight.grad.to_dense(), sm.bias.grad.to_dense()
+    sm.zero_grad()
+    h2 = h.detach().requires_grad_()
+    w2, b2 = sm.weight.detach().clone().requires_grad_(), sm.bias.detach().clone().requires_grad_()
+    ref_sm = SampledSoftmax(40, 5, num_samples=25)
+    ref_sm.proposal.copy_(sm.proposal)
+    ref_sm.weight, ref_sm.bias = torch.nn.Parameter(w2), torch.nn.Parameter(b2)
+    ref = _naive_sampled_loss(ref_sm, h2, targets, torch.Generator().manual_seed(4))
+    ref.backward()
+    assert torch.allclose(loss, ref, atol=1e-6)
+    assert torch.allclose(gh, h2.grad, atol=1e-6)
+    assert torch.allclose(gw, ref_sm.weight.grad, atol=1e-6)
+    assert torch.allclose(gb, ref_sm.bias.grad, atol=1e-6)
+
+
+def test_lm_loss_equals_the_loss_of_both_directions_in_original_order():
+    """lm_loss keeps the backward LM in reversed time; the loss is that of the states() view."""
+    m = _model(
+        BiLMConfig(vocab_size=60, embedding_dim=6, hidden_dim=6, dropout=0.0, num_samples=20)
+    )
+    m.train()
+    tokens = torch.randint(4, 60, (3, 8))
+    loss = m.lm_loss(tokens, torch.Generator().manual_seed(2))
+    _, fwd, bwd = m.states(tokens)
+    f, b = fwd[-1][:, :-1].reshape(-1, 6), bwd[-1][:, 1:].reshape(-1, 6)  # (N, H) each
+    targets = torch.cat([tokens[:, 1:].reshape(-1), tokens[:, :-1].reshape(-1)])
+    ref = m.softmax(torch.cat([f, b]), targets, torch.Generator().manual_seed(2))
+    assert torch.allclose(loss, ref, atol=1e-6)
+
+
 def test_sampled_loss_approaches_full_softmax_ordering():
     """A word the model prefers has lower sampled loss than one it does not, as in the full loss."""
     sm = SampledSoftmax(100, 4, num_samples=50)
