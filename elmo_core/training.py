@@ -30,7 +30,7 @@ from elmo_core.optim import LazyAdam
 LogFn = Callable[[dict[str, float], int], None]
 
 
-def _no_log(metrics: dict[str, float], step: int) -> None:
+def no_log(metrics: dict[str, float], step: int) -> None:
     return None
 
 
@@ -41,22 +41,51 @@ def pick_device(prefer: str = "auto") -> torch.device:
     return torch.device(prefer)
 
 
-def autocast(device: torch.device) -> Any:
-    """bf16 autocast on CUDA, nothing on CPU (CPU runs stay float32 and deterministic)."""
+PRECISIONS = ("auto", "fp32", "bf16")
+
+
+def bf16_native(device: torch.device) -> bool:
+    """Does ``device`` run bf16 matmuls natively? CUDA with bf16 support; a CPU with AMX or
+    AVX512-BF16 (there an LSTM step runs ~2-4x faster in bf16; elsewhere bf16 is emulated, slow)."""
     if device.type == "cuda":
-        return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
+        return torch.cuda.is_bf16_supported()
+    if device.type == "cpu":
+        cpu = torch.cpu
+        return any(
+            bool(getattr(cpu, name, lambda: False)())
+            for name in ("_is_amx_tile_supported", "_is_avx512_bf16_supported")
+        )
+    return False
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """``auto`` -> ``bf16`` where the device runs it natively, else ``fp32``."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    if precision == "auto":
+        return "bf16" if bf16_native(device) else "fp32"
+    return precision
+
+
+def autocast(device: torch.device, precision: str = "auto") -> Any:
+    """bf16 autocast (weights and optimizer state stay float32) or nothing for ``fp32``.
+
+    Both are deterministic on a CPU: the same machine repeats a run bit for bit.
+    """
+    if resolve_precision(precision, device) == "bf16":
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
     return nullcontext()
 
 
-def _rng_state() -> dict[str, torch.Tensor]:
+def rng_state() -> dict[str, torch.Tensor]:
     return {"torch": torch.get_rng_state()}
 
 
-def _set_rng_state(state: dict[str, torch.Tensor]) -> None:
+def set_rng_state(state: dict[str, torch.Tensor]) -> None:
     torch.set_rng_state(state["torch"])
 
 
-def _try_resume(path: Path | None, kind: str) -> dict[str, Any] | None:
+def try_resume(path: Path | None, kind: str) -> dict[str, Any] | None:
     if path is None or not path.exists():
         return None
     try:
@@ -102,7 +131,7 @@ def perplexity(
     f_sum = b_sum = 0.0
     n = 0
     for i in range(0, len(windows), batch):
-        with autocast(device):
+        with autocast(device, "fp32"):  # exact: full softmax in float32
             f, b = model.exact_nll(windows[i : i + batch].to(device))
         f_sum += float(f.double().sum())
         b_sum += float(b.double().sum())
@@ -129,7 +158,7 @@ def pretrain_bilm(
     train_ids: np.ndarray,
     val_ids: np.ndarray,
     config: PretrainConfig,
-    log_metrics: LogFn = _no_log,
+    log_metrics: LogFn = no_log,
     checkpoint: Path | None = None,
     device: torch.device | None = None,
     log_every: int = 50,
@@ -147,13 +176,13 @@ def pretrain_bilm(
     opts = bilm_optimizers(model, config.lr)
     neg_gen = torch.Generator(device=model.softmax.proposal.device).manual_seed(config.seed + 1)
     epoch, batch_i, step, tokens, seconds = 0, 0, 0, 0, 0.0
-    state = _try_resume(checkpoint, "bilm-train")
+    state = try_resume(checkpoint, "bilm-train")
     if state is not None:
         model.load_state_dict(state["model"])
         for o, s in zip(opts, state["optimizers"], strict=True):
             o.load_state_dict(s)
         neg_gen.set_state(state["neg_gen"])
-        _set_rng_state(state["rng"])
+        set_rng_state(state["rng"])
         epoch, batch_i, step = state["epoch"], state["batch"], state["step"]
         tokens, seconds = state["tokens"], state["seconds"]
 
@@ -165,7 +194,7 @@ def pretrain_bilm(
                     "model": model.state_dict(),
                     "optimizers": [o.state_dict() for o in opts],
                     "neg_gen": neg_gen.get_state(),
-                    "rng": _rng_state(),
+                    "rng": rng_state(),
                     "epoch": epoch,
                     "batch": batch_i,
                     "step": step,
@@ -191,7 +220,7 @@ def pretrain_bilm(
                 done = True  # position is kept as is: a longer run resumes from here
                 break
             x = train_w[batches[batch_i]].to(device)  # (B, T)
-            with autocast(device):
+            with autocast(device, config.precision):
                 loss = model.lm_loss(x, neg_gen)
             for o in opts:
                 o.zero_grad(set_to_none=True)
@@ -271,7 +300,7 @@ def extract_layers(
             ids = list(docs[d])[: lengths[d]] or [1]
             tokens[r, : len(ids)] = torch.tensor(ids)
         mask = tokens != 0  # (B, T)
-        with autocast(device):
+        with autocast(device, "fp32"):  # stored features do not depend on the machine's bf16
             layers = model(tokens.to(device), mask.to(device)).layers  # (L+1, B, T, 2H)
         layers = layers.permute(1, 2, 0, 3).to("cpu", torch.float16).numpy()  # (B, T, L+1, 2H)
         for r, d in enumerate(idx):

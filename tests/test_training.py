@@ -17,7 +17,9 @@ from elmo_core.checkpoint import (
 )
 from elmo_core.classifier import ELMoClassifier
 from elmo_core.classifier_training import (
+    EMA_DECAY,
     classifier_param_groups,
+    ema_decay,
     predict_proba,
     train_classifier,
 )
@@ -26,10 +28,13 @@ from elmo_core.mix import build_mix
 from elmo_core.optim import LazyAdam
 from elmo_core.training import (
     LayerStore,
+    autocast,
+    bf16_native,
     doc_lengths,
     extract_layers,
     make_windows,
     pretrain_bilm,
+    resolve_precision,
 )
 from elmo_core.vocab import Vocab
 
@@ -70,9 +75,16 @@ def test_pretraining_lowers_perplexity():
     assert res.val_perplexity_forward < 8 and res.val_perplexity_backward < 8
 
 
-def test_pretraining_resume_matches_uninterrupted(tmp_path):
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_pretraining_resume_matches_uninterrupted(tmp_path, precision):
     cfg = PretrainConfig(
-        epochs=2, window=10, batch_size=16, lr=1e-2, val_tokens=500, checkpoint_every=7
+        epochs=2,
+        window=10,
+        batch_size=16,
+        lr=1e-2,
+        val_tokens=500,
+        checkpoint_every=7,
+        precision=precision,
     )
     full = _bilm()
     pretrain_bilm(full, _stream(), _stream(500, 1), cfg, device=CPU)
@@ -86,6 +98,40 @@ def test_pretraining_resume_matches_uninterrupted(tmp_path):
     pretrain_bilm(resumed, _stream(), _stream(500, 1), cfg, checkpoint=ckpt, device=CPU)
     for a, b in zip(full.state_dict().values(), resumed.state_dict().values(), strict=True):
         assert torch.equal(a, b)
+
+
+def test_precision_resolves_per_machine_and_bad_names_raise():
+    assert resolve_precision("auto", CPU) == ("bf16" if bf16_native(CPU) else "fp32")
+    assert resolve_precision("fp32", CPU) == "fp32"
+    with pytest.raises(ValueError, match="fp16"):
+        resolve_precision("fp16", CPU)
+    with pytest.raises(ValueError, match="fp16"):
+        PretrainConfig(precision="fp16")
+    a, b = torch.randn(3, 4), torch.randn(4, 2)
+    with autocast(CPU, "bf16"):
+        assert (a @ b).dtype == torch.bfloat16
+    with autocast(CPU, "fp32"):
+        assert (a @ b).dtype == torch.float32
+
+
+def test_bf16_pretraining_learns_like_fp32():
+    """Autocast keeps float32 weights and optimizer state: bf16 training reaches the same place."""
+    ppl = {}
+    for precision in ("fp32", "bf16"):
+        cfg = PretrainConfig(
+            epochs=3, window=10, batch_size=16, lr=2e-2, val_tokens=500, precision=precision
+        )
+        model = _bilm()
+        res = pretrain_bilm(model, _stream(), _stream(500, 1), cfg, device=CPU)
+        ppl[precision] = res.val_perplexity
+        assert all(p.dtype == torch.float32 for p in model.parameters())
+    assert ppl["bf16"] < 10 and abs(ppl["bf16"] - ppl["fp32"]) / ppl["fp32"] < 0.1, ppl
+
+
+def test_ema_decay_warms_up_then_caps():
+    d = [ema_decay(n) for n in range(0, 2000, 50)]
+    assert ema_decay(0) == pytest.approx(0.1)
+    assert all(x <= y for x, y in zip(d, d[1:], strict=False)) and d[-1] == EMA_DECAY
 
 
 def _separable_store(n: int, seed: int) -> LayerStore:
