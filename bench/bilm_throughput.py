@@ -6,10 +6,13 @@ Measures tokens/s (a token = one position of a training window, seen by both dir
   2. the plain LSTM stacks alone at the same shapes (forward + backward, no output layer),
   3. the same full step with a full softmax output layer instead of the sampled one,
 plus the forward-only layer extraction and one classifier training step, and projects the `full`
-profile on 120k AG News from these figures. The ratio is measured in blocks and interleaved; the
-last line, full_step_vs_lstm_only=<ratio>, is the lower of the two.
+profile on 120k AG News from these figures. Steps 1-3 run at the precision the pipeline picks on
+this machine (``auto``: bf16 autocast where the CPU has AMX / AVX512-BF16, else fp32; the LSTM-only
+reference runs at the same precision); where that is bf16 the fp32 pair is measured too. The ratio
+is measured in blocks and interleaved; the last line, full_step_vs_lstm_only=<ratio>, is the lower
+of the two at the pipeline's precision.
 
-    .venv/bin/python bench/bilm_throughput.py [--steps 20] [--vocab 44182] [--out bench/results/bilm_throughput.json]
+    .venv/bin/python bench/bilm_throughput.py [--steps 20] [--vocab 44182] [--precision auto] [--out bench/results/bilm_throughput.json]
 """
 
 from __future__ import annotations
@@ -32,7 +35,7 @@ from elmo_core.bilm import BiLM  # noqa: E402
 from elmo_core.classifier import ELMoClassifier  # noqa: E402
 from elmo_core.config import BiLMConfig, MixConfig  # noqa: E402
 from elmo_core.mix import build_mix  # noqa: E402
-from elmo_core.training import bilm_optimizers  # noqa: E402
+from elmo_core.training import autocast, bilm_optimizers, resolve_precision  # noqa: E402
 from flows.params import PROFILES, RunParams  # noqa: E402
 
 
@@ -71,12 +74,15 @@ def main() -> None:
         "--vocab", type=int, default=44_182, help="V (44,182 = the sample run's vocabulary)"
     )
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    ap.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"])
     ap.add_argument(
         "--out", default=str(Path(__file__).parent / "results" / "bilm_throughput.json")
     )
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
+    cpu = torch.device("cpu")
+    precision = resolve_precision(args.precision, cpu)
     full = RunParams(profile="full").resolve()
     bp, tp, cp = full.bilm, full.pretrain, full.classifier
     b, t, h = tp.batch_size, tp.window, bp.hidden_dim
@@ -96,8 +102,9 @@ def main() -> None:
     model, opts = make(bp.num_samples)
     gen = torch.Generator().manual_seed(0)
 
-    def step() -> None:
-        loss = model.lm_loss(tokens, gen)
+    def step(prec: str = precision) -> None:
+        with autocast(cpu, prec):
+            loss = model.lm_loss(tokens, gen)
         for o in opts:
             o.zero_grad(set_to_none=True)
         loss.backward()
@@ -107,20 +114,22 @@ def main() -> None:
     stacks = nn.ModuleList(nn.LSTM(h, h, batch_first=True) for _ in range(2 * bp.num_layers))
     x = torch.randn(b, t, h, requires_grad=True)
 
-    def lstm_only() -> None:
+    def lstm_only(prec: str = precision) -> None:
         stacks.zero_grad(set_to_none=True)
         total = 0
-        for d in range(2):  # forward stack, backward stack: independent, same shapes
-            y = x
-            for layer in stacks[d * bp.num_layers : (d + 1) * bp.num_layers]:
-                y, _ = layer(y)
-            total = total + y.sum()
+        with autocast(cpu, prec):
+            for d in range(2):  # forward stack, backward stack: independent, same shapes
+                y = x
+                for layer in stacks[d * bp.num_layers : (d + 1) * bp.num_layers]:
+                    y, _ = layer(y)
+                total = total + y.float().sum()
         total.backward()
 
     full_model, full_opts = make(0)
 
     def full_softmax_step() -> None:
-        loss = full_model.lm_loss(tokens)
+        with autocast(cpu, precision):
+            loss = full_model.lm_loss(tokens)
         for o in full_opts:
             o.zero_grad(set_to_none=True)
         loss.backward()
@@ -158,6 +167,29 @@ def main() -> None:
     s_full_blocks = timed(step, args.steps)
     s_lstm_blocks = timed(lstm_only, args.steps)
     s_full, s_lstm = timed_pair(step, lstm_only, args.steps)
+    fp32_pair = None
+    if precision != "fp32":  # the same pair in float32, for comparison with fp32-only CPUs
+
+        def step32() -> None:
+            step("fp32")
+
+        def lstm32() -> None:
+            lstm_only("fp32")
+
+        b32 = (timed(step32, args.steps), timed(lstm32, args.steps))
+        i32 = timed_pair(step32, lstm32, args.steps)
+        fp32_pair = {
+            "tokens_per_s_interleaved": {
+                "full_step": round(b * t / i32[0]),
+                "lstm_only": round(b * t / i32[1]),
+            },
+            "tokens_per_s_blocks": {
+                "full_step": round(b * t / b32[0]),
+                "lstm_only": round(b * t / b32[1]),
+            },
+            "ratio_interleaved": i32[1] / i32[0],
+            "ratio_blocks": b32[1] / b32[0],
+        }
     s_fullsm = timed(full_softmax_step, max(3, args.steps // 4), warmup=1)
     s_extract = timed(extract, max(3, args.steps // 2))
     s_clf = timed(clf_step, max(3, args.steps // 2))
@@ -180,7 +212,9 @@ def main() -> None:
             "cpus": os.cpu_count(),
             "torch": torch.__version__,
             "threads": torch.get_num_threads(),
+            "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         },
+        "precision": precision,
         "shapes": {
             "B": b,
             "T": t,
@@ -198,6 +232,7 @@ def main() -> None:
             "lstm_only": round(b * t / s_lstm_blocks),
         },
         "full_step_vs_full_softmax": tps["full_step"] / tps["full_softmax_step"],
+        "fp32": fp32_pair,
         "projection_full_profile_s": {
             "pretrain": round(pretrain_s),
             "extract_layers": round(extract_s),
@@ -217,8 +252,15 @@ def main() -> None:
         f"projected full profile: pretrain {p['pretrain'] / 60:.0f} min, layers {p['extract_layers'] / 60:.0f} min, "
         f"classifiers <= {p['classifiers_upper_bound'] / 60:.0f} min, total {p['total'] / 60:.0f} min"
     )
+    if fp32_pair is not None:
+        print(
+            f"fp32: full step {fp32_pair['tokens_per_s_interleaved']['full_step']} tokens/s, "
+            f"ratio interleaved {fp32_pair['ratio_interleaved']:.3f}, "
+            f"in blocks {fp32_pair['ratio_blocks']:.3f}"
+        )
     print(
-        f"ratio interleaved {report['ratio_interleaved']:.3f}, in blocks {report['ratio_blocks']:.3f}"
+        f"{precision}: ratio interleaved {report['ratio_interleaved']:.3f}, "
+        f"in blocks {report['ratio_blocks']:.3f}"
     )
     print(f"full_step_vs_lstm_only={report['full_step_vs_lstm_only']:.3f}")
 
