@@ -2,11 +2,41 @@
 
 from __future__ import annotations
 
+import re
+from typing import Any
+
 import torch
 from torch import nn
-from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
+from elmo_core.bilm import reverse_padded
 from elmo_core.config import ClassifierConfig
+
+
+def fast_dropout(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
+    """Inverted dropout, element-wise as ``nn.Dropout``, with the mask drawn as uniforms < 1-p.
+
+    (B, T, D) -> (B, T, D). Same distribution; on this CPU ~4x cheaper than nn.Dropout's Bernoulli
+    sampling, which was ~15 % of a classifier step on its (B, T, D+E) input.
+    """
+    if not training or p == 0.0:
+        return x
+    keep = 1.0 - p
+    return x * torch.rand_like(x).lt_(keep).div_(keep)
+
+
+_LEGACY_RNN = re.compile(r"^rnn\.(weight_ih|weight_hh|bias_ih|bias_hh)_l(\d+)(_reverse)?$")
+
+
+def _upgrade_legacy_rnn(module: nn.Module, state: dict[str, Any], prefix: str, *_: Any) -> None:
+    """load_state_dict pre-hook: checkpoints written before the BiLSTM was split into
+    ``rnn_forward`` / ``rnn_backward`` hold one bidirectional ``nn.LSTM`` named ``rnn``
+    (``rnn.*_l{k}[_reverse]``); rename its tensors in place so those checkpoints still load."""
+    for key in [k for k in state if k.startswith(prefix + "rnn.")]:
+        m = _LEGACY_RNN.match(key[len(prefix) :])
+        if m is not None:
+            name, layer, reverse = m.groups()
+            direction = "backward" if reverse else "forward"
+            state[f"{prefix}rnn_{direction}.{layer}.{name}_l0"] = state.pop(key)
 
 
 class ELMoClassifier(nn.Module):
@@ -29,26 +59,42 @@ class ELMoClassifier(nn.Module):
         super().__init__()
         self.config = config
         self.mix = mix
-        self.dropout = nn.Dropout(config.dropout)
         e = config.token_embedding_dim
         self.embedding = nn.Embedding(vocab_size, e, padding_idx=0) if e else None
         if self.embedding is not None and init_embedding is not None:
             with torch.no_grad():
                 self.embedding.weight.copy_(init_embedding[:, :e])
-        self.rnn = nn.LSTM(
-            input_dim + e,
-            config.hidden_dim,
-            num_layers=config.num_layers,
-            batch_first=True,
-            bidirectional=True,
-            dropout=config.dropout if config.num_layers > 1 else 0.0,
+        # the BiLSTM as one forward and one backward LSTM per layer, run on the padded batch (the
+        # backward one on each document reversed within its length): at real positions this is
+        # exactly a packed bidirectional LSTM, but it takes the fused (oneDNN) kernel; packed
+        # sequences fall back to a per-step loop that was ~3x slower here
+        sizes_in = [input_dim + e] + [2 * config.hidden_dim] * (config.num_layers - 1)
+        self.rnn_forward = nn.ModuleList(
+            nn.LSTM(d, config.hidden_dim, batch_first=True) for d in sizes_in
         )
+        self.rnn_backward = nn.ModuleList(
+            nn.LSTM(d, config.hidden_dim, batch_first=True) for d in sizes_in
+        )
+        self.register_load_state_dict_pre_hook(_upgrade_legacy_rnn)
         sizes = [4 * config.hidden_dim, *config.mlp_hidden]
         mlp: list[nn.Module] = []
         for a, b in zip(sizes[:-1], sizes[1:], strict=True):
             mlp += [nn.Linear(a, b), nn.ReLU(), nn.Dropout(config.dropout)]
         mlp.append(nn.Linear(sizes[-1], num_classes))
         self.mlp = nn.Sequential(*mlp)
+
+    def bilstm(self, h: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """h (B, T, D) right-padded, lengths (B,) -> (B, T, 2Hc) = [forward; backward] states.
+
+        Positions past a document's length hold garbage; callers mask them.
+        """
+        for i, (fwd, bwd) in enumerate(zip(self.rnn_forward, self.rnn_backward, strict=True)):
+            if i > 0:  # between layers, as nn.LSTM(dropout=...) does
+                h = fast_dropout(h, self.config.dropout, self.training)
+            f, _ = fwd(h)  # (B, T, Hc)
+            b, _ = bwd(reverse_padded(h, lengths))  # (B, T, Hc), each document reversed
+            h = torch.cat([f, reverse_padded(b, lengths)], dim=-1)  # (B, T, 2Hc)
+        return h
 
     def forward(
         self, layers: torch.Tensor, mask: torch.Tensor, tokens: torch.Tensor | None = None
@@ -59,11 +105,8 @@ class ELMoClassifier(nn.Module):
             if tokens is None:
                 raise ValueError("this classifier concatenates token embeddings: pass tokens")
             h = torch.cat([h, self.embedding(tokens)], dim=-1)  # (B, T, D+E)
-        h = self.dropout(h)
-        lengths = mask.sum(1).clamp_min(1).cpu()  # (B,)
-        packed = pack_padded_sequence(h, lengths, batch_first=True, enforce_sorted=False)
-        out, _ = self.rnn(packed)
-        out, _ = pad_packed_sequence(out, batch_first=True, total_length=h.shape[1])  # (B, T, 2Hc)
+        h = fast_dropout(h, self.config.dropout, self.training)
+        out = self.bilstm(h, mask.sum(1))  # (B, T, 2Hc)
         m = mask.unsqueeze(-1)  # (B, T, 1)
         mean = (out * m).sum(1) / m.sum(1).clamp_min(1)  # (B, 2Hc)
         mx = out.masked_fill(~m, -1e4).max(1).values  # (B, 2Hc)

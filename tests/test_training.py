@@ -264,7 +264,7 @@ def test_token_embedding_is_concatenated_and_initialised_from_the_bilm(tmp_path)
     mix_cfg = MixConfig("function", 3, 6)
     clf = ELMoClassifier(cfg, build_mix(mix_cfg), 6, 3, vocab_size=30, init_embedding=init)
     assert torch.equal(clf.embedding.weight, init[:, :5])
-    assert clf.rnn.input_size == 6 + 5
+    assert clf.rnn_forward[0].input_size == clf.rnn_backward[0].input_size == 6 + 5
     layers, mask, tokens, _ = store.batch(np.arange(4))
     out = clf(layers, mask, tokens)
     assert out.shape == (4, 3)
