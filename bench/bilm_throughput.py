@@ -35,7 +35,7 @@ from elmo_core.bilm import BiLM  # noqa: E402
 from elmo_core.classifier import ELMoClassifier  # noqa: E402
 from elmo_core.config import BiLMConfig, MixConfig  # noqa: E402
 from elmo_core.mix import build_mix  # noqa: E402
-from elmo_core.training import autocast, bilm_optimizers, resolve_precision  # noqa: E402
+from elmo_core.training import PRECISIONS, autocast, bilm_optimizers, resolve_precision  # noqa: E402
 from flows.params import PROFILES, RunParams  # noqa: E402
 
 
@@ -74,7 +74,7 @@ def main() -> None:
         "--vocab", type=int, default=44_182, help="V (44,182 = the sample run's vocabulary)"
     )
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
-    ap.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"])
+    ap.add_argument("--precision", default="auto", choices=PRECISIONS)
     ap.add_argument(
         "--out", default=str(Path(__file__).parent / "results" / "bilm_throughput.json")
     )
