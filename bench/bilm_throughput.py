@@ -1,8 +1,9 @@
 """biLM training throughput on this machine, and the projected wall time of the `full` profile.
 
 Measures tokens/s (a token = one position of a training window, seen by both directions) of:
-  1. the full biLM training step (embedding, both 2-layer LSTM stacks, residual, dropout, sampled
-     softmax, backward, row-sparse Adam + fused Adam),
+  1. the full biLM training step, the pretraining loop's own ``bilm_step`` (embedding, both
+     2-layer LSTM stacks, residual, dropout, sampled softmax, backward, gradient clip, row-sparse
+     Adam + fused Adam),
   2. the plain LSTM stacks alone at the same shapes (forward + backward, no output layer),
   3. the same full step with a full softmax output layer instead of the sampled one,
 plus the forward-only layer extraction and one classifier training step, and projects the `full`
@@ -10,7 +11,8 @@ profile on 120k AG News from these figures. Steps 1-3 run at the precision the p
 this machine (``auto``: bf16 autocast where the CPU has AMX / AVX512-BF16, else fp32; the LSTM-only
 reference runs at the same precision); where that is bf16 the fp32 pair is measured too. The ratio
 is measured in blocks and interleaved; the last line, full_step_vs_lstm_only=<ratio>, is the lower
-of the two at the pipeline's precision.
+of the two at the pipeline's precision. Like the pipeline's flow, the script first tunes glibc's
+allocator (``flows.runtime.tune_allocator``); ``ELMO_NEWS_MALLOC_TUNING=0`` measures without.
 
     .venv/bin/python bench/bilm_throughput.py [--steps 20] [--vocab 44182] [--precision auto] [--out bench/results/bilm_throughput.json]
 """
@@ -35,8 +37,16 @@ from elmo_core.bilm import BiLM  # noqa: E402
 from elmo_core.classifier import ELMoClassifier  # noqa: E402
 from elmo_core.config import BiLMConfig, MixConfig  # noqa: E402
 from elmo_core.mix import build_mix  # noqa: E402
-from elmo_core.training import PRECISIONS, autocast, bilm_optimizers, resolve_precision  # noqa: E402
+from elmo_core.training import (  # noqa: E402
+    PRECISIONS,
+    autocast,
+    bilm_optimizers,
+    bilm_step,
+    dense_parameters,
+    resolve_precision,
+)
 from flows.params import PROFILES, RunParams  # noqa: E402
+from flows.runtime import tune_allocator  # noqa: E402
 
 
 def timed(fn, steps: int, warmup: int = 3) -> float:
@@ -79,6 +89,9 @@ def main() -> None:
         "--out", default=str(Path(__file__).parent / "results" / "bilm_throughput.json")
     )
     args = ap.parse_args()
+    allocator_tuned = (
+        tune_allocator()
+    )  # as the pipeline's flow does (ELMO_NEWS_MALLOC_TUNING=0: not)
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     cpu = torch.device("cpu")
@@ -100,16 +113,11 @@ def main() -> None:
         return m.train(), bilm_optimizers(m, tp.lr)
 
     model, opts = make(bp.num_samples)
+    dense = dense_parameters(model)
     gen = torch.Generator().manual_seed(0)
 
-    def step(prec: str = precision) -> None:
-        with autocast(cpu, prec):
-            loss = model.lm_loss(tokens, gen)
-        for o in opts:
-            o.zero_grad(set_to_none=True)
-        loss.backward()
-        for o in opts:
-            o.step()
+    def step(prec: str = precision) -> None:  # the pretraining loop's own step
+        bilm_step(model, opts, tokens, gen, prec, dense, tp.clip_norm)
 
     stacks = nn.ModuleList(nn.LSTM(h, h, batch_first=True) for _ in range(2 * bp.num_layers))
     x = torch.randn(b, t, h, requires_grad=True)
@@ -127,14 +135,10 @@ def main() -> None:
 
     full_model, full_opts = make(0)
 
+    full_dense = dense_parameters(full_model)
+
     def full_softmax_step() -> None:
-        with autocast(cpu, precision):
-            loss = full_model.lm_loss(tokens)
-        for o in full_opts:
-            o.zero_grad(set_to_none=True)
-        loss.backward()
-        for o in full_opts:
-            o.step()
+        bilm_step(full_model, full_opts, tokens, gen, precision, full_dense, tp.clip_norm)
 
     doc = torch.randint(4, args.vocab, (64, 44))
     mask = torch.ones_like(doc, dtype=torch.bool)
@@ -213,6 +217,7 @@ def main() -> None:
             "torch": torch.__version__,
             "threads": torch.get_num_threads(),
             "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+            "allocator_tuned": allocator_tuned,
         },
         "precision": precision,
         "shapes": {

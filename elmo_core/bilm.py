@@ -9,6 +9,7 @@ N flattened tokens, C softmax candidates.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -45,8 +46,41 @@ def locked_dropout(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
     """
     if not training or p == 0.0:
         return x
-    mask = x.new_empty(x.shape[0], 1, x.shape[2]).bernoulli_(1.0 - p)  # (B, 1, D)
-    return x * mask.div_(1.0 - p)
+    keep = 1.0 - p
+    # uniforms < keep: the same Bernoulli(keep) mask as bernoulli_, ~4x cheaper to draw here
+    mask = x.new_empty(x.shape[0], 1, x.shape[2]).uniform_().lt_(keep)  # (B, 1, D)
+    return x * mask.div_(keep)
+
+
+class SampledNLL(torch.autograd.Function):
+    """Mean over N of -log softmax([true; sampled])[0], in float32, with its gradient.
+
+    true_logit (N,), sampled (N, S) -> scalar. Takes the true word's logit and the (N, S) sampled
+    logits separately, so the (N, 1+S) matrix is never built, and works out the gradient in the
+    forward pass from the same exponentials (softmax / N): the backward pass only scales it. The
+    autograd of ``logsumexp`` would re-read the logits, subtract and exponentiate them again.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, true_logit: torch.Tensor, sampled: torch.Tensor) -> torch.Tensor:
+        n = sampled.shape[0]
+        t = true_logit.float()  # (N,)
+        z = sampled.to(torch.float32, copy=True)  # (N, S), overwritten below
+        m = torch.maximum(z.amax(1), t)  # (N,) row max over [true; sampled]
+        z.sub_(m.unsqueeze(1)).exp_()  # (N, S) exp(logit - max)
+        e_t = (t - m).exp_()  # (N,)
+        denom = z.sum(1).add_(e_t)  # (N,) partition function / exp(max)
+        loss = (denom.log() + m - t).mean()
+        scale = denom.mul_(n).reciprocal_()  # (N,) 1 / (N * denom)
+        grad_sampled = z.mul_(scale.unsqueeze(1)).to(sampled.dtype)  # (N, S) softmax / N
+        grad_true = e_t.mul_(scale).sub_(1.0 / n).to(true_logit.dtype)  # (N,) (p_true - 1) / N
+        ctx.save_for_backward(grad_true, grad_sampled)
+        return loss
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        grad_true, grad_sampled = ctx.saved_tensors
+        return grad_true * grad, grad_sampled * grad
 
 
 class SampledSoftmax(nn.Module):
@@ -106,11 +140,14 @@ class SampledSoftmax(nn.Module):
         rows, inv = torch.unique(torch.cat([targets, samples]), return_inverse=True)  # (U,), (N+S,)
         inv_t, inv_s = inv[:n], inv[n:]  # (N,), (S,)
         w_u, b_u = self._rows(rows)  # (U, D), (U,)
+        # under bf16 autocast h is bf16: cast the U rows once, so the (N, D) gathers, the true
+        # logits' products and addmm's operand are bf16 too (fp32: a no-op)
+        w_u = w_u.to(h.dtype)
         corr = b_u - self._log_expected(rows)  # (U,) bias minus log expected count
         # index_select (not advanced indexing): its backward is an index_add, not a slower
         # accumulating index_put
         w_t = w_u.index_select(0, inv_t)  # (N, D)
-        true_logit = (h * w_t).sum(-1) + corr.index_select(0, inv_t)  # (N,)
+        true_logit = (h * w_t).sum(-1, dtype=torch.float32) + corr.index_select(0, inv_t)  # (N,)
         w_s = w_u.index_select(0, inv_s)  # (S, D)
         sampled = torch.addmm(corr.index_select(0, inv_s), h, w_s.t())  # (N, S)
         # accidental hits: samples are distinct, so a target equals at most one sampled column;
@@ -122,10 +159,7 @@ class SampledSoftmax(nn.Module):
         sampled = sampled.index_put_(
             (hit_rows, hit.index_select(0, hit_rows)), sampled.new_tensor(-1e4)
         )
-        # -log softmax of the true word over [true; sampled], without building that (N, 1+S) matrix
-        true_logit = true_logit.float()
-        lse = torch.logaddexp(true_logit, torch.logsumexp(sampled.float(), dim=1))  # (N,)
-        return (lse - true_logit).mean()
+        return SampledNLL.apply(true_logit, sampled)
 
     def nll(self, h: torch.Tensor, targets: torch.Tensor, chunk: int = 2048) -> torch.Tensor:
         """Exact per-token negative log-likelihood under the full softmax. (N, D) -> (N,)"""

@@ -115,6 +115,37 @@ def bilm_optimizers(model: BiLM, lr: float) -> list[torch.optim.Optimizer]:
     return [LazyAdam(sparse, lr=lr), adam(dense, lr=lr)]
 
 
+def bilm_step(
+    model: BiLM,
+    opts: Sequence[torch.optim.Optimizer],
+    x: torch.Tensor,
+    generator: torch.Generator,
+    precision: str,
+    dense: Sequence[torch.Tensor],
+    clip_norm: float,
+) -> torch.Tensor:
+    """One biLM training step on windows x (B, T): sampled-softmax loss under ``precision``,
+    backward, gradient-norm clip of the ``dense`` parameters, every optimizer. Returns the loss.
+
+    The pretraining loop and bench/bilm_throughput.py both run this, so the benchmark times
+    exactly the pipeline's step."""
+    with autocast(x.device, precision):
+        loss = model.lm_loss(x, generator)
+    for o in opts:
+        o.zero_grad(set_to_none=True)
+    loss.backward()
+    nn.utils.clip_grad_norm_(dense, clip_norm)
+    for o in opts:
+        o.step()
+    return loss
+
+
+def dense_parameters(model: BiLM) -> list[nn.Parameter]:
+    """Trainable parameters with dense gradients (the LSTMs, the projection): the clipped ones."""
+    sparse = {id(p) for p in model.sparse_parameters()}
+    return [p for p in model.parameters() if p.requires_grad and id(p) not in sparse]
+
+
 def adam(params: Any, **kwargs: Any) -> torch.optim.Adam:
     """torch's Adam, fused into one kernel per step (CPU and CUDA): ~6x cheaper than the
     per-tensor loop on this CPU for the biLM's LSTM weights; same update rule."""
@@ -204,8 +235,7 @@ def pretrain_bilm(
                 checkpoint,
             )
 
-    params = [p for p in model.parameters() if p.requires_grad]
-    dense = [p for p in params if not any(p is s for s in model.sparse_parameters())]
+    dense = dense_parameters(model)
     done = False
     ppl = (float("nan"), float("nan"))
     while epoch < config.epochs and not done:
@@ -220,14 +250,7 @@ def pretrain_bilm(
                 done = True  # position is kept as is: a longer run resumes from here
                 break
             x = train_w[batches[batch_i]].to(device)  # (B, T)
-            with autocast(device, config.precision):
-                loss = model.lm_loss(x, neg_gen)
-            for o in opts:
-                o.zero_grad(set_to_none=True)
-            loss.backward()
-            nn.utils.clip_grad_norm_(dense, config.clip_norm)
-            for o in opts:
-                o.step()
+            loss = bilm_step(model, opts, x, neg_gen, config.precision, dense, config.clip_norm)
             batch_i += 1
             step += 1
             tokens += x.numel()

@@ -14,6 +14,7 @@ from prefect.context import get_run_context
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from flows.params import Profile, RunParams, Strategy
+from flows.runtime import tune_allocator
 from storage.datasets import AG_NEWS_URL
 from storage.hashing import code_version
 from storage.paths import Home, read_json, verify_complete, write_json
@@ -91,6 +92,8 @@ def elmo_news(
     h = Home(params.home_dir())
     home_s = str(h.root)
     log = get_run_logger()
+    # reuse freed memory instead of page-faulting it in again every training step
+    log.info("allocator tuned for training: %s", tune_allocator())
     tracker = Tracker(h.mlflow_uri())
     flow_run = get_run_context().flow_run
     parent = tracker.start_parent(

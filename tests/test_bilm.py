@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import torch
 
-from elmo_core.bilm import BiLM, SampledSoftmax, locked_dropout, reverse_padded
+from elmo_core.bilm import BiLM, SampledNLL, SampledSoftmax, locked_dropout, reverse_padded
 from elmo_core.config import BiLMConfig
 
 CFG = BiLMConfig(
@@ -121,6 +121,41 @@ def test_sampled_loss_and_gradients_match_a_naive_reference():
     assert torch.allclose(gh, h2.grad, atol=1e-6)
     assert torch.allclose(gw, ref_sm.weight.grad, atol=1e-6)
     assert torch.allclose(gb, ref_sm.bias.grad, atol=1e-6)
+
+
+def test_sampled_loss_under_bf16_autocast_stays_close_to_the_float32_reference():
+    """bf16 matmuls and products, float32 loss: loss and gradients within bf16 rounding."""
+    torch.manual_seed(0)
+    sm = SampledSoftmax(200, 16, num_samples=60)
+    sm.set_proposal(torch.rand(200))
+    h = torch.randn(64, 16)
+    targets = torch.randint(1, 200, (64,))
+    hb = h.clone().requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = sm(hb.bfloat16(), targets, torch.Generator().manual_seed(1))
+    loss.backward()
+    assert loss.dtype == torch.float32 and sm.weight.grad.dtype == torch.float32
+    gw = sm.weight.grad.to_dense()
+    sm.zero_grad()
+    h32 = h.clone().requires_grad_()
+    ref = _naive_sampled_loss(sm, h32, targets, torch.Generator().manual_seed(1))
+    ref.backward()
+    assert abs(float(loss) - float(ref)) < 0.02 * float(ref)
+    assert torch.allclose(hb.grad, h32.grad, atol=2e-3, rtol=0.05)
+    assert torch.allclose(gw, sm.weight.grad.to_dense(), atol=2e-3, rtol=0.05)
+
+
+def test_sampled_nll_is_stable_for_huge_logits_and_scales_its_gradient():
+    true = torch.tensor([1000.0, -1000.0], requires_grad=True)
+    sampled = torch.tensor([[0.0, 999.0], [-999.0, -1000.0]], requires_grad=True)
+    loss = SampledNLL.apply(true, sampled)
+    ref = torch.nn.functional.cross_entropy(
+        torch.cat([true[:, None], sampled], 1), torch.zeros(2, dtype=torch.long)
+    )
+    assert torch.isfinite(loss) and torch.allclose(loss, ref, atol=1e-4)  # fp32 ulp at 1000
+    gt, gs = torch.autograd.grad(3.0 * loss, (true, sampled))
+    rt, rs = torch.autograd.grad(3.0 * ref, (true, sampled))
+    assert torch.allclose(gt, rt, atol=1e-5) and torch.allclose(gs, rs, atol=1e-5)
 
 
 def test_lm_loss_equals_the_loss_of_both_directions_in_original_order():
