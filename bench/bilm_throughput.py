@@ -35,10 +35,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from elmo_core.bilm import BiLM  # noqa: E402
 from elmo_core.classifier import ELMoClassifier  # noqa: E402
-from elmo_core.config import BiLMConfig, MixConfig  # noqa: E402
+from elmo_core.config import PRECISIONS, BiLMConfig, MixConfig  # noqa: E402
 from elmo_core.mix import build_mix  # noqa: E402
 from elmo_core.training import (  # noqa: E402
-    PRECISIONS,
     autocast,
     bilm_optimizers,
     bilm_step,

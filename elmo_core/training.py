@@ -24,7 +24,7 @@ from torch import nn
 
 from elmo_core.bilm import BiLM
 from elmo_core.checkpoint import CheckpointError, atomic_save, safe_load
-from elmo_core.config import PretrainConfig
+from elmo_core.config import PretrainConfig, check_precision
 from elmo_core.optim import LazyAdam
 
 LogFn = Callable[[dict[str, float], int], None]
@@ -39,9 +39,6 @@ def pick_device(prefer: str = "auto") -> torch.device:
     if prefer == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(prefer)
-
-
-PRECISIONS = ("auto", "fp32", "bf16")
 
 
 def bf16_native(device: torch.device) -> bool:
@@ -60,8 +57,7 @@ def bf16_native(device: torch.device) -> bool:
 
 def resolve_precision(precision: str, device: torch.device) -> str:
     """``auto`` -> ``bf16`` where the device runs it natively, else ``fp32``."""
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    check_precision(precision)
     if precision == "auto":
         return "bf16" if bf16_native(device) else "fp32"
     return precision

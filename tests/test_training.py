@@ -107,6 +107,8 @@ def test_precision_resolves_per_machine_and_bad_names_raise():
         resolve_precision("fp16", CPU)
     with pytest.raises(ValueError, match="fp16"):
         PretrainConfig(precision="fp16")
+    with pytest.raises(ValueError, match="fp16"):
+        ClassifierConfig(precision="fp16")
     a, b = torch.randn(3, 4), torch.randn(4, 2)
     with autocast(CPU, "bf16"):
         assert (a @ b).dtype == torch.bfloat16
