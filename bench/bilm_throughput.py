@@ -88,9 +88,8 @@ def main() -> None:
         "--out", default=str(Path(__file__).parent / "results" / "bilm_throughput.json")
     )
     args = ap.parse_args()
-    allocator_tuned = (
-        tune_allocator()
-    )  # as the pipeline's flow does (ELMO_NEWS_MALLOC_TUNING=0: not)
+    # as the pipeline's flow does (with ELMO_NEWS_MALLOC_TUNING=0 it does not)
+    allocator_tuned = tune_allocator()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     cpu = torch.device("cpu")
@@ -133,7 +132,6 @@ def main() -> None:
         total.backward()
 
     full_model, full_opts = make(0)
-
     full_dense = dense_parameters(full_model)
 
     def full_softmax_step() -> None:

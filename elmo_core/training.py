@@ -105,10 +105,7 @@ def make_windows(ids: np.ndarray, window: int) -> torch.Tensor:
 
 def bilm_optimizers(model: BiLM, lr: float) -> list[torch.optim.Optimizer]:
     """Row-sparse Adam for the embedding and softmax rows, fused Adam for the LSTMs."""
-    sparse = model.sparse_parameters()
-    ids = {id(p) for p in sparse}
-    dense = [p for p in model.parameters() if id(p) not in ids]
-    return [LazyAdam(sparse, lr=lr), adam(dense, lr=lr)]
+    return [LazyAdam(model.sparse_parameters(), lr=lr), adam(dense_parameters(model), lr=lr)]
 
 
 def bilm_step(
