@@ -1,5 +1,13 @@
 """biLM training throughput on this machine, and the projected wall time of the `full` profile.
 
+The batches are the pipeline's own pretraining windows: ``--data`` (default the AG News sample
+beside the checkout) and ``--pretrain-corpus`` (default Reuters) go through the pipeline's ingest,
+corpus and vocabulary stages (in a temporary home, with the `sample` profile's vocabulary
+settings: V = 44,182) and the stream is cut into windows as pretraining does; the softmax's
+proposal is that vocabulary's unigram. Real text repeats words, so a 128 x 20 batch holds ~1,100
+distinct tokens; uniformly random ids (the old bench's batches) hold ~2,500, which overstates the
+row-sparse work, so that case is measured too and reported beside, not as the ratio.
+
 Measures tokens/s (a token = one position of a training window, seen by both directions) of:
   1. the full biLM training step, the pretraining loop's own ``bilm_step`` (embedding, both
      2-layer LSTM stacks, residual, dropout, sampled softmax, backward, gradient clip, row-sparse
@@ -14,17 +22,19 @@ is measured in blocks and interleaved; the last line, full_step_vs_lstm_only=<ra
 of the two at the pipeline's precision. Like the pipeline's flow, the script first tunes glibc's
 allocator (``flows.runtime.tune_allocator``); ``ELMO_NEWS_MALLOC_TUNING=0`` measures without.
 
-    .venv/bin/python bench/bilm_throughput.py [--steps 20] [--vocab 44182] [--precision auto] [--out bench/results/bilm_throughput.json]
+    .venv/bin/python bench/bilm_throughput.py [--steps 20] [--precision auto] [--data ../shared/data/ag_news_sample] [--pretrain-corpus ../shared/data/reuters21578/reuters21578.csv] [--out bench/results/bilm_throughput.json]
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import platform
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -42,10 +52,40 @@ from elmo_core.training import (  # noqa: E402
     bilm_optimizers,
     bilm_step,
     dense_parameters,
+    make_windows,
     resolve_precision,
 )
 from flows.params import PROFILES, RunParams  # noqa: E402
 from flows.runtime import tune_allocator  # noqa: E402
+from tasks.data import (  # noqa: E402
+    CorpusConfig,
+    IngestConfig,
+    build_vocab,
+    fetch_data,
+    ingest,
+    load_vocab,
+    pretraining_documents,
+    read_pretrain_corpus,
+)
+from tasks.pretrain import encode_stream  # noqa: E402
+
+SHARED = Path(__file__).resolve().parent.parent.parent / "shared" / "data"
+
+
+def pretraining_batches(
+    data: str, corpus: str, batch: int, window: int, count: int, seed: int = 13
+) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """``count`` batches (B, T) of the pipeline's pretraining windows of ``data`` + ``corpus``,
+    in a seeded random order as an epoch visits them, and the vocabulary's unigram counts (V,)."""
+    vocab_config = RunParams(profile="sample").resolve().vocab
+    with tempfile.TemporaryDirectory() as home:
+        dataset = ingest.fn(fetch_data.fn(data, home), home, IngestConfig())
+        corpora = [read_pretrain_corpus.fn(corpus, home, CorpusConfig())] if corpus else []
+        vocab = load_vocab(build_vocab.fn(dataset, corpora, home, vocab_config))
+        ids = encode_stream(pretraining_documents(dataset, corpora), vocab, seed)
+    windows = make_windows(ids, window)  # (W, T)
+    order = torch.randperm(len(windows), generator=torch.Generator().manual_seed(seed))
+    return list(windows[order[: count * batch]].split(batch)), torch.from_numpy(vocab.unigram())
 
 
 def timed(fn, steps: int, warmup: int = 3) -> float:
@@ -79,9 +119,8 @@ def timed_pair(a, b, steps: int, warmup: int = 3) -> tuple[float, float]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--steps", type=int, default=20)
-    ap.add_argument(
-        "--vocab", type=int, default=44_182, help="V (44,182 = the sample run's vocabulary)"
-    )
+    ap.add_argument("--data", default=str(SHARED / "ag_news_sample"))
+    ap.add_argument("--pretrain-corpus", default=str(SHARED / "reuters21578" / "reuters21578.csv"))
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--precision", default="auto", choices=PRECISIONS)
     ap.add_argument(
@@ -97,25 +136,26 @@ def main() -> None:
     full = RunParams(profile="full").resolve()
     bp, tp, cp = full.bilm, full.pretrain, full.classifier
     b, t, h = tp.batch_size, tp.window, bp.hidden_dim
-    tokens = torch.randint(4, args.vocab, (b, t))
+    batches, unigram = pretraining_batches(args.data, args.pretrain_corpus, b, t, count=64)
+    vocab_size = len(unigram)
+    real = itertools.cycle(batches)
+    uniform = itertools.cycle([torch.randint(4, vocab_size, (b, t)) for _ in range(64)])
 
     def make(num_samples: int) -> tuple[BiLM, list[torch.optim.Optimizer]]:
-        m = BiLM(
-            BiLMConfig(
-                vocab_size=args.vocab,
-                embedding_dim=bp.embedding_dim,
-                hidden_dim=h,
-                num_samples=num_samples,
-            )
-        )
+        m = BiLM(BiLMConfig(vocab_size=vocab_size, num_samples=num_samples, **bp_model))
+        m.softmax.set_proposal(unigram)
         return m.train(), bilm_optimizers(m, tp.lr)
 
+    bp_model = {k: v for k, v in vars(bp).items() if k != "num_samples"}
     model, opts = make(bp.num_samples)
     dense = dense_parameters(model)
     gen = torch.Generator().manual_seed(0)
 
-    def step(prec: str = precision) -> None:  # the pretraining loop's own step
-        bilm_step(model, opts, tokens, gen, prec, dense, tp.clip_norm)
+    def step(prec: str = precision, source: itertools.cycle = real) -> None:
+        bilm_step(model, opts, next(source), gen, prec, dense, tp.clip_norm)  # the pipeline's step
+
+    def step_uniform() -> None:
+        step(precision, uniform)
 
     stacks = nn.ModuleList(nn.LSTM(h, h, batch_first=True) for _ in range(2 * bp.num_layers))
     x = torch.randn(b, t, h, requires_grad=True)
@@ -135,9 +175,9 @@ def main() -> None:
     full_dense = dense_parameters(full_model)
 
     def full_softmax_step() -> None:
-        bilm_step(full_model, full_opts, tokens, gen, precision, full_dense, tp.clip_norm)
+        bilm_step(full_model, full_opts, next(real), gen, precision, full_dense, tp.clip_norm)
 
-    doc = torch.randint(4, args.vocab, (64, 44))
+    doc = torch.randint(4, vocab_size, (64, 44))
     mask = torch.ones_like(doc, dtype=torch.bool)
 
     def extract() -> None:
@@ -147,13 +187,13 @@ def main() -> None:
 
     n_layers, dim = bp.num_layers + 1, 2 * h
     clf = ELMoClassifier(
-        cp, build_mix(MixConfig("wsum", n_layers, dim)), dim, 4, vocab_size=args.vocab
+        cp, build_mix(MixConfig("wsum", n_layers, dim)), dim, 4, vocab_size=vocab_size
     )
     copt = torch.optim.Adam(clf.parameters(), lr=cp.lr)
     layers = torch.randn(n_layers, cp.batch_size, 44, dim)
     cmask = torch.ones(cp.batch_size, 44, dtype=torch.bool)
     y = torch.randint(0, 4, (cp.batch_size,))
-    ctok = torch.randint(4, args.vocab, (cp.batch_size, 44))
+    ctok = torch.randint(4, vocab_size, (cp.batch_size, 44))
 
     def clf_step() -> None:
         loss = nn.functional.cross_entropy(clf(layers, cmask, ctok), y)
@@ -168,6 +208,7 @@ def main() -> None:
     s_full_blocks = timed(step, args.steps)
     s_lstm_blocks = timed(lstm_only, args.steps)
     s_full, s_lstm = timed_pair(step, lstm_only, args.steps)
+    s_uniform, s_lstm_u = timed_pair(step_uniform, lstm_only, args.steps)
     fp32_pair = None
     if precision != "fp32":  # the same pair in float32, for comparison with fp32-only CPUs
 
@@ -222,8 +263,18 @@ def main() -> None:
             "T": t,
             "E": bp.embedding_dim,
             "H": h,
-            "V": args.vocab,
+            "V": vocab_size,
             "negatives": bp.num_samples,
+        },
+        "batches": {
+            "data": args.data,
+            "pretrain_corpus": args.pretrain_corpus,
+            "distinct_tokens_per_batch": statistics.mean(len(torch.unique(x)) for x in batches),
+        },
+        "uniform_random_ids": {
+            "full_step": round(b * t / s_uniform),
+            "lstm_only": round(b * t / s_lstm_u),
+            "ratio_interleaved": s_lstm_u / s_uniform,
         },
         "tokens_per_s": {k: round(v) for k, v in tps.items()},
         "full_step_vs_lstm_only": min(s_lstm / s_full, s_lstm_blocks / s_full_blocks),
@@ -260,6 +311,10 @@ def main() -> None:
             f"ratio interleaved {fp32_pair['ratio_interleaved']:.3f}, "
             f"in blocks {fp32_pair['ratio_blocks']:.3f}"
         )
+    print(
+        f"uniformly random ids instead of text: full step {round(b * t / s_uniform)} tokens/s, "
+        f"ratio {s_lstm_u / s_uniform:.3f}"
+    )
     print(
         f"{precision}: ratio interleaved {report['ratio_interleaved']:.3f}, "
         f"in blocks {report['ratio_blocks']:.3f}"

@@ -37,50 +37,112 @@ def reverse_padded(x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
     return x.gather(1, idx)
 
 
-def locked_dropout(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
+def locked_dropout(
+    x: torch.Tensor, p: float, training: bool, inplace: bool = False
+) -> torch.Tensor:
     """Variational dropout: one mask per sequence and feature, shared by every time step.
 
     x: (B, T, D) -> (B, T, D). Dropping the same units at each step is the standard regulariser
     for LSTM LMs (Gal & Ghahramani 2016; AWD-LSTM), and it draws B*D random numbers instead of
-    B*T*D: on a CPU, per-element Bernoulli draws were ~8 % of a biLM training step.
+    B*T*D: on a CPU, per-element Bernoulli draws were ~8 % of a biLM training step. ``inplace``
+    scales x itself (a fresh tensor no one else reads): one pass and one allocation less.
     """
     if not training or p == 0.0:
         return x
     keep = 1.0 - p
     # uniforms < keep: the same Bernoulli(keep) mask as bernoulli_, ~4x cheaper to draw here
-    mask = x.new_empty(x.shape[0], 1, x.shape[2]).uniform_().lt_(keep)  # (B, 1, D)
-    return x * mask.div_(keep)
+    mask = x.new_empty(x.shape[0], 1, x.shape[2]).uniform_().lt_(keep).div_(keep)  # (B, 1, D)
+    return x.mul_(mask) if inplace else x * mask
 
 
 class SampledNLL(torch.autograd.Function):
-    """Mean over N of -log softmax([true; sampled])[0], in float32, with its gradient.
+    """Mean over N of -log softmax([true; sampled])[0], with its gradient, in one pass.
 
-    true_logit (N,), sampled (N, S) -> scalar. Takes the true word's logit and the (N, S) sampled
-    logits separately, so the (N, 1+S) matrix is never built, and works out the gradient in the
-    forward pass from the same exponentials (softmax / N): the backward pass only scales it. The
-    autograd of ``logsumexp`` would re-read the logits, subtract and exponentiate them again.
+    h (N, D), true rows w_t (N, D) and corrections c_t (N,), sampled rows w_s (S, D) and
+    corrections c_s (S,), accidental hits (hit_rows (K,), hit_cols (K,)) -> scalar float32.
+
+    The (N, S) block is the cost, so it is touched as few times as possible and never copied or
+    cast: with each row shifted by its true logit t, exp(h w_s^T + c_s - t) = E * q where
+    E = exp(h w_s^T - t) comes from one addmm (bias -t broadcast over the row) and one in-place
+    exp, and q = exp(c_s) is a column factor. The partition function is then E q (a matvec); E
+    is scaled in place by s = 1 / (N * denom) per row, and the gradient softmax / N =
+    diag(s) E diag(q) is never formed: q scales the (S, D) operand or result of the backward's
+    two matmuls. If a sampled logit exceeds its row's true logit by so much that exp overflows,
+    the row-max shift is used instead (q = 1). Under autocast E is bf16 (as autograd's addmm
+    output would be); t, the shift, the loss and s are float32.
     """
 
     @staticmethod
-    def forward(ctx: Any, true_logit: torch.Tensor, sampled: torch.Tensor) -> torch.Tensor:
-        n = sampled.shape[0]
-        t = true_logit.float()  # (N,)
-        z = sampled.to(torch.float32, copy=True)  # (N, S), overwritten below
-        m = torch.maximum(z.amax(1), t)  # (N,) row max over [true; sampled]
-        z.sub_(m.unsqueeze(1)).exp_()  # (N, S) exp(logit - max)
-        e_t = (t - m).exp_()  # (N,)
-        denom = z.sum(1).add_(e_t)  # (N,) partition function / exp(max)
+    def forward(
+        ctx: Any,
+        h: torch.Tensor,
+        w_t: torch.Tensor,
+        c_t: torch.Tensor,
+        w_s: torch.Tensor,
+        c_s: torch.Tensor,
+        hit_rows: torch.Tensor,
+        hit_cols: torch.Tensor,
+    ) -> torch.Tensor:
+        n, dt = h.shape[0], h.dtype
+        ctx.dtypes = (w_t.dtype, c_t.dtype, w_s.dtype, c_s.dtype)
+        w_s = w_s.to(dt)
+        t = (h * w_t.to(dt)).sum(-1, dtype=torch.float32) + c_t.float()  # (N,) true logits
+        hit = (hit_rows, hit_cols)
+        with torch.autocast(h.device.type, enabled=False):  # h's dtype decides, as in backward
+            m = t.to(dt)  # (N,) row shift, as rounded to h's dtype
+            e = torch.addmm(m.neg().unsqueeze(1), h, w_s.t()).exp_()  # (N, S) exp(h w - m)
+            e.index_put_(hit, e.new_zeros(()))  # a sample that is the target
+            q = c_s.float().exp()  # (S,) column factor exp(c_s)
+            denom = torch.mv(e, q.to(dt)).float()  # (N,) sampled part of the partition function
+            if not torch.isfinite(denom).all():  # exp overflowed: shift rows by their max, q = 1
+                z = torch.addmm(c_s.to(dt), h, w_s.t())  # (N, S)
+                m = torch.maximum(z.amax(1).float(), t).to(dt)
+                e, q = z.sub_(m.unsqueeze(1)).exp_(), torch.ones_like(q)
+                e.index_put_(hit, e.new_zeros(()))
+                denom = e.sum(1, dtype=torch.float32)
+            m = m.float()
+            e_t = (t - m).exp_()  # (N,) the true word's term
+            denom.add_(e_t)  # (N,) partition function / exp(m)
         loss = (denom.log() + m - t).mean()
-        scale = denom.mul_(n).reciprocal_()  # (N,) 1 / (N * denom)
-        grad_sampled = z.mul_(scale.unsqueeze(1)).to(sampled.dtype)  # (N, S) softmax / N
-        grad_true = e_t.mul_(scale).sub_(1.0 / n).to(true_logit.dtype)  # (N,) (p_true - 1) / N
-        ctx.save_for_backward(grad_true, grad_sampled)
+        s = denom.mul_(n).reciprocal_()  # (N,) 1 / (N * denom)
+        grad_t = e_t.mul_(s).sub_(1.0 / n)  # (N,) (p_true - 1) / N
+        e.mul_(s.to(dt).unsqueeze(1))  # (N, S) diag(s) E: softmax / N without the column factor
+        ctx.save_for_backward(h, w_t, w_s, e, q, grad_t)
         return loss
 
     @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        grad_true, grad_sampled = ctx.saved_tensors
-        return grad_true * grad, grad_sampled * grad
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        h, w_t, w_s, e, q, grad_t = ctx.saved_tensors  # e = diag(s) E
+        dt, g = h.dtype, float(grad)  # the upstream scalar
+        g_t = grad_t.mul(g)  # (N,) float32: d loss / d true logit
+        qc = q.mul(g).to(dt).unsqueeze(1)  # (S, 1) column factors, upstream scale included
+        g_tc = g_t.to(dt).unsqueeze(1)  # (N, 1)
+        dh = torch.addmm(g_tc * w_t.to(dt), e, w_s * qc)  # (N, D) = G w_s + g_t w_t
+        dw_s = torch.mm(e.t(), h).mul_(qc)  # (S, D) = G^T h
+        dc_s = e.sum(0).float().mul_(q).mul_(g)  # (S,) column sums of G
+        dw_t = g_tc * h  # (N, D)
+        grads = (dw_t, g_t, dw_s, dc_s)
+        return dh, *(x.to(d) for x, d in zip(grads, ctx.dtypes, strict=True)), None, None
+
+
+class GatherRows(torch.autograd.Function):
+    """weight (V, *), distinct sorted ids (U,) -> weight rows (U, *) whose gradient is a sparse
+    tensor already marked coalesced (its indices are ``ids``), so the row-sparse optimizer does
+    not sort and merge it again as it must for ``F.embedding(..., sparse=True)``'s gradient."""
+
+    @staticmethod
+    def forward(ctx: Any, weight: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(ids)
+        ctx.shape = weight.shape
+        return weight.index_select(0, ids)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        (ids,) = ctx.saved_tensors
+        sparse = torch.sparse_coo_tensor(
+            ids.unsqueeze(0), grad, ctx.shape, is_coalesced=True, check_invariants=False
+        )
+        return sparse, None
 
 
 class SampledSoftmax(nn.Module):
@@ -110,16 +172,37 @@ class SampledSoftmax(nn.Module):
         p[0] = 0.0
         self.proposal.copy_((p / p.sum()).to(self.proposal.dtype))
 
-    def _log_expected(self, ids: torch.Tensor) -> torch.Tensor:
-        """log of the expected number of times each id is drawn in ``num_samples`` draws."""
+    def _log_expected(self, ids: torch.Tensor, tries: int) -> torch.Tensor:
+        """log of the expected number of times each id comes up in ``tries`` draws."""
         p = self.proposal[ids].double()
-        return torch.log1p(-torch.pow(1 - p, self.num_samples)).clamp_min(-30.0).float()
+        return torch.log1p(-torch.pow(1 - p, tries)).clamp_min(-30.0).float()
 
-    def _rows(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Weight rows (U, D) and biases (U,) of distinct ids (U,), with sparse gradients."""
-        w = F.embedding(ids, self.weight, sparse=True)  # (U, D)
-        b = F.embedding(ids, self.bias, sparse=True).squeeze(-1)  # (U,)
-        return w, b
+    def draw(self, generator: torch.Generator | None = None) -> tuple[torch.Tensor, int]:
+        """The step's shared negatives -> (S,) distinct sorted ids, S = ``num_samples``, and the
+        number of draws it took.
+
+        Draws with replacement from the proposal until S distinct ids came up and keeps those
+        (TensorFlow's ``unique=True`` candidate samplers), so every step has the same S and the
+        softmax's matmuls the same shapes: oneDNN then reuses one kernel instead of building
+        one per S, which cost more than the matmuls on short runs. Expected counts use the
+        number of draws. S is capped at the number of ids the proposal can draw.
+        """
+        k = min(self.num_samples, int((self.proposal > 0).sum()))
+        drawn = torch.zeros(0, dtype=torch.long)
+        while True:
+            more = torch.multinomial(self.proposal, 2 * k, replacement=True, generator=generator)
+            drawn = torch.cat([drawn, more])
+            ids, inv = torch.unique(drawn, return_inverse=True)  # (U,), (n,)
+            if len(ids) >= k:
+                break
+        pos = torch.arange(len(drawn))
+        first = torch.full_like(ids, len(drawn)).scatter_reduce_(0, inv, pos, "amin")  # (U,)
+        keep = first.argsort()[:k]  # the first k distinct ids to come up
+        return ids[keep].sort().values, int(first[keep[-1]]) + 1
+
+    def rows(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Weight rows (U, D) and biases (U,) of distinct sorted ids (U,), with sparse gradients."""
+        return GatherRows.apply(self.weight, ids), GatherRows.apply(self.bias, ids).squeeze(-1)
 
     def forward(
         self,
@@ -130,36 +213,49 @@ class SampledSoftmax(nn.Module):
         """h: (N, D), targets: (N,) -> mean negative log-likelihood (scalar)."""
         if not self.training or self.num_samples == 0:
             return self.nll(h, targets).mean()
-        samples = torch.multinomial(
-            self.proposal, self.num_samples, replacement=True, generator=generator
-        )
-        samples = torch.unique(samples).to(targets.device)  # (S,) distinct
-        n, s = targets.shape[0], samples.shape[0]
-        # one sparse lookup of the distinct rows a step needs (targets repeat a lot): the sparse
+        samples, tries = self.draw(generator)
+        samples = samples.to(targets.device)  # (S,)
+        # one lookup of the distinct rows a step needs (targets repeat a lot): the sparse
         # gradient, and the optimizer work on it, scale with U instead of N + S
         rows, inv = torch.unique(torch.cat([targets, samples]), return_inverse=True)  # (U,), (N+S,)
-        inv_t, inv_s = inv[:n], inv[n:]  # (N,), (S,)
-        w_u, b_u = self._rows(rows)  # (U, D), (U,)
+        n = targets.shape[0]
+        return self.loss_on_rows(h, rows, *self.rows(rows), inv[:n], inv[n:], tries)
+
+    def loss_on_rows(
+        self,
+        h: torch.Tensor,
+        rows: torch.Tensor,
+        w_u: torch.Tensor,
+        b_u: torch.Tensor,
+        inv_t: torch.Tensor,
+        inv_s: torch.Tensor,
+        tries: int,
+    ) -> torch.Tensor:
+        """Sampled NLL given the step's distinct rows: h (N, D); rows (U,) with their weights
+        w_u (U, D) and biases b_u (U,); each target's (inv_t (N,)) and each sample's (inv_s (S,))
+        position among them; ``tries`` draws gave the samples -> mean NLL (scalar, float32)."""
         # under bf16 autocast h is bf16: cast the U rows once, so the (N, D) gathers, the true
         # logits' products and addmm's operand are bf16 too (fp32: a no-op)
         w_u = w_u.to(h.dtype)
-        corr = b_u - self._log_expected(rows)  # (U,) bias minus log expected count
+        corr = b_u - self._log_expected(rows, tries)  # (U,) bias minus log expected count
         # index_select (not advanced indexing): its backward is an index_add, not a slower
         # accumulating index_put
         w_t = w_u.index_select(0, inv_t)  # (N, D)
-        true_logit = (h * w_t).sum(-1, dtype=torch.float32) + corr.index_select(0, inv_t)  # (N,)
         w_s = w_u.index_select(0, inv_s)  # (S, D)
-        sampled = torch.addmm(corr.index_select(0, inv_s), h, w_s.t())  # (N, S)
-        # accidental hits: samples are distinct, so a target equals at most one sampled column;
-        # masked in place (addmm's backward does not need its output)
+        # accidental hits: samples are distinct, so a target equals at most one sampled column
         col = torch.full_like(rows, -1)
-        col[inv_s] = torch.arange(s, device=rows.device)
+        col[inv_s] = torch.arange(inv_s.shape[0], device=rows.device)
         hit = col.index_select(0, inv_t)  # (N,) column of the target among the samples, or -1
         hit_rows = (hit >= 0).nonzero().squeeze(1)  # (K,)
-        sampled = sampled.index_put_(
-            (hit_rows, hit.index_select(0, hit_rows)), sampled.new_tensor(-1e4)
+        return SampledNLL.apply(
+            h,
+            w_t,
+            corr.index_select(0, inv_t),
+            w_s,
+            corr.index_select(0, inv_s),
+            hit_rows,
+            hit.index_select(0, hit_rows),
         )
-        return SampledNLL.apply(true_logit, sampled)
 
     def nll(self, h: torch.Tensor, targets: torch.Tensor, chunk: int = 2048) -> torch.Tensor:
         """Exact per-token negative log-likelihood under the full softmax. (N, D) -> (N,)"""
@@ -168,6 +264,15 @@ class SampledSoftmax(nn.Module):
             logits = h[i : i + chunk] @ self.weight.t() + self.bias.squeeze(-1)  # (n, V)
             out.append(F.cross_entropy(logits.float(), targets[i : i + chunk], reduction="none"))
         return torch.cat(out) if out else h.new_zeros(0)
+
+
+def _compute_dtype(x: torch.Tensor) -> torch.Tensor:
+    """x in autocast's dtype where autocast is on (so dropout and copies run in bf16 and the
+    LSTM does not cast again), else unchanged."""
+    kind = x.device.type
+    if torch.is_autocast_enabled(kind):
+        return x.to(torch.get_autocast_dtype(kind))
+    return x
 
 
 class BiLM(nn.Module):
@@ -205,9 +310,13 @@ class BiLM(nn.Module):
     def output_dim(self) -> int:
         return 2 * self.config.hidden_dim
 
-    def _drop(self, x: torch.Tensor) -> torch.Tensor:
+    def _embed(self, tokens: torch.Tensor) -> torch.Tensor:
+        """tokens (B, T) -> token vectors (B, T, H), in autocast's dtype when it is on."""
+        return _compute_dtype(self.project(self.embedding(tokens)))
+
+    def _drop(self, x: torch.Tensor, inplace: bool = False) -> torch.Tensor:
         """(B, T, D) -> (B, T, D), variational dropout while training."""
-        return locked_dropout(x, self.dropout_p, self.training)
+        return locked_dropout(x, self.dropout_p, self.training, inplace)
 
     def _stack(self, lstms: nn.ModuleList, x: torch.Tensor) -> list[torch.Tensor]:
         """Run one direction's stack; residual after the first layer. (B, T, H) -> L x (B, T, H).
@@ -232,7 +341,7 @@ class BiLM(nn.Module):
         ``lengths`` (B,) marks right padding; None means every row is full (training windows).
         Backward states are returned in the original time order.
         """
-        x = self.project(self.embedding(tokens))  # (B, T, H)
+        x = self._embed(tokens)  # (B, T, H)
         xd = self._drop(x)
         fwd = self._stack(self.forward_lstms, xd)
         if lengths is None:
@@ -258,16 +367,30 @@ class BiLM(nn.Module):
 
         The forward state at t predicts token t+1; the backward state at t predicts token t-1.
         The backward LM is a forward LM over the time-reversed window, so its states stay in
-        reversed order and its targets are the reversed tokens: no flip of any state.
+        reversed time and its targets are the reversed tokens: no flip of any state. Every token
+        is some direction's target, so the softmax rows a step needs are those of the window's
+        distinct tokens and of the negatives, gathered once.
         """
-        x = self._drop(self.project(self.embedding(tokens)))  # (B, T, H)
-        f = self._stack(self.forward_lstms, x)[-1][:, :-1]  # (B, T-1, H)
-        b = self._stack(self.backward_lstms, x.flip(1))[-1][:, :-1]  # (B, T-1, H), reversed time
-        # one dropout and one softmax call for both directions: shared negatives, one matmul
-        states = self._drop(torch.cat([f, b]))  # (2B, T-1, H)
-        targets = torch.cat([tokens[:, 1:], tokens.flip(1)[:, 1:]])  # (2B, T-1)
+        b, t = tokens.shape
         h = self.config.hidden_dim
-        return self.softmax(states.reshape(-1, h), targets.reshape(-1), generator)
+        sampled = self.training and self.config.num_samples > 0  # else the exact full softmax
+        if sampled:
+            samples, tries = self.softmax.draw(generator)
+            samples = samples.to(tokens.device)  # (S,)
+            ids = torch.cat([tokens.reshape(-1), samples])  # (B*T + S,)
+            rows, inv = torch.unique(ids, return_inverse=True)  # (U,), (B*T + S,)
+            w_u, b_u = self.softmax.rows(rows)  # (U, H), (U,)
+            inv_tok = inv[: b * t].view(b, t)  # (B, T) row of each token
+        x = self._drop(self._embed(tokens), inplace=True)  # (B, T, H), a fresh tensor
+        f = self._stack(self.forward_lstms, x)[-1][:, :-1]  # (B, T-1, H)
+        r = self._stack(self.backward_lstms, x.flip(1))[-1][:, :-1]  # (B, T-1, H), reversed time
+        # one dropout and one softmax call for both directions: shared negatives, one matmul
+        states = self._drop(torch.cat([f, r]), inplace=True).reshape(-1, h)  # (2B(T-1), H)
+        if not sampled:
+            targets = torch.cat([tokens[:, 1:], tokens.flip(1)[:, 1:]])  # (2B, T-1)
+            return self.softmax(states, targets.reshape(-1))
+        inv_t = torch.cat([inv_tok[:, 1:], inv_tok.flip(1)[:, 1:]]).reshape(-1)  # (2B(T-1),)
+        return self.softmax.loss_on_rows(states, rows, w_u, b_u, inv_t, inv[b * t :], tries)
 
     @torch.no_grad()
     def exact_nll(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

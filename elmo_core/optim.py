@@ -1,18 +1,20 @@
 """Row-sparse ("lazy") Adam for the biLM's embedding and softmax rows.
 
-The same update as ``torch.optim.SparseAdam`` — only the rows present in a step's sparse gradient
-have their moments and values updated, with the bias correction of a per-parameter step count —
-written with dense row gathers (index_select / index_copy_ / index_add_) instead of sparse-tensor
-arithmetic. On this CPU that is ~3x cheaper per step (a 44k x 256 softmax, ~5.6k rows a step:
-4.3 ms vs 13 ms), which matters because it runs on every biLM step.
+The update of ``torch.optim.SparseAdam`` — only the rows present in a step's sparse gradient have
+their moments and values updated, with the bias correction of a per-parameter step count — done
+as: gather the rows of the values and both moments, one fused Adam kernel over all parameters'
+rows (``torch.optim.adam.adam(fused=True)``), scatter the three back. Sparse-tensor arithmetic
+(SparseAdam) was ~3x slower here, and an elementwise update on the gathered rows made 11 passes
+over them where this makes 7. It runs on every biLM step. (eps is added to the bias-corrected
+root as in Adam, not to the raw root as in SparseAdam: a difference of order eps.)
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Iterable
 
 import torch
+from torch.optim.adam import adam
 
 
 class LazyAdam(torch.optim.Optimizer):
@@ -35,7 +37,7 @@ class LazyAdam(torch.optim.Optimizer):
     def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
         loss = closure() if closure is not None else None
         for group in self.param_groups:
-            lr, (b1, b2), eps = group["lr"], group["betas"], group["eps"]
+            touched, values, grads, exp_avgs, exp_avg_sqs, steps = [], [], [], [], [], []
             for p in group["params"]:
                 if p.grad is None:
                     continue
@@ -43,19 +45,40 @@ class LazyAdam(torch.optim.Optimizer):
                     raise ValueError("LazyAdam takes sparse gradients; use Adam for dense ones")
                 state = self.state[p]
                 if not state:
-                    state["step"] = 0
+                    state["step"] = torch.zeros((), dtype=torch.float32)
                     state["exp_avg"] = torch.zeros_like(p)
                     state["exp_avg_sq"] = torch.zeros_like(p)
-                state["step"] += 1
                 grad = p.grad.coalesce()
                 rows = grad.indices()[0]  # (U,) distinct rows of this step
-                g = grad.values()  # (U, *)
-                m = state["exp_avg"].index_select(0, rows).lerp_(g, 1 - b1)
-                v = state["exp_avg_sq"].index_select(0, rows).mul_(b2).addcmul_(g, g, value=1 - b2)
+                touched.append((p, state, rows))
+                values.append(p.index_select(0, rows))  # (U, *)
+                grads.append(grad.values())
+                exp_avgs.append(state["exp_avg"].index_select(0, rows))
+                exp_avg_sqs.append(state["exp_avg_sq"].index_select(0, rows))
+                steps.append(state["step"])
+            if not touched:
+                continue
+            b1, b2 = group["betas"]
+            adam(
+                values,
+                grads,
+                exp_avgs,
+                exp_avg_sqs,
+                [],
+                steps,  # incremented in place
+                fused=True,
+                amsgrad=False,
+                beta1=b1,
+                beta2=b2,
+                lr=group["lr"],
+                weight_decay=0.0,
+                eps=group["eps"],
+                maximize=False,
+            )
+            for (p, state, rows), v, m, s in zip(
+                touched, values, exp_avgs, exp_avg_sqs, strict=True
+            ):
+                p.index_copy_(0, rows, v)
                 state["exp_avg"].index_copy_(0, rows, m)
-                state["exp_avg_sq"].index_copy_(0, rows, v)
-                bc1 = 1 - b1 ** state["step"]
-                bc2 = 1 - b2 ** state["step"]
-                denom = v.sqrt_().add_(eps)  # eps outside the bias correction, as SparseAdam
-                p.index_add_(0, rows, m.div_(denom), alpha=-lr * math.sqrt(bc2) / bc1)
+                state["exp_avg_sq"].index_copy_(0, rows, s)
         return loss

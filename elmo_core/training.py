@@ -127,7 +127,12 @@ def bilm_step(
     for o in opts:
         o.zero_grad(set_to_none=True)
     loss.backward()
-    nn.utils.clip_grad_norm_(dense, clip_norm)
+    # clip_grad_norm_, but the gradients are rescaled only when the norm is over the limit
+    # (clip_grad_norm_ multiplies every gradient by a coefficient clamped to 1 on every step)
+    grads = [p.grad for p in dense if p.grad is not None]
+    total = nn.utils.get_total_norm(grads, foreach=True)
+    if float(total) > clip_norm:
+        nn.utils.clip_grads_with_norm_(dense, clip_norm, total, foreach=True)
     for o in opts:
         o.step()
     return loss

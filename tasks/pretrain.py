@@ -30,7 +30,7 @@ BILM_CODE = [
 PRETRAIN = Stage("bilm", [*BILM_CODE, "elmo_core.vocab", "tasks.pretrain"])
 
 
-def _encode_stream(docs: list[list[str]], vocab, seed: int) -> np.ndarray:
+def encode_stream(docs: list[list[str]], vocab, seed: int) -> np.ndarray:
     """Documents -> one id stream ``<s> doc </s> <s> doc </s> ...`` in a seeded shuffled order."""
     order = np.random.default_rng(seed).permutation(len(docs))
     parts = []
@@ -79,9 +79,9 @@ def pretrain(
         set_threads()
         v = load_vocab(vocab)
         config = BiLMConfig(vocab_size=len(v), **bilm)
-        train_ids = _encode_stream(pretraining_documents(dataset, corpora), v, train.seed)
+        train_ids = encode_stream(pretraining_documents(dataset, corpora), v, train.seed)
         val_docs = read_dataset(Path(dataset) / "val.parquet")["tokens"].to_list()
-        val_ids = _encode_stream(val_docs, v, train.seed)[: max(train.val_tokens, train.window)]
+        val_ids = encode_stream(val_docs, v, train.seed)[: max(train.val_tokens, train.window)]
         torch.manual_seed(train.seed)
         model = BiLM(config)
         model.softmax.set_proposal(torch.from_numpy(v.unigram()))

@@ -80,16 +80,17 @@ def test_sampled_loss_trains_lstms_and_touches_only_sampled_rows():
     assert g.is_sparse
     touched = set(g.coalesce().indices()[0].tolist())
     assert set(tokens.flatten().tolist()) <= touched and len(touched) < 500
+    samples, _ = m.softmax.draw(torch.Generator().manual_seed(0))  # the step's negatives
+    assert touched == set(tokens.flatten().tolist()) | set(samples.tolist())
+    assert m.embedding.weight.grad.is_sparse
 
 
 def _naive_sampled_loss(sm: SampledSoftmax, h, targets, generator):
     """The sampled softmax written the plain way: [true; negatives] logits, hits masked, CE."""
-    samples = torch.unique(
-        torch.multinomial(sm.proposal, sm.num_samples, True, generator=generator)
-    )
+    samples, tries = sm.draw(generator)
 
     def log_q(ids):
-        return torch.log1p(-torch.pow(1 - sm.proposal[ids].double(), sm.num_samples)).float()
+        return torch.log1p(-torch.pow(1 - sm.proposal[ids].double(), tries)).float()
 
     w, b = sm.weight, sm.bias.squeeze(-1)
     true = (h * w[targets]).sum(-1) + b[targets] - log_q(targets)  # (N,)
@@ -97,6 +98,25 @@ def _naive_sampled_loss(sm: SampledSoftmax, h, targets, generator):
     neg = neg.masked_fill(targets[:, None] == samples[None, :], -1e4)
     logits = torch.cat([true[:, None], neg], 1)
     return torch.nn.functional.cross_entropy(logits, torch.zeros_like(targets))
+
+
+def test_draw_gives_exactly_num_samples_distinct_ids_and_counts_the_draws():
+    sm = SampledSoftmax(300, 4, num_samples=50)
+    sm.set_proposal(torch.from_numpy(np.r_[0.0, 1.0 / np.arange(1, 300)]))  # Zipf: repeats
+    ids, tries = sm.draw(torch.Generator().manual_seed(0))
+    assert len(ids) == 50 and len(torch.unique(ids)) == 50 and bool((ids > 0).all())
+    assert torch.equal(ids, ids.sort().values) and tries > 50  # Zipf draws repeat
+    again, tries2 = sm.draw(torch.Generator().manual_seed(0))
+    assert torch.equal(ids, again) and tries == tries2  # seeded
+    # the kept ids are the first 50 distinct ones of the same generator's draws
+    first = torch.multinomial(sm.proposal, 100, True, generator=torch.Generator().manual_seed(0))
+    seen: list[int] = []
+    for i in first[:tries].tolist():
+        if i not in seen:
+            seen.append(i)
+    assert sorted(seen) == ids.tolist() and first[tries - 1].item() not in seen[:-1]
+    small = SampledSoftmax(6, 4, num_samples=50)  # only 5 drawable ids (not <pad>)
+    assert len(small.draw(torch.Generator().manual_seed(1))[0]) == 5
 
 
 def test_sampled_loss_and_gradients_match_a_naive_reference():
@@ -146,22 +166,54 @@ def test_sampled_loss_under_bf16_autocast_stays_close_to_the_float32_reference()
 
 
 def test_sampled_nll_is_stable_for_huge_logits_and_scales_its_gradient():
-    true = torch.tensor([1000.0, -1000.0], requires_grad=True)
-    sampled = torch.tensor([[0.0, 999.0], [-999.0, -1000.0]], requires_grad=True)
-    loss = SampledNLL.apply(true, sampled)
-    ref = torch.nn.functional.cross_entropy(
-        torch.cat([true[:, None], sampled], 1), torch.zeros(2, dtype=torch.long)
-    )
+    """h = I makes the sampled logits w_s^T + c_s and the true ones c_t: +-1000 stays finite,
+    also where a sampled logit exceeds the true one by 1000 (exp overflows: the row-max shift)."""
+    true = torch.tensor([1000.0, -1000.0, -1000.0])
+    sampled = torch.tensor([[0.0, 999.0, 3.0], [-999.0, -1000.0, 2.0], [0.0, 1.0, -5.0]])
+
+    def inputs():
+        h = torch.eye(3, requires_grad=True)
+        w_t = torch.zeros(3, 3, requires_grad=True)
+        c_t = true.clone().requires_grad_()
+        w_s = sampled.t().clone().requires_grad_()  # (S, D): h @ w_s.t() == sampled
+        c_s = torch.zeros(3, requires_grad=True)
+        return h, w_t, c_t, w_s, c_s
+
+    got = inputs()
+    no_hits = torch.zeros(0, dtype=torch.long)
+    loss = SampledNLL.apply(*got, no_hits, no_hits)
+    ref_in = inputs()
+    h, w_t, c_t, w_s, c_s = ref_in
+    logits = torch.cat([((h * w_t).sum(-1) + c_t)[:, None], h @ w_s.t() + c_s], 1)
+    ref = torch.nn.functional.cross_entropy(logits, torch.zeros(3, dtype=torch.long))
     assert torch.isfinite(loss) and torch.allclose(loss, ref, atol=1e-4)  # fp32 ulp at 1000
-    gt, gs = torch.autograd.grad(3.0 * loss, (true, sampled))
-    rt, rs = torch.autograd.grad(3.0 * ref, (true, sampled))
-    assert torch.allclose(gt, rt, atol=1e-5) and torch.allclose(gs, rs, atol=1e-5)
+    grads = torch.autograd.grad(3.0 * loss, got)
+    for g, r in zip(grads, torch.autograd.grad(3.0 * ref, ref_in), strict=True):
+        assert torch.allclose(g, r, atol=1e-5)
+
+
+def test_sampled_nll_masks_accidental_hits():
+    """A sampled column listed as a hit gets no probability mass and no gradient."""
+    h, w_t, c_t = torch.ones(1, 1), torch.ones(1, 1), torch.zeros(1)
+    w_s = torch.tensor([[1.0], [5.0]], requires_grad=True)  # column 1 would dominate
+    c_s = torch.zeros(2)
+    one = torch.tensor([0])
+    masked = SampledNLL.apply(h, w_t, c_t, w_s, c_s, one, torch.tensor([1]))
+    (gw,) = torch.autograd.grad(masked, w_s)
+    assert torch.allclose(masked, torch.log1p(torch.tensor(1.0)) - 0.0)  # log(e + e) - 1
+    assert gw[1, 0] == 0.0 and gw[0, 0] != 0.0
 
 
 def test_lm_loss_equals_the_loss_of_both_directions_in_original_order():
     """lm_loss keeps the backward LM in reversed time; the loss is that of the states() view."""
     m = _model(
-        BiLMConfig(vocab_size=60, embedding_dim=6, hidden_dim=6, dropout=0.0, num_samples=20)
+        BiLMConfig(
+            vocab_size=60,
+            embedding_dim=6,
+            hidden_dim=6,
+            dropout=0.0,
+            num_samples=20,
+        )
     )
     m.train()
     tokens = torch.randint(4, 60, (3, 8))
