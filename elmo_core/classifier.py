@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from elmo_core.bilm import reverse_padded
+from elmo_core.bilm import dropout_mask, reverse_padded
 from elmo_core.config import ClassifierConfig
 
 
@@ -20,8 +20,7 @@ def fast_dropout(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
     """
     if not training or p == 0.0:
         return x
-    keep = 1.0 - p
-    return x * torch.rand_like(x).lt_(keep).div_(keep)
+    return x * dropout_mask(x, tuple(x.shape), p)
 
 
 _LEGACY_RNN = re.compile(r"^rnn\.(weight_ih|weight_hh|bias_ih|bias_hh)_l(\d+)(_reverse)?$")
