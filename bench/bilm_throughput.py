@@ -141,12 +141,13 @@ def main() -> None:
     real = itertools.cycle(batches)
     uniform = itertools.cycle([torch.randint(4, vocab_size, (b, t)) for _ in range(64)])
 
+    bp_model = {k: v for k, v in vars(bp).items() if k != "num_samples"}
+
     def make(num_samples: int) -> tuple[BiLM, list[torch.optim.Optimizer]]:
         m = BiLM(BiLMConfig(vocab_size=vocab_size, num_samples=num_samples, **bp_model))
         m.softmax.set_proposal(unigram)
         return m.train(), bilm_optimizers(m, tp.lr)
 
-    bp_model = {k: v for k, v in vars(bp).items() if k != "num_samples"}
     model, opts = make(bp.num_samples)
     dense = dense_parameters(model)
     gen = torch.Generator().manual_seed(0)

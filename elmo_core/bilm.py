@@ -207,7 +207,7 @@ class SampledSoftmax(nn.Module):
         keep = first.argsort()[:k]  # the first k distinct ids to come up
         return ids[keep].sort().values, int(first[keep[-1]]) + 1
 
-    def rows(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _rows(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Weight rows (U, D) and biases (U,) of distinct sorted ids (U,), with sparse gradients."""
         return GatherRows.apply(self.weight, ids), GatherRows.apply(self.bias, ids).squeeze(-1)
 
@@ -226,21 +226,8 @@ class SampledSoftmax(nn.Module):
         # gradient, and the optimizer work on it, scale with U instead of N + S
         rows, inv = torch.unique(torch.cat([targets, samples]), return_inverse=True)  # (U,), (N+S,)
         n = targets.shape[0]
-        return self.loss_on_rows(h, rows, *self.rows(rows), inv[:n], inv[n:], tries)
-
-    def loss_on_rows(
-        self,
-        h: torch.Tensor,
-        rows: torch.Tensor,
-        w_u: torch.Tensor,
-        b_u: torch.Tensor,
-        inv_t: torch.Tensor,
-        inv_s: torch.Tensor,
-        tries: int,
-    ) -> torch.Tensor:
-        """Sampled NLL given the step's distinct rows: h (N, D); rows (U,) with their weights
-        w_u (U, D) and biases b_u (U,); each target's (inv_t (N,)) and each sample's (inv_s (S,))
-        position among them; ``tries`` draws gave the samples -> mean NLL (scalar, float32)."""
+        inv_t, inv_s = inv[:n], inv[n:]  # (N,), (S,)
+        w_u, b_u = self._rows(rows)  # (U, D), (U,)
         # under bf16 autocast h is bf16: cast the U rows once, so the (N, D) gathers, the true
         # logits' products and addmm's operand are bf16 too (fp32: a no-op)
         w_u = w_u.to(h.dtype)
@@ -374,30 +361,16 @@ class BiLM(nn.Module):
 
         The forward state at t predicts token t+1; the backward state at t predicts token t-1.
         The backward LM is a forward LM over the time-reversed window, so its states stay in
-        reversed time and its targets are the reversed tokens: no flip of any state. Every token
-        is some direction's target, so the softmax rows a step needs are those of the window's
-        distinct tokens and of the negatives, gathered once.
+        reversed time and its targets are the reversed tokens: no flip of any state.
         """
-        b, t = tokens.shape
-        h = self.config.hidden_dim
-        sampled = self.training and self.config.num_samples > 0  # else the exact full softmax
-        if sampled:
-            samples, tries = self.softmax.draw(generator)
-            samples = samples.to(tokens.device)  # (S,)
-            ids = torch.cat([tokens.reshape(-1), samples])  # (B*T + S,)
-            rows, inv = torch.unique(ids, return_inverse=True)  # (U,), (B*T + S,)
-            w_u, b_u = self.softmax.rows(rows)  # (U, H), (U,)
-            inv_tok = inv[: b * t].view(b, t)  # (B, T) row of each token
         x = self._drop(self._embed(tokens), inplace=True)  # (B, T, H), a fresh tensor
         f = self._stack(self.forward_lstms, x)[-1][:, :-1]  # (B, T-1, H)
         r = self._stack(self.backward_lstms, x.flip(1))[-1][:, :-1]  # (B, T-1, H), reversed time
         # one dropout and one softmax call for both directions: shared negatives, one matmul
-        states = self._drop(torch.cat([f, r]), inplace=True).reshape(-1, h)  # (2B(T-1), H)
-        if not sampled:
-            targets = torch.cat([tokens[:, 1:], tokens.flip(1)[:, 1:]])  # (2B, T-1)
-            return self.softmax(states, targets.reshape(-1))
-        inv_t = torch.cat([inv_tok[:, 1:], inv_tok.flip(1)[:, 1:]]).reshape(-1)  # (2B(T-1),)
-        return self.softmax.loss_on_rows(states, rows, w_u, b_u, inv_t, inv[b * t :], tries)
+        states = self._drop(torch.cat([f, r]), inplace=True)  # (2B, T-1, H)
+        targets = torch.cat([tokens[:, 1:], tokens.flip(1)[:, 1:]])  # (2B, T-1)
+        h = self.config.hidden_dim
+        return self.softmax(states.reshape(-1, h), targets.reshape(-1), generator)
 
     @torch.no_grad()
     def exact_nll(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
