@@ -82,7 +82,7 @@ PROFILES: dict[str, dict[str, dict[str, Any]]] = {
         "classifier": {
             "hidden_dim": 128,
             "mlp_hidden": (128, 64),
-            "token_embedding_dim": 256,
+            "token_embedding_dim": 192,  # <= bilm.embedding_dim: initialised from it
             "dropout": 0.4,
             "epochs": 6,
             "patience": 1,
@@ -186,6 +186,13 @@ class RunParams(BaseModel):
             out["ingest"], text_columns=tuple(self.text_columns), label_column=self.label_column
         )
         out["ingest"] = ingest
+        # the task token embedding is initialised from the biLM's: caught here, not after pretraining
+        emb, bilm_emb = out["classifier"].token_embedding_dim, out["bilm"].embedding_dim
+        if emb > bilm_emb:
+            raise ValueError(
+                f"classifier.token_embedding_dim {emb} exceeds bilm.embedding_dim {bilm_emb} "
+                "it is initialised from"
+            )
         # "auto" precision becomes what this machine runs (bf16 where native), so cache keys and
         # the MLflow params name the precision a stage really trained in
         dev = pick_device(self.device)

@@ -134,6 +134,12 @@ def test_names_cannot_escape_the_home(name, tmp_path):
         ({"overrides": {"bilm": {"hidden_dim": -1}}}, "hidden_dim"),
         ({"overrides": {"optimizer": {}}}, "optimizer"),
         ({"strategies": []}, "at least one"),
+        # every profile: the task token embedding is initialised from the biLM's, so it cannot
+        # be wider (found before pretraining, not after it)
+        *(
+            ({"profile": p, "overrides": {"classifier": {"token_embedding_dim": 513}}}, "513")
+            for p in ("smoke", "sample", "full", "seed")
+        ),
     ],
 )
 def test_bad_run_parameters_fail_before_a_run(kwargs, needle):
