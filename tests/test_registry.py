@@ -1,5 +1,5 @@
-"""The champion gate with real models: a worse model does not move `champion`, a better one
-takes it, and `elmo-news predict` with the champion reproduces its evaluated test accuracy."""
+"""The champion gate with real models: a model no better than the champion does not move
+`champion`, a better one takes it, and `elmo-news predict` with the champion reproduces its evaluated test accuracy."""
 
 from __future__ import annotations
 
@@ -13,11 +13,14 @@ from flows.cli import app
 from storage.registry import MODEL_NAME
 
 pytestmark = pytest.mark.e2e
-# deterministic smoke classifiers (`sum` only): 3 epochs < 8 epochs of the same training (its
-# validation accuracy on the smoke slice: 0.24, 0.26, 0.42, 0.48, 0.42, ...); lr 1e-5 for one
-# epoch is an untrained head
-MEDIUM = {"classifier": {"epochs": 3, "patience": 8}}
-WORSE = {"classifier": {"epochs": 1, "lr": 1e-5}}
+# three stretches of one deterministic training (smoke `sum` classifier, patience never ends it
+# early): the kept model is the best epoch so far, so epoch 1 <= epochs 1-2 <= epochs 1-8 on any
+# machine, whatever its floating point does. Epochs 3-8 must beat epochs 1-2 strictly: validation
+# accuracy per epoch on the smoke slice was 0.24, 0.28, 0.47, 0.46, 0.39, ... on the AMD AVX2
+# machine and 0.24, 0.26, 0.42, 0.48, 0.42, ... on the Intel AMX one (the old 3-epoch champion
+# tied the 8-epoch run on AMD: its peak came at epoch 3)
+MEDIUM = {"classifier": {"epochs": 2, "patience": 8}}
+WORSE = {"classifier": {"epochs": 1, "patience": 8}}
 BETTER = {"classifier": {"epochs": 8, "patience": 8}}
 
 
@@ -58,7 +61,7 @@ def test_champion_gate_and_predict_with_the_champion(harness, ag_slice, tmp_path
     assert parent.data.tags["registry_decision"].startswith("not promoted")
     assert (
         parent.data.metrics["registry_candidate_val_accuracy"]
-        < parent.data.metrics["registry_champion_val_accuracy"]
+        <= parent.data.metrics["registry_champion_val_accuracy"]
     )
     third = run(BETTER)
     assert third["registry"]["alias"] == "champion", third["registry"]
