@@ -1,5 +1,6 @@
 """The champion gate with real models: a model no better than the champion does not move
-`champion`, a better one takes it, and `elmo-news predict` with the champion reproduces its evaluated test accuracy."""
+`champion`, a better one takes it, and `elmo-news predict` with the champion reproduces its
+evaluated test accuracy."""
 
 from __future__ import annotations
 
