@@ -23,6 +23,16 @@ def fast_dropout(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
     return x * dropout_mask(x, tuple(x.shape), p)
 
 
+def check_token_embedding(config: ClassifierConfig, bilm_embedding_dim: int) -> None:
+    """The task token embedding starts as the first E columns of the biLM's token embedding, so
+    it cannot be wider; the run parameters check this before pretraining, the task again."""
+    if config.token_embedding_dim > bilm_embedding_dim:
+        raise ValueError(
+            f"classifier token_embedding_dim {config.token_embedding_dim} exceeds the biLM's "
+            f"embedding_dim {bilm_embedding_dim} it is initialised from"
+        )
+
+
 _LEGACY_RNN = re.compile(r"^rnn\.(weight_ih|weight_hh|bias_ih|bias_hh)_l(\d+)(_reverse)?$")
 
 

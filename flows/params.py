@@ -9,6 +9,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, model_validator
 
+from elmo_core.classifier import check_token_embedding
 from elmo_core.config import BiLMConfig, ClassifierConfig, PretrainConfig, VocabConfig
 from elmo_core.mix import STRATEGIES
 from elmo_core.training import pick_device, resolve_precision
@@ -186,13 +187,8 @@ class RunParams(BaseModel):
             out["ingest"], text_columns=tuple(self.text_columns), label_column=self.label_column
         )
         out["ingest"] = ingest
-        # the task token embedding is initialised from the biLM's: caught here, not after pretraining
-        emb, bilm_emb = out["classifier"].token_embedding_dim, out["bilm"].embedding_dim
-        if emb > bilm_emb:
-            raise ValueError(
-                f"classifier.token_embedding_dim {emb} exceeds bilm.embedding_dim {bilm_emb} "
-                "it is initialised from"
-            )
+        # here, not after pretraining
+        check_token_embedding(out["classifier"], out["bilm"].embedding_dim)
         # "auto" precision becomes what this machine runs (bf16 where native), so cache keys and
         # the MLflow params name the precision a stage really trained in
         dev = pick_device(self.device)

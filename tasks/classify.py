@@ -11,7 +11,7 @@ import torch
 from prefect import task
 
 from elmo_core.checkpoint import load_bilm, load_classifier, save_classifier
-from elmo_core.classifier import ELMoClassifier
+from elmo_core.classifier import ELMoClassifier, check_token_embedding
 from elmo_core.classifier_training import predict_proba, train_classifier
 from elmo_core.config import ClassifierConfig, MixConfig
 from elmo_core.mix import ScalarMix, build_mix
@@ -88,11 +88,7 @@ def classify(
         mix_config = MixConfig(strategy=strategy, num_layers=n_layers, dim=dim, seed=config.seed)
         torch.manual_seed(config.seed)
         bilm, vocab = load_bilm(Path(bilm_dir) / "bilm.pt")
-        if config.token_embedding_dim > bilm.config.embedding_dim:
-            raise ValueError(
-                f"token_embedding_dim {config.token_embedding_dim} exceeds the biLM's embedding_dim "
-                f"{bilm.config.embedding_dim} it is initialised from"
-            )
+        check_token_embedding(config, bilm.config.embedding_dim)
         model = ELMoClassifier(
             config,
             build_mix(mix_config),
