@@ -74,7 +74,7 @@ def elmo_news(
     text_columns: list[str] | None = None,
     label_column: str = "",
     overrides: dict[str, dict[str, Any]] | None = None,
-    register: bool = True,
+    register_model: bool = True,  # log the best classifier in the registry, gate the champion
 ) -> dict[str, Any]:
     """Run the whole pipeline; returns the summary (metrics per model, stage folders, run ids)."""
     params = RunParams(
@@ -167,7 +167,7 @@ def elmo_news(
                 },
             )
         registry = None
-        if register:
+        if register_model:
             best = max(
                 params.strategies,
                 key=lambda s: read_json(Path(clf_dirs[s]) / "metrics.json")["best_val_accuracy"],
