@@ -6,6 +6,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import numpy as np
 from prefect import task
 from sklearn.feature_extraction.text import TfidfVectorizer
 from sklearn.linear_model import LogisticRegression
@@ -41,6 +42,21 @@ def _baseline_key(dataset: str, home: str, config: BaselineConfig) -> str:
     return BASELINE.key({"dataset": stage_id(dataset)}, asdict(config))
 
 
+def fit_baseline(
+    texts: list[str], labels: np.ndarray, config: BaselineConfig
+) -> tuple[TfidfVectorizer, LogisticRegression]:
+    """The fitted vectorizer and logistic regression (the stage and bench/learning_curve.py)."""
+    vec = TfidfVectorizer(
+        ngram_range=(1, config.ngram_max),
+        min_df=config.min_df,
+        sublinear_tf=config.sublinear_tf,
+        lowercase=True,
+    )
+    clf = LogisticRegression(C=config.C, max_iter=config.max_iter)
+    clf.fit(vec.fit_transform(texts), labels)
+    return vec, clf
+
+
 @task(name="baseline-tfidf", cache_key_fn=cache_key(_baseline_key), **STAGE_OPTS)
 def baseline(dataset: str, home: str, config: BaselineConfig) -> str:
     out = Home(home).stage_dir("baseline", _baseline_key(dataset, home, config))
@@ -52,15 +68,7 @@ def baseline(dataset: str, home: str, config: BaselineConfig) -> str:
         train, val, test = (
             read_dataset(Path(dataset) / f"{s}.parquet") for s in ("train", "val", "test")
         )
-        vec = TfidfVectorizer(
-            ngram_range=(1, config.ngram_max),
-            min_df=config.min_df,
-            sublinear_tf=config.sublinear_tf,
-            lowercase=True,
-        )
-        x_train = vec.fit_transform(train["text"].to_list())
-        clf = LogisticRegression(C=config.C, max_iter=config.max_iter)
-        clf.fit(x_train, train["label"].to_numpy())
+        vec, clf = fit_baseline(train["text"].to_list(), train["label"].to_numpy(), config)
         val_acc = float(
             (clf.predict(vec.transform(val["text"].to_list())) == val["label"].to_numpy()).mean()
         )
@@ -76,7 +84,7 @@ def baseline(dataset: str, home: str, config: BaselineConfig) -> str:
             {
                 "best_val_accuracy": val_acc,
                 "wall_s": time.perf_counter() - t0,
-                "n_features": x_train.shape[1],
+                "n_features": len(vec.vocabulary_),
             }
         )
         write_json(out / "metrics.json", metrics)

@@ -62,6 +62,31 @@ def _classifier_key(
     return CLASSIFIER.key(inputs, {"strategy": strategy, "classifier": asdict(config)})
 
 
+def new_classifier(
+    bilm_dir: str,
+    strategy: str,
+    config: ClassifierConfig,
+    num_layers: int,
+    dim: int,
+    num_classes: int,
+) -> tuple[ELMoClassifier, MixConfig]:
+    """A fresh, seeded classifier over a biLM's layers (L = num_layers, D = dim), its task token
+    embedding initialised from that biLM's; the stage and bench/learning_curve.py share it."""
+    mix_config = MixConfig(strategy=strategy, num_layers=num_layers, dim=dim, seed=config.seed)
+    torch.manual_seed(config.seed)
+    bilm, vocab = load_bilm(Path(bilm_dir) / "bilm.pt")
+    check_token_embedding(config, bilm.config.embedding_dim)
+    model = ELMoClassifier(
+        config,
+        build_mix(mix_config),
+        dim,
+        num_classes,
+        vocab_size=len(vocab),
+        init_embedding=bilm.embedding.weight.detach(),
+    )
+    return model, mix_config
+
+
 @task(name="train-classifier", cache_key_fn=cache_key(_classifier_key), **STAGE_OPTS)
 def classify(
     features_dir: str,
@@ -85,17 +110,8 @@ def classify(
         train, val, test = (layer_store(features_dir, s) for s in SPLITS)
         label_names = read_json(Path(dataset) / "labels.json")
         _, n_layers, dim = train.features.shape
-        mix_config = MixConfig(strategy=strategy, num_layers=n_layers, dim=dim, seed=config.seed)
-        torch.manual_seed(config.seed)
-        bilm, vocab = load_bilm(Path(bilm_dir) / "bilm.pt")
-        check_token_embedding(config, bilm.config.embedding_dim)
-        model = ELMoClassifier(
-            config,
-            build_mix(mix_config),
-            dim,
-            len(label_names),
-            vocab_size=len(vocab),
-            init_embedding=bilm.embedding.weight.detach(),
+        model, mix_config = new_classifier(
+            bilm_dir, strategy, config, n_layers, dim, len(label_names)
         )
         hist = History(f"classifier-{strategy}")
         t0 = time.perf_counter()

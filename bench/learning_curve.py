@@ -1,0 +1,166 @@
+"""Test accuracy against the number of labelled training documents: one ELMo strategy and the
+TF-IDF baseline, each trained on stratified subsets of a finished run's train split, evaluated on
+the whole test split.
+
+It reuses a finished run's stages (biLM, stored layers, classifier settings) from its home
+folder, so it takes minutes, not a pretraining. The validation split and early stopping are the
+run's own. From the two largest subsets it fits accuracy = a + b * log2(n) and reports the n at
+which that line would reach --target: how far the labelled sample is from it.
+
+    .venv/bin/python bench/learning_curve.py --home .elmo-news [--strategy wsum] \\
+        [--fractions 0.125 0.25 0.5 1] [--target 0.91]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import sys
+import time
+from dataclasses import asdict, replace
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import numpy as np  # noqa: E402
+
+from elmo_core.classifier_training import predict_proba, train_classifier  # noqa: E402
+from elmo_core.config import ClassifierConfig  # noqa: E402
+from elmo_core.training import LayerStore  # noqa: E402
+from storage.datasets import read_dataset  # noqa: E402
+from storage.paths import Home, read_json  # noqa: E402
+from tasks.baseline import BaselineConfig, fit_baseline  # noqa: E402
+from tasks.classify import new_classifier  # noqa: E402
+from tasks.common import set_threads  # noqa: E402
+from tasks.features import layer_store  # noqa: E402
+
+
+def cpu_model() -> str:
+    """The CPU's model name (Linux /proc/cpuinfo), else platform's guess."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def latest_run(home: Path) -> dict:
+    runs = sorted((home / "runs").glob("*.json"), key=lambda p: p.stat().st_mtime)
+    if not runs:
+        raise ValueError(f"no finished run under {home / 'runs'}: run `make run` first")
+    return json.loads(runs[-1].read_text())
+
+
+def stratified_subset(labels: np.ndarray, fraction: float, seed: int) -> np.ndarray:
+    """Sorted document indices: ``fraction`` of each class (at least one), seeded."""
+    if not 0.0 < fraction <= 1.0:
+        raise ValueError(f"fraction must be in (0, 1], got {fraction}")
+    rng = np.random.default_rng(seed)
+    keep = []
+    for c in np.unique(labels):
+        members = np.flatnonzero(labels == c)
+        n = max(1, round(fraction * len(members)))
+        keep.append(rng.choice(members, size=n, replace=False))
+    return np.sort(np.concatenate(keep))
+
+
+def subset_store(store: LayerStore, idx: np.ndarray) -> LayerStore:
+    """The documents ``idx`` of a store, copied into memory (rows stay whole documents)."""
+    lens = store.offsets[idx + 1] - store.offsets[idx]
+    offsets = np.concatenate([[0], np.cumsum(lens)]).astype(np.int64)
+    rows = np.concatenate([np.arange(store.offsets[i], store.offsets[i + 1]) for i in idx])
+    return LayerStore(
+        features=np.ascontiguousarray(store.features[rows]),
+        offsets=offsets,
+        labels=store.labels[idx],
+        tokens=None if store.tokens is None else store.tokens[rows],
+    )
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--home", default=None)
+    ap.add_argument("--strategy", default="wsum", choices=["sum", "wsum", "function"])
+    ap.add_argument("--fractions", type=float, nargs="+", default=[0.125, 0.25, 0.5, 1.0])
+    ap.add_argument("--seed", type=int, default=0, help="subset draw")
+    ap.add_argument("--target", type=float, default=0.91)
+    ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "learning_curve.json"))
+    args = ap.parse_args()
+    home = Home(args.home).root
+    run = latest_run(home)
+    model_key = f"classifier-{args.strategy}"
+    if model_key not in run["models"]:
+        raise ValueError(f"the latest run under {home} has no {model_key}")
+    saved = read_json(Path(run["models"][model_key]["dir"]) / "config.json")["classifier"]
+    config = ClassifierConfig(**{**saved, "mlp_hidden": tuple(saved["mlp_hidden"])})
+    config = replace(config, checkpoint_every=0)
+    set_threads()
+    import torch
+
+    train, val, test = (layer_store(run["features"], s) for s in ("train", "val", "test"))
+    label_names = read_json(Path(run["dataset"]) / "labels.json")
+    texts = {
+        s: read_dataset(Path(run["dataset"]) / f"{s}.parquet")["text"].to_list()
+        for s in ("train", "test")
+    }
+    _, n_layers, dim = train.features.shape
+    points = []
+    for fraction in sorted(args.fractions):
+        idx = stratified_subset(train.labels, fraction, args.seed)
+        sub = subset_store(train, idx)
+        model, _ = new_classifier(
+            run["bilm"], args.strategy, config, n_layers, dim, len(label_names)
+        )
+        t0 = time.perf_counter()
+        res = train_classifier(model, sub, val, config, device=torch.device("cpu"))
+        elmo_acc = float((predict_proba(model, test).argmax(1) == test.labels).mean())
+        elmo_s = time.perf_counter() - t0
+        vec, clf = fit_baseline([texts["train"][i] for i in idx], sub.labels, BaselineConfig())
+        base_acc = float((clf.predict(vec.transform(texts["test"])) == test.labels).mean())
+        point = {
+            "fraction": fraction,
+            "train_docs": len(idx),
+            "elmo_test_accuracy": elmo_acc,
+            "elmo_best_val_accuracy": res.best_val_accuracy,
+            "elmo_best_epoch": res.best_epoch,
+            "elmo_wall_s": elmo_s,
+            "baseline_test_accuracy": base_acc,
+        }
+        points.append(point)
+        print(json.dumps(point), flush=True)
+    report: dict = {
+        "machine": {
+            "platform": platform.platform(),
+            "cpu": cpu_model(),
+            "cpus": os.cpu_count(),
+            "torch": torch.__version__,
+            "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        },
+        "command": " ".join(sys.argv),
+        "run": run["parent_run_id"],
+        "strategy": args.strategy,
+        "classifier": asdict(config),
+        "test_docs": len(test),
+        "points": points,
+    }
+    if len(points) >= 2:
+        (n1, a1), (n2, a2) = [(p["train_docs"], p["elmo_test_accuracy"]) for p in points[-2:]]
+        slope = (a2 - a1) / math.log2(n2 / n1)  # accuracy per doubling of labelled documents
+        report["elmo_gain_per_doubling"] = slope
+        if slope > 0:
+            report["elmo_docs_for_target_extrapolated"] = round(
+                n2 * 2 ** ((args.target - a2) / slope)
+            )
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(report, indent=2))
+    print(json.dumps({k: v for k, v in report.items() if k != "points"}, indent=2))
+    print(f"elmo_gain_per_doubling={report.get('elmo_gain_per_doubling', float('nan')):.4f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,52 @@
+"""The learning-curve bench's subset helpers (its figures come from a real run; these pin that a
+subset is a stratified, seeded choice of whole documents)."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from elmo_core.training import LayerStore
+
+_spec = importlib.util.spec_from_file_location(
+    "learning_curve", Path(__file__).resolve().parents[1] / "bench" / "learning_curve.py"
+)
+learning_curve = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(learning_curve)
+
+
+def _store(n_docs: int, rng: np.random.Generator) -> LayerStore:
+    lens = rng.integers(1, 6, size=n_docs)
+    offsets = np.concatenate([[0], np.cumsum(lens)]).astype(np.int64)
+    n_tok = int(offsets[-1])
+    return LayerStore(
+        features=rng.standard_normal((n_tok, 3, 4)).astype(np.float16),
+        offsets=offsets,
+        labels=np.arange(n_docs) % 4,
+        tokens=rng.integers(2, 50, size=n_tok).astype(np.int32),
+    )
+
+
+def test_subset_is_stratified_seeded_and_whole_documents():
+    store = _store(400, np.random.default_rng(0))
+    idx = learning_curve.stratified_subset(store.labels, 0.25, seed=3)
+    assert np.array_equal(idx, learning_curve.stratified_subset(store.labels, 0.25, seed=3))
+    assert not np.array_equal(idx, learning_curve.stratified_subset(store.labels, 0.25, seed=4))
+    assert np.bincount(store.labels[idx]).tolist() == [25, 25, 25, 25]
+    sub = learning_curve.subset_store(store, idx)
+    assert len(sub) == len(idx)
+    for j, i in enumerate(idx):
+        rows = slice(store.offsets[i], store.offsets[i + 1])
+        mine = slice(sub.offsets[j], sub.offsets[j + 1])
+        assert np.array_equal(sub.features[mine], store.features[rows])
+        assert np.array_equal(sub.tokens[mine], store.tokens[rows])
+    assert np.array_equal(sub.labels, store.labels[idx])
+
+
+@pytest.mark.parametrize("fraction", [0.0, 1.5])
+def test_subset_fraction_out_of_range_is_refused(fraction):
+    with pytest.raises(ValueError, match=str(fraction)):
+        learning_curve.stratified_subset(np.arange(8) % 2, fraction, seed=0)
