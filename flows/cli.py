@@ -32,12 +32,14 @@ def prestart_ephemeral_server() -> Future[None] | None:
     pipeline's imports (torch, MLflow, scikit-learn: ~9 s on a 2-core CPU), so the two ran one
     after the other. Started here they overlap. Wait on the returned future before the flow
     starts (a failed start raises there); the flow then reuses this server (Prefect keeps one
-    instance per process). None when a server is configured (``PREFECT_API_URL``).
+    instance per process). None when a server is configured (``PREFECT_API_URL``) or ephemeral
+    servers are turned off (``PREFECT_SERVER_EPHEMERAL_ENABLED``): Prefect would not use one.
     """
     from prefect.logging.configuration import ensure_logging_setup
-    from prefect.settings import PREFECT_API_URL
+    from prefect.settings import PREFECT_API_URL, PREFECT_SERVER_EPHEMERAL_ENABLED
 
-    if PREFECT_API_URL.value():
+    # the same test as Prefect's client before it starts one itself
+    if PREFECT_API_URL.value() or not PREFECT_SERVER_EPHEMERAL_ENABLED.value():
         return None
     from prefect.server.api.server import SubprocessASGIServer
 

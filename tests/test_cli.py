@@ -7,7 +7,11 @@ import gc
 
 import pytest
 from prefect.server.api.server import SubprocessASGIServer
-from prefect.settings import PREFECT_API_URL, temporary_settings
+from prefect.settings import (
+    PREFECT_API_URL,
+    PREFECT_SERVER_EPHEMERAL_ENABLED,
+    temporary_settings,
+)
 
 import flows.cli as cli_mod
 
@@ -19,6 +23,11 @@ def test_no_server_is_prestarted_when_an_api_url_is_configured(monkeypatch):
     monkeypatch.setattr(SubprocessASGIServer, "start", must_not_start)
     with temporary_settings(updates={PREFECT_API_URL: "http://127.0.0.1:4200/api"}):
         assert cli_mod.prestart_ephemeral_server() is None
+    # no URL, but ephemeral servers turned off: Prefect would refuse to run, not use one
+    with temporary_settings(
+        updates={PREFECT_API_URL: None, PREFECT_SERVER_EPHEMERAL_ENABLED: False}
+    ):
+        assert cli_mod.prestart_ephemeral_server() is None
 
 
 def test_prestart_runs_in_the_background_and_its_failure_surfaces(monkeypatch):
@@ -29,7 +38,9 @@ def test_prestart_runs_in_the_background_and_its_failure_surfaces(monkeypatch):
         raise RuntimeError("port 8123 refused")
 
     monkeypatch.setattr(SubprocessASGIServer, "start", failing_start)
-    with temporary_settings(updates={PREFECT_API_URL: None}):
+    with temporary_settings(
+        updates={PREFECT_API_URL: None, PREFECT_SERVER_EPHEMERAL_ENABLED: True}
+    ):
         started = cli_mod.prestart_ephemeral_server()
     assert started is not None
     with pytest.raises(RuntimeError, match="port 8123 refused"):
