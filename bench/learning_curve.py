@@ -49,13 +49,6 @@ def cpu_model() -> str:
     return platform.processor()
 
 
-def latest_run(home: Path) -> dict:
-    runs = sorted((home / "runs").glob("*.json"), key=lambda p: p.stat().st_mtime)
-    if not runs:
-        raise ValueError(f"no finished run under {home / 'runs'}: run `make run` first")
-    return json.loads(runs[-1].read_text())
-
-
 def stratified_subset(labels: np.ndarray, fraction: float, seed: int) -> np.ndarray:
     """Sorted document indices: ``fraction`` of each class (at least one), seeded."""
     if not 0.0 < fraction <= 1.0:
@@ -91,11 +84,11 @@ def main() -> None:
     ap.add_argument("--target", type=float, default=0.91)
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "learning_curve.json"))
     args = ap.parse_args()
-    home = Home(args.home).root
-    run = latest_run(home)
+    home = Home(args.home)
+    run = home.latest_run()
     model_key = f"classifier-{args.strategy}"
     if model_key not in run["models"]:
-        raise ValueError(f"the latest run under {home} has no {model_key}")
+        raise ValueError(f"the latest run under {home.root} has no {model_key}")
     saved = read_json(Path(run["models"][model_key]["dir"]) / "config.json")["classifier"]
     config = ClassifierConfig(**{**saved, "mlp_hidden": tuple(saved["mlp_hidden"])})
     config = replace(config, checkpoint_every=0)

@@ -201,7 +201,7 @@ def elmo_news(
             "rows": stats,
             "registry": registry,
         }
-        write_json(h.root / "runs" / f"{parent}.json", summary)
+        write_json(h.runs / f"{parent}.json", summary)
         tracker.finish(parent)
         return summary
     except BaseException:

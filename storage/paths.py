@@ -47,6 +47,18 @@ class Home:
     def prefect_results(self) -> Path:
         return self.root / "prefect-results"
 
+    @property
+    def runs(self) -> Path:
+        """One summary JSON per finished flow run, named by its MLflow parent run id."""
+        return self.root / "runs"
+
+    def latest_run(self) -> dict[str, Any]:
+        """The summary of the most recently finished run (stage folders, metrics, run ids)."""
+        summaries = sorted(self.runs.glob("*.json"), key=lambda p: p.stat().st_mtime)
+        if not summaries:
+            raise ValueError(f"no finished run under {self.runs}: run `elmo-news run` first")
+        return read_json(summaries[-1])
+
     def mlflow_uri(self) -> str:
         return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{self.root / 'mlflow.db'}"
 

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from elmo_core.checkpoint import safe_load
+from storage.paths import Home
 from tests.conftest import REUTERS, ROOT
 
 pytestmark = pytest.mark.e2e
@@ -47,8 +48,7 @@ def _env(tmp: Path, name: str) -> dict[str, str]:
 
 
 def _summary(home: Path) -> dict:
-    runs = sorted((home / "runs").glob("*.json"), key=lambda p: p.stat().st_mtime)
-    return json.loads(runs[-1].read_text())
+    return Home(home).latest_run()
 
 
 def _final(summary: dict) -> dict:
@@ -112,7 +112,7 @@ def test_two_concurrent_runs_share_a_home_safely(ag_slice, tmp_path):
     ]
     outs = [p.communicate(timeout=600)[0] for p in procs]
     assert [p.returncode for p in procs] == [0, 0], outs[0][-3000:] + outs[1][-3000:]
-    runs = [json.loads(p.read_text()) for p in (home / "runs").glob("*.json")]
+    runs = [json.loads(p.read_text()) for p in Home(home).runs.glob("*.json")]
     assert len(runs) == 2
     assert _final(runs[0]) == _final(runs[1])
     assert runs[0]["bilm"] == runs[1]["bilm"] and runs[0]["features"] == runs[1]["features"]

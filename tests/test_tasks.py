@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 
@@ -12,7 +13,7 @@ import storage.hashing as hashing
 from elmo_core.config import VocabConfig
 from flows.params import RunParams
 from storage.datasets import DATASET_SCHEMA
-from storage.paths import Home, safe_name
+from storage.paths import Home, safe_name, write_json
 from tasks.baseline import BaselineConfig, baseline
 from tasks.classify import CLASSIFIER
 from tasks.data import INGEST, VOCAB, IngestConfig, build_vocab, ingest, load_vocab
@@ -122,6 +123,16 @@ def test_names_cannot_escape_the_home(name, tmp_path):
         safe_name(name)
     with pytest.raises(ValueError):
         Home(tmp_path).stage_dir("ingest", name)
+
+
+def test_latest_run_is_the_newest_summary(tmp_path):
+    home = Home(tmp_path)
+    with pytest.raises(ValueError, match="no finished run"):
+        home.latest_run()
+    for i, name in enumerate(["b", "a"]):  # "a" written last: newest by time, not by name
+        write_json(home.runs / f"{name}.json", {"run": name})
+        os.utime(home.runs / f"{name}.json", (1_000_000 + i, 1_000_000 + i))
+    assert home.latest_run() == {"run": "a"}
 
 
 @pytest.mark.parametrize(
