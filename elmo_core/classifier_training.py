@@ -26,9 +26,11 @@ from elmo_core.config import ClassifierConfig
 from elmo_core.training import (
     LayerStore,
     LogFn,
+    ProgressFn,
     adam,
     autocast,
     no_log,
+    no_progress,
     pick_device,
     rng_state,
     set_rng_state,
@@ -119,6 +121,7 @@ def train_classifier(
     log_metrics: LogFn = no_log,
     checkpoint: Path | None = None,
     device: torch.device | None = None,
+    progress: ProgressFn = no_progress,
 ) -> ClassifierResult:
     """Adam with early stopping on validation accuracy; ``model`` ends holding the best weights
     (of the exponential moving average, ``EMA_DECAY``).
@@ -187,6 +190,7 @@ def train_classifier(
         batches = list(train.batches(config.batch_size, gen))
         next_epoch_gen_state = gen.get_state()
         t0 = time.perf_counter()
+        t_epoch, tokens_epoch = t0, 0
         model.train()
         while batch_i < len(batches):
             layers, mask, tokens, y = train.batch(batches[batch_i])
@@ -202,6 +206,16 @@ def train_classifier(
             step += 1
             run_loss += float(loss.detach())
             run_n += 1
+            tokens_epoch += int(mask.sum())
+            progress(
+                batch_i,
+                len(batches),
+                {
+                    "epoch": epoch + 1,
+                    "epochs": config.epochs,
+                    "tokens_per_s": tokens_epoch / max(time.perf_counter() - t_epoch, 1e-9),
+                },
+            )
             if config.checkpoint_every and step % config.checkpoint_every == 0:
                 seconds += time.perf_counter() - t0
                 t0 = time.perf_counter()

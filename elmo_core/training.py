@@ -28,9 +28,17 @@ from elmo_core.config import PretrainConfig, check_precision
 from elmo_core.optim import LazyAdam
 
 LogFn = Callable[[dict[str, float], int], None]
+# progress(done, total, info): units done of total in the current stretch (steps of an epoch,
+# documents of a split), info = what a display shows beside it (epoch, tokens/s). Called often:
+# the receiver throttles; the loops only count
+ProgressFn = Callable[[int, int, dict[str, float]], None]
 
 
 def no_log(metrics: dict[str, float], step: int) -> None:
+    return None
+
+
+def no_progress(done: int, total: int, info: dict[str, float]) -> None:
     return None
 
 
@@ -191,6 +199,7 @@ def pretrain_bilm(
     checkpoint: Path | None = None,
     device: torch.device | None = None,
     log_every: int = 50,
+    progress: ProgressFn = no_progress,
 ) -> PretrainResult:
     """Train the biLM on a token stream; resumes from ``checkpoint`` if it holds a run in progress.
 
@@ -243,6 +252,7 @@ def pretrain_bilm(
         )
         batches = order.split(config.batch_size)
         t0, run_loss, run_n = time.perf_counter(), 0.0, 0
+        t_epoch, tokens_epoch = time.perf_counter(), 0
         while batch_i < len(batches):
             if config.max_steps and step >= config.max_steps:
                 done = True  # position is kept as is: a longer run resumes from here
@@ -254,6 +264,16 @@ def pretrain_bilm(
             tokens += x.numel()
             run_loss += float(loss.detach())
             run_n += 1
+            tokens_epoch += x.numel()
+            progress(
+                batch_i,
+                len(batches),
+                {
+                    "epoch": epoch + 1,
+                    "epochs": config.epochs,
+                    "tokens_per_s": tokens_epoch / max(time.perf_counter() - t_epoch, 1e-9),
+                },
+            )
             if step % log_every == 0:
                 dt = time.perf_counter() - t0
                 seconds += dt
@@ -303,6 +323,7 @@ def extract_layers(
     offsets: np.ndarray,
     batch_size: int = 64,
     device: torch.device | None = None,
+    progress: ProgressFn = no_progress,
 ) -> None:
     """Run the frozen biLM over documents and write their layers into ``out``.
 
@@ -326,6 +347,7 @@ def extract_layers(
         layers = layers.permute(1, 2, 0, 3).to("cpu", torch.float16).numpy()  # (B, T, L+1, 2H)
         for r, d in enumerate(idx):
             out[offsets[d] : offsets[d + 1]] = layers[r, : lengths[d]]
+        progress(min(i + batch_size, len(order)), len(order), {})
 
 
 # --------------------------------------------------------------------------- classifier

@@ -110,7 +110,13 @@ def run(
         overrides=parse_overrides(set_ or []),
     )  # bad parameters fail here, before the flow starts
     from flows.pipeline import elmo_news
+    from storage.paths import Home
+    from storage.tracking import Tracker
 
+    if server is not None and not server.done():
+        # while the server still boots: create / migrate the MLflow store (~2 s on a new home)
+        # here instead of at the flow's start
+        Tracker(Home(params.home_dir()).mlflow_uri())
     if server is not None:
         server.result()  # the flow must find it up, not half-started
     summary = elmo_news(**params.model_dump())

@@ -21,7 +21,15 @@ from storage.paths import Home, read_json, verify_complete, write_json
 from storage.tracking import Tracker
 from tasks.baseline import baseline
 from tasks.classify import CLASSIFIER, classify
-from tasks.data import build_vocab, fetch_data, ingest, read_pretrain_corpus, source_hash
+from tasks.data import (
+    build_vocab,
+    fetch_data,
+    ingest,
+    read_pretrain_corpus,
+    source_hash,
+    split_files,
+)
+from tasks.evaluate import comparison_chart
 from tasks.features import features
 from tasks.pretrain import PRETRAIN, pretrain
 from tasks.registry import register_best
@@ -117,12 +125,22 @@ def elmo_news(
             _stage(read_pretrain_corpus, h, c, home_s, cfg.corpus) for c in params.pretrain_corpus
         ]
         timings["ingest"] = time.perf_counter() - t
-        base_future = _with_storage(baseline, h).submit(dataset, home_s, cfg.baseline)
+        target = tracker.target()  # stages that build open their own child runs under it
+        base_future = _with_storage(baseline, h).submit(dataset, home_s, cfg.baseline, target)
         t = time.perf_counter()
         vocab = _stage(build_vocab, h, dataset, corpora, home_s, cfg.vocab)
         timings["vocab"] = time.perf_counter() - t
         t = time.perf_counter()
-        bilm_args = (dataset, corpora, vocab, home_s, dict(cfg.bilm.__dict__), cfg.pretrain, device)
+        bilm_args = (
+            dataset,
+            corpora,
+            vocab,
+            home_s,
+            dict(cfg.bilm.__dict__),
+            cfg.pretrain,
+            device,
+            target,
+        )
         bilm_dir = _stage(pretrain, h, *bilm_args)
         timings["pretrain"] = time.perf_counter() - t
         t = time.perf_counter()
@@ -130,31 +148,35 @@ def elmo_news(
         timings["features"] = time.perf_counter() - t
         t = time.perf_counter()
         clf_args = {
-            s: (feats, bilm_dir, dataset, s, home_s, cfg.classifier, device)
+            s: (feats, bilm_dir, dataset, s, home_s, cfg.classifier, device, target)
             for s in params.strategies
         }
         futures = {s: _with_storage(classify, h).submit(*a) for s, a in clf_args.items()}
         clf_dirs = {s: _checked(classify, h, f.result(), *clf_args[s]) for s, f in futures.items()}
         timings["classifiers"] = time.perf_counter() - t
-        base_dir = _checked(baseline, h, base_future.result(), dataset, home_s, cfg.baseline)
+        base_dir = _checked(
+            baseline, h, base_future.result(), dataset, home_s, cfg.baseline, target
+        )
 
         common = {"data_sha256": data_hash}
         stats = read_json(Path(dataset) / "metrics.json")
         tracker.log_metrics(parent, stats)
-        tracker.log_stage("ingest", Path(dataset), common)
+        splits = split_files(dataset)
+        tracker.log_stage("ingest", Path(dataset), common, splits)
         tracker.log_stage(
             "bilm-pretrain",
             Path(bilm_dir),
             {**common, "code_version": code_version(PRETRAIN.modules)},
+            {"train": splits["train"]},
         )
         rows = []
         child_ids: dict[str, str] = {}
         for s, d in clf_dirs.items():
             tags = {**common, "strategy": s, "code_version": code_version(CLASSIFIER.modules)}
-            child_ids[s], cached = tracker.log_stage(f"classifier-{s}", Path(d), tags)
+            child_ids[s], cached = tracker.log_stage(f"classifier-{s}", Path(d), tags, splits)
             rows.append({"name": f"classifier-{s}", "dir": d, "cached": cached})
         _, cached = tracker.log_stage(
-            "baseline-tfidf", Path(base_dir), {**common, "strategy": "tfidf"}
+            "baseline-tfidf", Path(base_dir), {**common, "strategy": "tfidf"}, splits
         )
         rows.append({"name": "baseline-tfidf", "dir": base_dir, "cached": cached})
         for r in rows:
@@ -177,12 +199,16 @@ def elmo_news(
                 h.mlflow_uri(), parent, child_ids[best], clf_dirs[best], bilm_dir, dataset
             )
             registry["strategy"] = best
+            tracker.link_model(parent, registry.pop("model_id", None))  # "Logged models"
             timings["register"] = time.perf_counter() - t
             log.info("registry: %s (strategy %s)", registry["decision"], best)
         timings["total"] = time.perf_counter() - t_all
         tracker.log_metrics(parent, {f"wall_s.{k}": v for k, v in timings.items()})
         md = summary_markdown(rows, timings)
         tracker.log_text(parent, md, "summary.md")
+        chart = h.runs / f"{parent}-comparison.png"
+        comparison_chart(rows, chart, f"elmo-news ({profile}): test split")
+        tracker.log_artifact(parent, chart)
         create_markdown_artifact(
             markdown=f"# elmo-news ({profile})\n\n{md}",
             key="elmo-news-summary",

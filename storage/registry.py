@@ -28,6 +28,18 @@ def _val_accuracy(model_uri: str, texts: list[str], labels: np.ndarray) -> float
     return float((pred["label"].to_numpy() == labels).mean())
 
 
+def model_signature(label_names: list[str]) -> Any:
+    """The pyfunc's declared schema: a ``text`` column in; the label id (int64, never missing),
+    its name and one float64 probability per class out. Declared, not inferred from an example,
+    so MLflow has nothing to guess (its "integer column" hint came from inferring it)."""
+    from mlflow.models import ModelSignature
+    from mlflow.types import ColSpec, Schema
+
+    outputs = [ColSpec("long", "label"), ColSpec("string", "label_name")]
+    outputs += [ColSpec("double", f"p_{name}") for name in label_names]
+    return ModelSignature(inputs=Schema([ColSpec("string", "text")]), outputs=Schema(outputs))
+
+
 def register_and_gate(
     uri: str,
     parent_run_id: str,
@@ -38,13 +50,13 @@ def register_and_gate(
     classifier_pt: Path,
     val_texts: list[str],
     val_labels: np.ndarray,
+    label_names: list[str],
 ) -> dict[str, Any]:
     """Log + register the candidate (once per classifier key), compare it with the champion on
     the given validation split, set the alias, record the decision on the parent run."""
     import mlflow
     import pandas as pd
     from mlflow.exceptions import MlflowException
-    from mlflow.models import infer_signature
     from mlflow.tracking import MlflowClient
 
     mlflow.set_tracking_uri(uri)
@@ -63,14 +75,13 @@ def register_and_gate(
         version = existing[0]
     else:
         example = pd.DataFrame({"text": val_texts[:3]})
-        out_example = pd.DataFrame({"label": [0], "label_name": ["x"]})
         with mlflow.start_run(run_id=model_run_id):
             info = mlflow.pyfunc.log_model(
                 name="elmo-news-classifier",
                 python_model=str(MODEL_CODE),
                 artifacts={"bilm": str(bilm_pt), "classifier": str(classifier_pt)},
                 code_paths=[str(ROOT / "elmo_core")],
-                signature=infer_signature(example, out_example),
+                signature=model_signature(label_names),
                 input_example=example,
                 pip_requirements=["torch==2.13.0", "mlflow>=3.17", "pandas", "numpy"],
             )
@@ -115,4 +126,10 @@ def register_and_gate(
     client.set_tag(parent_run_id, "registry_decision", decision)
     client.set_tag(parent_run_id, "registry_version", str(version.version))
     client.set_tag(parent_run_id, "registry_alias", alias)
-    return {"version": int(version.version), "alias": alias, "decision": decision, **metrics}
+    return {
+        "version": int(version.version),
+        "alias": alias,
+        "decision": decision,
+        "model_id": getattr(version, "model_id", None),
+        **metrics,
+    }

@@ -1,15 +1,21 @@
 """The only module that talks to MLflow. Stage folders are logged as child runs of a parent run.
 
-Stages write their figures into their folder (config.json, history.json, metrics.json, PNGs,
-reports); ``log_stage`` turns a folder into an MLflow child run. A cached stage is logged the same
-way, tagged with the run that first produced it, so every parent run is complete in the UI.
-Client calls take explicit run ids (no fluent active-run stack), so threads are safe.
+A stage that trains opens its child run when it starts (``stage_run``): its per-step and
+per-epoch metrics stream into it while it trains, and the run's start, end and duration are the
+stage's own. At the end the stage folder's figures (config.json, metrics.json, PNGs, reports) and
+its dataset inputs are logged to it. A cached stage (or one built without a tracking target) is
+logged after the fact by ``log_stage`` from the same folder, tagged with the run that first
+produced it, so every parent run is complete in the UI. Client calls take explicit run ids (no
+fluent active-run stack), so threads are safe.
 """
 
 from __future__ import annotations
 
 import json
-from contextlib import AbstractContextManager, nullcontext
+import logging
+import time
+from collections.abc import Iterator
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +23,11 @@ from storage.paths import file_lock, read_json, write_json
 
 EXPERIMENT = "elmo-news"
 ARTIFACT_SUFFIXES = {".png", ".txt", ".json", ".md", ".csv"}
+# MLflow 3's UI opens an experiment by its kind: this one lands on the training runs, not on
+# the GenAI overview (traces, token usage) that an untagged experiment gets
+EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")
+SPLIT_CONTEXT = {"train": "training", "val": "validation", "test": "test"}
+log = logging.getLogger("elmo_news.tracking")
 
 
 def _client(uri: str) -> Any:
@@ -43,12 +54,18 @@ def artifact_location(uri: str) -> str | None:
 
 def _experiment_id(client: Any, uri: str, name: str = EXPERIMENT) -> str:
     exp = client.get_experiment_by_name(name)
-    if exp is not None:
-        return exp.experiment_id
-    try:
-        return client.create_experiment(name, artifact_location=artifact_location(uri))
-    except Exception:  # created concurrently by another run
-        return client.get_experiment_by_name(name).experiment_id
+    if exp is None:
+        try:
+            return client.create_experiment(
+                name,
+                artifact_location=artifact_location(uri),
+                tags={EXPERIMENT_KIND[0]: EXPERIMENT_KIND[1]},
+            )
+        except Exception:  # created concurrently by another run
+            exp = client.get_experiment_by_name(name)
+    if exp.tags.get(EXPERIMENT_KIND[0]) != EXPERIMENT_KIND[1]:  # made by an older version
+        client.set_experiment_tag(exp.experiment_id, *EXPERIMENT_KIND)
+    return exp.experiment_id
 
 
 def _flat(prefix: str, obj: Any, out: dict[str, str]) -> None:
@@ -104,19 +121,32 @@ class Tracker:
     def finish(self, run_id: str, status: str = "FINISHED") -> None:
         self.client.set_terminated(run_id, status=status)
 
-    def log_stage(self, name: str, stage_dir: Path, tags: dict[str, str]) -> tuple[str, bool]:
-        """One child run from a stage folder. Returns its run id and whether the stage was a
-        cache hit (already logged by an earlier run, which the new run links to)."""
+    def target(self) -> dict[str, str]:
+        """What a stage task needs to open its own child run under this parent (plain strings:
+        it travels as a task parameter, outside every cache key)."""
+        return {"uri": self.uri, "parent_run_id": self.parent_run_id or ""}
+
+    def log_stage(
+        self,
+        name: str,
+        stage_dir: Path,
+        tags: dict[str, str],
+        datasets: dict[str, Path] | None = None,
+    ) -> tuple[str, bool]:
+        """The stage's child run of this parent. Returns its run id and whether the stage was a
+        cache hit. A stage that trained in this flow run already has its child run (opened by
+        ``stage_run``); any other folder gets a new child run from its files, linked to the
+        run that first produced it (``cached_from_run_id``)."""
         produced = stage_dir / "mlflow_source.json"
         source = read_json(produced)["run_id"] if produced.exists() else None
+        if source is not None and self._is_own_child(source):
+            return source, False
         all_tags = {"mlflow.parentRunId": self.parent_run_id or "", "stage": name, **tags}
         all_tags["cached"] = "true" if source else "false"
         if source:
             all_tags["cached_from_run_id"] = source
         run = self.client.create_run(self.experiment_id, run_name=name, tags=all_tags)
         rid = run.info.run_id
-        if (stage_dir / "config.json").exists():
-            self.log_params(rid, read_json(stage_dir / "config.json"))
         if (stage_dir / "history.json").exists():
             from mlflow.entities import Metric
 
@@ -126,15 +156,81 @@ class Tracker:
             ]
             for i in range(0, len(items), 500):
                 self.client.log_batch(rid, metrics=items[i : i + 500])
-        if (stage_dir / "metrics.json").exists():
-            self.log_metrics(rid, read_json(stage_dir / "metrics.json"))
-        for p in sorted(stage_dir.iterdir()):
-            if p.suffix in ARTIFACT_SUFFIXES and p.is_file() and not p.name.startswith("."):
-                self.client.log_artifact(rid, str(p))
+        self.fill_run(rid, stage_dir, datasets)
         self.finish(rid)
         if source is None:
             write_json(produced, {"run_id": rid})
         return rid, source is not None
+
+    def _is_own_child(self, run_id: str) -> bool:
+        try:
+            run = self.client.get_run(run_id)
+        except Exception:  # another store, or deleted
+            return False
+        return bool(self.parent_run_id) and run.data.tags.get("mlflow.parentRunId") == (
+            self.parent_run_id
+        )
+
+    def fill_run(
+        self, run_id: str, stage_dir: Path, datasets: dict[str, Path] | None = None
+    ) -> None:
+        """A finished stage folder's config (params), final metrics, artifacts and dataset
+        inputs on its run."""
+        if (stage_dir / "config.json").exists():
+            self.log_params(run_id, read_json(stage_dir / "config.json"))
+        if (stage_dir / "metrics.json").exists():
+            self.log_metrics(run_id, read_json(stage_dir / "metrics.json"))
+        for p in sorted(stage_dir.iterdir()):
+            if p.suffix in ARTIFACT_SUFFIXES and p.is_file() and not p.name.startswith("."):
+                if p.name not in ("mlflow_source.json", "history.json"):
+                    self.client.log_artifact(run_id, str(p))
+        if datasets:
+            self.log_datasets(run_id, datasets)
+
+    def log_datasets(self, run_id: str, datasets: dict[str, Path]) -> None:
+        """Split name -> Parquet file, logged as the run's MLflow dataset inputs (the runs
+        table's Dataset column): name ``<ingest key>-<split>``, digest from the file's sha256
+        in its stage manifest, context training / validation / test."""
+        import mlflow.data
+        import polars as pl
+        from mlflow.data.dataset_source_registry import get_registered_sources
+        from mlflow.entities import DatasetInput, InputTag
+
+        # the local-file source by name: resolving a bare path leaves MLflow two candidates
+        # (and a warning saying so)
+        local = next(c for c in get_registered_sources() if c.__name__.startswith("LocalArtifact"))
+        inputs = []
+        for split, path in datasets.items():
+            path = Path(path)
+            manifest = path.parent / "DONE"
+            sha = None
+            if manifest.exists():
+                sha = read_json(manifest)["files"].get(path.name, {}).get("sha256")
+            df = pl.read_parquet(path, columns=["text", "label"])
+            ds = mlflow.data.from_polars(
+                df,
+                source=local(str(path.resolve())),
+                targets="label",
+                name=f"{path.parent.name}-{split}",
+                digest=(sha or "")[:16] or None,
+            )
+            context = SPLIT_CONTEXT.get(split, split)
+            inputs.append(
+                DatasetInput(ds._to_mlflow_entity(), [InputTag("mlflow.data.context", context)])
+            )
+        self.client.log_inputs(run_id, datasets=inputs)
+
+    def log_artifact(self, run_id: str, path: Path) -> None:
+        self.client.log_artifact(run_id, str(path))
+
+    def link_model(self, run_id: str, model_id: str | None) -> None:
+        """Show a logged model (a registered version's) among a run's outputs ("Logged
+        models" of the parent run)."""
+        if not model_id:
+            return
+        from mlflow.entities import LoggedModelOutput
+
+        self.client.log_outputs(run_id, [LoggedModelOutput(model_id, 0)])
 
     def log_text(self, run_id: str, text: str, name: str) -> None:
         self.client.log_text(run_id, text, name)
@@ -147,3 +243,80 @@ def find_runs(uri: str, filter_string: str = "") -> list[Any]:
     if exp is None:
         return []
     return client.search_runs([exp.experiment_id], filter_string=filter_string, max_results=1000)
+
+
+class StageRun:
+    """A stage's live child run: metrics stream in as the stage trains. A tracking outage
+    never fails training: the first failed call is logged as a warning and the run stops
+    streaming (the stage folder still holds everything for ``log_stage``)."""
+
+    def __init__(self, tracker: Tracker | None, run_id: str | None) -> None:
+        self.tracker = tracker
+        self.run_id = run_id
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        if self.tracker is None or self.run_id is None:
+            return
+        try:
+            self.tracker.log_metrics(self.run_id, metrics, step)
+        except Exception as e:
+            log.warning("MLflow run %s stopped streaming metrics: %s", self.run_id, e)
+            self.tracker = None
+
+    def complete(self, stage_dir: Path, datasets: dict[str, Path] | None = None) -> None:
+        """Figures of the finished folder onto the run, which then ends; the folder records
+        the run that produced it (``mlflow_source.json``, outside the manifest)."""
+        if self.tracker is None or self.run_id is None:
+            return
+        try:
+            self.tracker.fill_run(self.run_id, stage_dir, datasets)
+            self.tracker.finish(self.run_id)
+            write_json(stage_dir / "mlflow_source.json", {"run_id": self.run_id})
+        except Exception as e:
+            log.warning("MLflow run %s could not be completed: %s", self.run_id, e)
+        self.tracker = None
+
+
+@contextmanager
+def stage_run(
+    target: dict[str, str] | None, name: str, tags: dict[str, str] | None = None
+) -> Iterator[StageRun]:
+    """Open the child run ``name`` under ``target`` (``{"uri", "parent_run_id"}``, from
+    ``Tracker.target``) for a stage that is about to build; a failure marks it FAILED. Without
+    a target (tests of a task body, a tracking server that cannot be reached) it is a no-op."""
+    tracker, run_id = None, None
+    if target:
+        try:
+            tracker = Tracker(target["uri"], target["parent_run_id"])
+            all_tags = {
+                "mlflow.parentRunId": target["parent_run_id"],
+                "stage": name,
+                "cached": "false",
+                **(tags or {}),
+            }
+            run = tracker.client.create_run(
+                tracker.experiment_id,
+                run_name=name,
+                tags=all_tags,
+                start_time=int(time.time() * 1000),
+            )
+            run_id = run.info.run_id
+        except Exception as e:
+            log.warning("no live MLflow run for %s: %s", name, e)
+            tracker, run_id = None, None
+    live = StageRun(tracker, run_id)
+    try:
+        yield live
+    except BaseException:
+        if live.tracker is not None and live.run_id is not None:
+            try:
+                live.tracker.finish(live.run_id, "FAILED")
+            except Exception:
+                pass
+        raise
+    else:
+        if live.tracker is not None and live.run_id is not None:  # not completed: end it
+            try:
+                live.tracker.finish(live.run_id)
+            except Exception:
+                pass

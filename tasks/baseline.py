@@ -21,8 +21,9 @@ from storage.paths import (
     stage_lock,
     write_json,
 )
+from storage.tracking import stage_run
 from tasks.common import STAGE_OPTS, Stage, cache_key
-from tasks.data import stage_id
+from tasks.data import split_files, stage_id
 from tasks.evaluate import evaluate
 
 
@@ -38,7 +39,9 @@ class BaselineConfig:
 BASELINE = Stage("baseline", ["tasks.baseline", "tasks.evaluate"])
 
 
-def _baseline_key(dataset: str, home: str, config: BaselineConfig) -> str:
+def _baseline_key(
+    dataset: str, home: str, config: BaselineConfig, tracking: dict[str, str] | None = None
+) -> str:
     return BASELINE.key({"dataset": stage_id(dataset)}, asdict(config))
 
 
@@ -58,36 +61,47 @@ def fit_baseline(
 
 
 @task(name="baseline-tfidf", cache_key_fn=cache_key(_baseline_key), **STAGE_OPTS)
-def baseline(dataset: str, home: str, config: BaselineConfig) -> str:
+def baseline(
+    dataset: str, home: str, config: BaselineConfig, tracking: dict[str, str] | None = None
+) -> str:
+    """TF-IDF + logistic regression on the same splits; ``tracking`` (outside the cache key)
+    opens its MLflow child run when it starts."""
     out = Home(home).stage_dir("baseline", _baseline_key(dataset, home, config))
     with stage_lock(out):
         if is_complete(out):
             return str(out)
         clear_incomplete(out)
-        t0 = time.perf_counter()
-        train, val, test = (
-            read_dataset(Path(dataset) / f"{s}.parquet") for s in ("train", "val", "test")
-        )
-        vec, clf = fit_baseline(train["text"].to_list(), train["label"].to_numpy(), config)
-        val_acc = float(
-            (clf.predict(vec.transform(val["text"].to_list())) == val["label"].to_numpy()).mean()
-        )
-        pred = clf.predict(vec.transform(test["text"].to_list()))
-        metrics = evaluate(
-            test["label"].to_numpy(),
-            pred,
-            read_json(Path(dataset) / "labels.json"),
-            out,
-            "TF-IDF + LR",
-        )
-        metrics.update(
-            {
-                "best_val_accuracy": val_acc,
-                "wall_s": time.perf_counter() - t0,
-                "n_features": len(vec.vocabulary_),
-            }
-        )
-        write_json(out / "metrics.json", metrics)
-        write_json(out / "config.json", asdict(config))
-        mark_complete(out)
+        with stage_run(tracking, "baseline-tfidf", {"strategy": "tfidf"}) as run:
+            _build(out, dataset, config)
+            run.complete(out, split_files(dataset))
         return str(out)
+
+
+def _build(out: Path, dataset: str, config: BaselineConfig) -> None:
+    """Fit, evaluate and write the stage folder (complete, with its manifest)."""
+    t0 = time.perf_counter()
+    train, val, test = (
+        read_dataset(Path(dataset) / f"{s}.parquet") for s in ("train", "val", "test")
+    )
+    vec, clf = fit_baseline(train["text"].to_list(), train["label"].to_numpy(), config)
+    val_acc = float(
+        (clf.predict(vec.transform(val["text"].to_list())) == val["label"].to_numpy()).mean()
+    )
+    pred = clf.predict(vec.transform(test["text"].to_list()))
+    metrics = evaluate(
+        test["label"].to_numpy(),
+        pred,
+        read_json(Path(dataset) / "labels.json"),
+        out,
+        "TF-IDF + LR",
+    )
+    metrics.update(
+        {
+            "best_val_accuracy": val_acc,
+            "wall_s": time.perf_counter() - t0,
+            "n_features": len(vec.vocabulary_),
+        }
+    )
+    write_json(out / "metrics.json", metrics)
+    write_json(out / "config.json", asdict(config))
+    mark_complete(out)

@@ -17,6 +17,7 @@ from elmo_core.config import ClassifierConfig, MixConfig
 from elmo_core.mix import ScalarMix, build_mix
 from elmo_core.training import pick_device
 from storage.datasets import read_dataset, write_parquet
+from storage.hashing import code_version
 from storage.paths import (
     Home,
     clear_incomplete,
@@ -26,11 +27,13 @@ from storage.paths import (
     stage_lock,
     write_json,
 )
+from storage.tracking import stage_run
 from tasks.common import STAGE_OPTS, History, Stage, cache_key, logger, set_threads
-from tasks.data import SPLITS, stage_id
+from tasks.data import SPLITS, split_files, stage_id
 from tasks.evaluate import evaluate, plot_curves
 from tasks.features import layer_store
 from tasks.pretrain import BILM_CODE
+from tasks.progress import stage_progress
 
 CLASSIFIER = Stage(
     "classifier",
@@ -53,6 +56,7 @@ def _classifier_key(
     home: str,
     config: ClassifierConfig,
     device: str = "auto",
+    tracking: dict[str, str] | None = None,
 ) -> str:
     inputs = {
         "features": stage_id(features_dir),
@@ -96,8 +100,12 @@ def classify(
     home: str,
     config: ClassifierConfig,
     device: str = "auto",
+    tracking: dict[str, str] | None = None,
 ) -> str:
-    """Train the BiLSTM+MLP head with one mix strategy on frozen layers, evaluate on test."""
+    """Train the BiLSTM+MLP head with one mix strategy on frozen layers, evaluate on test.
+
+    ``tracking`` (the flow's ``Tracker.target()``, outside the cache key) opens the stage's
+    MLflow child run when it starts, so its epochs show while it trains."""
     out = Home(home).stage_dir(
         "classifier", _classifier_key(features_dir, bilm_dir, dataset, strategy, home, config)
     )
@@ -113,49 +121,55 @@ def classify(
         model, mix_config = new_classifier(
             bilm_dir, strategy, config, n_layers, dim, len(label_names)
         )
-        hist = History(f"classifier-{strategy}")
-        t0 = time.perf_counter()
-        res = train_classifier(model, train, val, config, hist, out / "train_state.pt", dev)
-        save_classifier(out / "model.pt", model.cpu(), mix_config, dim, label_names)
-        probs = predict_proba(model, test, dev)
-        pred = probs.argmax(1)
-        metrics = evaluate(test.labels, pred, label_names, out, f"ELMo {strategy}")
-        metrics.update(
-            {
-                "best_val_accuracy": res.best_val_accuracy,
-                "best_epoch": res.best_epoch,
-                "epochs_run": res.epochs_run,
-                "wall_s": time.perf_counter() - t0,
-            }
-        )
-        if isinstance(model.mix, ScalarMix):
-            weights = model.mix.layer_weights().tolist()
-            write_json(
-                out / "layer_weights.json",
-                {"weights": weights, "gamma": float(model.mix.gamma.detach())},
+        name = f"classifier-{strategy}"
+        tags = {"strategy": strategy, "code_version": code_version(CLASSIFIER.modules)}
+        with stage_run(tracking, name, tags) as run, stage_progress(name) as progress:
+            hist = History(name, sink=run.log_metrics)
+            t0 = time.perf_counter()
+            res = train_classifier(
+                model, train, val, config, hist, out / "train_state.pt", dev, progress=progress
             )
-            metrics.update({f"layer_weight_{i}": w for i, w in enumerate(weights)})
-        test_ids = read_dataset(Path(dataset) / "test.parquet")["id"].to_numpy()
-        write_parquet(
-            pl.DataFrame(
+            save_classifier(out / "model.pt", model.cpu(), mix_config, dim, label_names)
+            probs = predict_proba(model, test, dev)
+            pred = probs.argmax(1)
+            metrics = evaluate(test.labels, pred, label_names, out, f"ELMo {strategy}")
+            metrics.update(
                 {
-                    "id": test_ids,
-                    "label": test.labels,
-                    "pred": pred,
-                    **{f"p_{n}": probs[:, i] for i, n in enumerate(label_names)},
+                    "best_val_accuracy": res.best_val_accuracy,
+                    "best_epoch": res.best_epoch,
+                    "epochs_run": res.epochs_run,
+                    "wall_s": time.perf_counter() - t0,
                 }
-            ).to_arrow(),
-            out / "predictions.parquet",
-        )
-        hist.save(out / "history.json")
-        plot_curves(hist.points, ["train_loss", "val_accuracy"], out, f"classifier {strategy}")
-        write_json(
-            out / "config.json",
-            {"strategy": strategy, "classifier": asdict(config), "mix": asdict(mix_config)},
-        )
-        write_json(out / "metrics.json", metrics)
-        (out / "train_state.pt").unlink(missing_ok=True)
-        mark_complete(out)
+            )
+            if isinstance(model.mix, ScalarMix):
+                weights = model.mix.layer_weights().tolist()
+                write_json(
+                    out / "layer_weights.json",
+                    {"weights": weights, "gamma": float(model.mix.gamma.detach())},
+                )
+                metrics.update({f"layer_weight_{i}": w for i, w in enumerate(weights)})
+            test_ids = read_dataset(Path(dataset) / "test.parquet")["id"].to_numpy()
+            write_parquet(
+                pl.DataFrame(
+                    {
+                        "id": test_ids,
+                        "label": test.labels,
+                        "pred": pred,
+                        **{f"p_{n}": probs[:, i] for i, n in enumerate(label_names)},
+                    }
+                ).to_arrow(),
+                out / "predictions.parquet",
+            )
+            hist.save(out / "history.json")
+            plot_curves(hist.points, ["train_loss", "val_accuracy"], out, f"classifier {strategy}")
+            write_json(
+                out / "config.json",
+                {"strategy": strategy, "classifier": asdict(config), "mix": asdict(mix_config)},
+            )
+            write_json(out / "metrics.json", metrics)
+            (out / "train_state.pt").unlink(missing_ok=True)
+            mark_complete(out)
+            run.complete(out, split_files(dataset))
         logger().info("classifier %s: test accuracy %.4f", strategy, metrics["test_accuracy"])
         return str(out)
 

@@ -53,20 +53,35 @@ def cache_key(key_fn: Callable[..., str]) -> Callable[[TaskRunContext, dict[str,
 
 
 class History:
-    """The ``log_metrics`` callback handed to training loops: keeps every point for MLflow
-    (history.json) and logs progress lines through Prefect's logger."""
+    """The ``log_metrics`` callback handed to training loops: keeps every point for the stage
+    folder (history.json), streams it to the stage's live MLflow run (``sink``) and logs a line
+    through Prefect's logger for every epoch-level point (keys ``val_*``) but for step-level
+    ones at most every ``log_every_s`` seconds: the progress bar and artifact show the rest."""
 
-    def __init__(self, prefix: str = "") -> None:
+    def __init__(
+        self,
+        prefix: str = "",
+        sink: Callable[[dict[str, float], int], None] | None = None,
+        log_every_s: float = 60.0,
+    ) -> None:
         self.points: list[dict[str, Any]] = []
         self.prefix = prefix
+        self.sink = sink
+        self.log_every_s = log_every_s
+        self._last_line = 0.0
         self.log = logger()
 
     def __call__(self, metrics: dict[str, float], step: int) -> None:
         ts = int(time.time() * 1000)
         for k, v in metrics.items():
             self.points.append({"key": k, "value": float(v), "step": int(step), "ts": ts})
-        shown = ", ".join(f"{k}={v:.4g}" for k, v in metrics.items())
-        self.log.info("%s step %d: %s", self.prefix, step, shown)
+        if self.sink is not None:
+            self.sink(metrics, step)
+        now = time.monotonic()
+        if any(k.startswith("val_") for k in metrics) or now - self._last_line >= self.log_every_s:
+            self._last_line = now
+            shown = ", ".join(f"{k}={v:.4g}" for k, v in metrics.items())
+            self.log.info("%s step %d: %s", self.prefix, step, shown)
 
     def save(self, path: Path) -> None:
         write_json(path, self.points)

@@ -157,6 +157,11 @@ def read_pretrain_corpus(path: str, home: str, config: CorpusConfig) -> str:
         return str(out)
 
 
+def split_files(dataset: str) -> dict[str, Path]:
+    """An ingested dataset's split files by split name (the MLflow dataset inputs of a run)."""
+    return {s: Path(dataset) / f"{s}.parquet" for s in SPLITS}
+
+
 def stage_id(stage_dir: str) -> str:
     """The content address of a stage folder (its cache key = its folder name)."""
     return Path(stage_dir).name

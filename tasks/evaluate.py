@@ -78,3 +78,48 @@ def plot_curves(points: list[dict], keys: list[str], out: Path, title: str) -> N
     fig.savefig(tmp, dpi=100)
     plt.close(fig)
     tmp.replace(out / "curves.png")
+
+
+def comparison_chart(rows: list[dict], out: Path, title: str) -> None:
+    """One picture of a run: test accuracy and macro F1 of every model (strategies, ablations,
+    baseline) side by side, and the scalar-mix layer weights each strategy ended with (read
+    from the stage folders' layer_weights.json) -> a PNG at ``out``."""
+    names = [r["name"] for r in rows]
+    acc = [r["metrics"]["test_accuracy"] for r in rows]
+    f1 = [r["metrics"]["test_macro_f1"] for r in rows]
+    weights = {}
+    for r in rows:
+        p = Path(r["dir"]) / "layer_weights.json"
+        if p.exists():
+            import json
+
+            weights[r["name"].removeprefix("classifier-")] = json.loads(p.read_text())["weights"]
+    fig, axes = plt.subplots(
+        1, 2 if weights else 1, figsize=(12 if weights else 7, 4.2), squeeze=False
+    )
+    ax = axes[0][0]
+    x = np.arange(len(names))
+    for off, vals, label in ((-0.2, acc, "test accuracy"), (0.2, f1, "macro F1")):
+        bars = ax.bar(x + off, vals, 0.4, label=label)
+        ax.bar_label(bars, fmt="%.3f", fontsize=7, padding=2)
+    lo = max(0.0, min(acc + f1) - 0.1)
+    ax.set_ylim(lo, min(1.0, max(acc + f1) + 0.05))
+    ax.set_xticks(x, [n.removeprefix("classifier-") for n in names], rotation=20)
+    ax.set_title("test split")
+    ax.legend(loc="lower right", fontsize=8)
+    if weights:
+        ax = axes[0][1]
+        n_layers = len(next(iter(weights.values())))
+        width = 0.8 / len(weights)
+        for i, (name, w) in enumerate(weights.items()):
+            ax.bar(np.arange(n_layers) + (i - (len(weights) - 1) / 2) * width, w, width, label=name)
+        ax.set_xticks(np.arange(n_layers), [f"layer {k}" for k in range(n_layers)])
+        ax.set_title("scalar-mix layer weights (softmax)")
+        ax.legend(fontsize=8)
+    fig.suptitle(title)
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp.png")
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    tmp.replace(out)

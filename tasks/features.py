@@ -15,12 +15,18 @@ from storage.paths import Home, clear_incomplete, is_complete, mark_complete, st
 from tasks.common import STAGE_OPTS, Stage, cache_key, set_threads
 from tasks.data import SPLITS, stage_id
 from tasks.pretrain import BILM_CODE
+from tasks.progress import stage_progress
 
 FEATURES = Stage("features", [*BILM_CODE, "tasks.features"])
 
 
 def _features_key(
-    bilm_dir: str, dataset: str, home: str, max_len: int, device: str = "auto"
+    bilm_dir: str,
+    dataset: str,
+    home: str,
+    max_len: int,
+    device: str = "auto",
+    tracking: dict[str, str] | None = None,
 ) -> str:
     return FEATURES.key(
         {"bilm": stage_id(bilm_dir), "dataset": stage_id(dataset)}, {"max_len": max_len}
@@ -28,8 +34,16 @@ def _features_key(
 
 
 @task(name="extract-layers", cache_key_fn=cache_key(_features_key), **STAGE_OPTS)
-def features(bilm_dir: str, dataset: str, home: str, max_len: int, device: str = "auto") -> str:
-    """Run the frozen biLM once over every split; layers stored flat as float16 .npy files."""
+def features(
+    bilm_dir: str,
+    dataset: str,
+    home: str,
+    max_len: int,
+    device: str = "auto",
+    tracking: dict[str, str] | None = None,
+) -> str:
+    """Run the frozen biLM once over every split; layers stored flat as float16 .npy files.
+    (``tracking`` is accepted like every stage's; this stage has no MLflow run of its own.)"""
     out = Home(home).stage_dir("features", _features_key(bilm_dir, dataset, home, max_len))
     with stage_lock(out):
         if is_complete(out):
@@ -51,7 +65,10 @@ def features(bilm_dir: str, dataset: str, home: str, max_len: int, device: str =
                 dtype=np.float16,
                 shape=(int(offsets[-1]), model.num_output_layers, model.output_dim),
             )
-            extract_layers(model, docs, arr, offsets, device=pick_device(device))
+            with stage_progress(f"layers {split}", unit="documents") as progress:
+                extract_layers(
+                    model, docs, arr, offsets, device=pick_device(device), progress=progress
+                )
             arr.flush()
             del arr
             tmp.replace(out / f"layers_{split}.npy")

@@ -15,10 +15,13 @@ from elmo_core.checkpoint import save_bilm
 from elmo_core.config import BiLMConfig, PretrainConfig
 from elmo_core.training import pick_device, pretrain_bilm
 from storage.datasets import read_dataset
+from storage.hashing import code_version
 from storage.paths import Home, clear_incomplete, is_complete, mark_complete, stage_lock, write_json
+from storage.tracking import stage_run
 from tasks.common import STAGE_OPTS, History, Stage, cache_key, logger, set_threads
 from tasks.data import load_vocab, pretraining_documents, stage_id
 from tasks.evaluate import plot_curves
+from tasks.progress import stage_progress
 
 BILM_CODE = [
     "elmo_core.bilm",
@@ -49,6 +52,7 @@ def _pretrain_key(
     bilm: dict,
     train: PretrainConfig,
     device: str = "auto",
+    tracking: dict[str, str] | None = None,
 ) -> str:
     inputs = {
         "dataset": stage_id(dataset),
@@ -67,10 +71,12 @@ def pretrain(
     bilm: dict,
     train: PretrainConfig,
     device: str = "auto",
+    tracking: dict[str, str] | None = None,
 ) -> str:
     """Pretrain the biLM on train split + corpora; resumable from the stage's train_state.pt.
 
-    ``bilm`` holds BiLMConfig fields except vocab_size (set from the vocabulary)."""
+    ``bilm`` holds BiLMConfig fields except vocab_size (set from the vocabulary); ``tracking``
+    (outside the cache key) opens the stage's MLflow child run when it starts."""
     out = Home(home).stage_dir("bilm", _pretrain_key(dataset, corpora, vocab, home, bilm, train))
     with stage_lock(out):
         if is_complete(out):
@@ -92,27 +98,37 @@ def pretrain(
             len(train_ids),
             len(val_ids),
         )
-        hist = History("biLM")
-        t0 = time.perf_counter()
-        res = pretrain_bilm(
-            model, train_ids, val_ids, train, hist, out / "train_state.pt", pick_device(device)
-        )
-        save_bilm(out / "bilm.pt", model.cpu(), v)
-        write_json(out / "config.json", {"bilm": asdict(config), "train": asdict(train)})
-        hist.save(out / "history.json")
-        plot_curves(hist.points, ["train_loss", "val_perplexity"], out, "biLM pretraining")
-        write_json(
-            out / "metrics.json",
-            {
-                "val_perplexity": res.val_perplexity,
-                "val_perplexity_forward": res.val_perplexity_forward,
-                "val_perplexity_backward": res.val_perplexity_backward,
-                "train_tokens": res.tokens,
-                "train_steps": res.steps,
-                "tokens_per_s": res.tokens / max(res.seconds, 1e-9),
-                "wall_s": time.perf_counter() - t0,
-            },
-        )
-        (out / "train_state.pt").unlink(missing_ok=True)
-        mark_complete(out)
+        tags = {"code_version": code_version(PRETRAIN.modules)}
+        with stage_run(tracking, "bilm-pretrain", tags) as run, stage_progress("biLM") as progress:
+            hist = History("biLM", sink=run.log_metrics)
+            t0 = time.perf_counter()
+            res = pretrain_bilm(
+                model,
+                train_ids,
+                val_ids,
+                train,
+                hist,
+                out / "train_state.pt",
+                pick_device(device),
+                progress=progress,
+            )
+            save_bilm(out / "bilm.pt", model.cpu(), v)
+            write_json(out / "config.json", {"bilm": asdict(config), "train": asdict(train)})
+            hist.save(out / "history.json")
+            plot_curves(hist.points, ["train_loss", "val_perplexity"], out, "biLM pretraining")
+            write_json(
+                out / "metrics.json",
+                {
+                    "val_perplexity": res.val_perplexity,
+                    "val_perplexity_forward": res.val_perplexity_forward,
+                    "val_perplexity_backward": res.val_perplexity_backward,
+                    "train_tokens": res.tokens,
+                    "train_steps": res.steps,
+                    "tokens_per_s": res.tokens / max(res.seconds, 1e-9),
+                    "wall_s": time.perf_counter() - t0,
+                },
+            )
+            (out / "train_state.pt").unlink(missing_ok=True)
+            mark_complete(out)
+            run.complete(out, {"train": Path(dataset) / "train.parquet"})
         return str(out)

@@ -8,6 +8,7 @@ from typing import Any
 from prefect import task
 
 from storage.datasets import read_dataset
+from storage.paths import read_json
 from storage.registry import register_and_gate
 
 
@@ -31,4 +32,5 @@ def register_best(
         Path(classifier_dir) / "model.pt",
         val["text"].to_list(),
         val["label"].to_numpy(),
+        read_json(Path(dataset) / "labels.json"),
     )
