@@ -103,6 +103,10 @@ class ClassifierConfig:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
         if not 0.0 < self.lr_decay <= 1.0:
             raise ValueError(f"lr_decay must be in (0, 1], got {self.lr_decay}")
+        if self.lr <= 0.0 or self.weight_decay < 0.0:
+            raise ValueError(
+                f"classifier lr must be > 0 and weight_decay >= 0, got {self.lr}, {self.weight_decay}"
+            )
         if self.embedding_lr_scale <= 0.0:
             raise ValueError(f"embedding_lr_scale must be > 0, got {self.embedding_lr_scale}")
         check_precision(self.precision)

@@ -4,18 +4,80 @@ from __future__ import annotations
 
 import gc
 import json
+import logging
 import os
+import subprocess
+import sys
+from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
+from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 
-app = typer.Typer(add_completion=False, help="Pretrain ELMo from scratch and classify news.")
+app = typer.Typer(
+    add_completion=False,
+    help="Pretrain ELMo from scratch and classify news.",
+    pretty_exceptions_show_locals=False,
+)
+DEBUG = {"on": False}  # --debug: user errors keep their traceback
 
 
 @app.callback()
-def main() -> None:
+def main(
+    debug: Annotated[
+        bool, typer.Option("--debug", help="show the full traceback of any error")
+    ] = False,
+) -> None:
     """elmo-news: a cached Prefect pipeline that pretrains ELMo and classifies news."""
+    DEBUG["on"] = debug
+
+
+class UserError(ValueError):
+    """A mistake in what the user passed (a path, a --set value, a model URI): reported as
+    one line, without a traceback."""
+
+
+def _one_line(e: BaseException) -> str:
+    from pydantic import ValidationError
+
+    if isinstance(e, ValidationError):  # "loc: msg; loc: msg", pydantic's own wording
+        parts = []
+        for err in e.errors():
+            loc = ".".join(str(x) for x in err.get("loc", ()))
+            msg = err.get("msg", "").removeprefix("Value error, ")
+            parts.append(f"{loc}: {msg}" if loc else msg)
+        return "; ".join(parts)
+    return " ".join(str(e).split())
+
+
+@contextmanager
+def user_errors() -> Iterator[None]:
+    """Bad input ends as ``error: <what and which value>`` on stderr and exit status 2; the
+    traceback is kept for bugs (any other exception) and for everything under --debug."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        yield
+    except (ValueError, OSError, MlflowException, typer.BadParameter) as e:
+        if DEBUG["on"]:
+            raise
+        logging.getLogger("prefect").disabled = True  # no "Stopping temporary server" line
+        typer.echo(f"error: {_one_line(e)}", err=True)
+        raise typer.Exit(2) from None
+
+
+def check_readable(what: str, raw: str) -> None:
+    """A local input must exist and be readable before anything starts (URLs are fetched by
+    the flow, with its retries)."""
+    if "://" in raw:
+        return
+    p = Path(raw)
+    if not p.exists():
+        raise UserError(f"{raw}: {what} folder or file does not exist")
+    if not os.access(p, os.R_OK | (os.X_OK if p.is_dir() else 0)):
+        raise UserError(f"{raw}: {what} is not readable")
 
 
 def prefect_defaults() -> None:
@@ -23,6 +85,8 @@ def prefect_defaults() -> None:
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
     os.environ.setdefault("PREFECT_LOGGING_LEVEL", "INFO")
+    # "Creating initial MLflow database tables..." on a new store says nothing a user can act on
+    logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)
 
 
 def prestart_ephemeral_server() -> Future[None] | None:
@@ -43,12 +107,37 @@ def prestart_ephemeral_server() -> Future[None] | None:
         return None
     from prefect.server.api.server import SubprocessASGIServer
 
-    ensure_logging_setup()  # so its "Starting temporary server" line shows, as without this
+    ensure_logging_setup()
+    # its "Starting temporary server" line waits until the parameters are known good: a run
+    # refused for a bad value prints that one error line and nothing about a server
+    logging.getLogger("prefect").disabled = True
+    server = SubprocessASGIServer()
+
+    def start() -> None:
+        server.start()
+        if server.server_process is not None:
+            guard_server(server.server_process.pid)
 
     pool = ThreadPoolExecutor(1, thread_name_prefix="prefect-server-start")
-    started = pool.submit(SubprocessASGIServer().start)
+    started = pool.submit(start)
     pool.shutdown(wait=False)  # the submitted start still runs to its end
     return started
+
+
+def guard_server(server_pid: int) -> subprocess.Popen[bytes]:
+    """A watchdog process that stops the server once this process is gone, SIGKILL included
+    (``flows/server_guard.py``); it ends by itself when the server does."""
+    return subprocess.Popen(
+        [sys.executable, "-I", "-S", str(Path(__file__).with_name("server_guard.py")),
+         str(os.getpid()), str(server_pid)],
+        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+
+
+def _server_url() -> str:
+    from prefect.server.api.server import SubprocessASGIServer
+
+    return SubprocessASGIServer().address
 
 
 def parse_overrides(items: list[str]) -> dict[str, dict[str, Any]]:
@@ -93,25 +182,35 @@ def run(
 ) -> None:
     """Run the whole pipeline once (ephemeral Prefect, local MLflow store, local Parquet store)."""
     prefect_defaults()
+    with user_errors():
+        # what needs no heavy import is checked before anything starts
+        overrides = parse_overrides(set_ or [])
+        for what, path in [
+            ("data", data or "https://"),
+            *[("pretrain corpus", c) for c in pretrain_corpus or []],
+        ]:
+            check_readable(what, path)
     # boots in its own process while the parameters and the pipeline's modules import
     server = prestart_ephemeral_server()
     from flows.params import RunParams
     from storage.datasets import AG_NEWS_URL
 
-    params = RunParams(
-        profile=profile,  # type: ignore[arg-type]
-        data=data or AG_NEWS_URL,
-        pretrain_corpus=pretrain_corpus or [],
-        home=home,
-        strategies=strategy or ["sum", "wsum", "function"],  # type: ignore[arg-type]
-        device=device,  # type: ignore[arg-type]
-        text_columns=text_column or [],
-        label_column=label_column,
-        overrides=parse_overrides(set_ or []),
-    )  # bad parameters fail here, before the flow starts
+    with user_errors():
+        params = RunParams(
+            profile=profile,  # type: ignore[arg-type]
+            data=data or AG_NEWS_URL,
+            pretrain_corpus=pretrain_corpus or [],
+            home=home,
+            strategies=strategy or ["sum", "wsum", "function"],  # type: ignore[arg-type]
+            device=device,  # type: ignore[arg-type]
+            text_columns=text_column or [],
+            label_column=label_column,
+            overrides=overrides,
+        )  # bad parameters fail here, before the flow starts
     from flows.pipeline import elmo_news
     from storage.paths import Home
     from storage.tracking import Tracker
+    from tasks.progress import live_display
 
     if server is not None and not server.done():
         # while the server still boots: create / migrate the MLflow store (~2 s on a new home)
@@ -119,7 +218,10 @@ def run(
         Tracker(Home(params.home_dir()).mlflow_uri())
     if server is not None:
         server.result()  # the flow must find it up, not half-started
-    summary = elmo_news(**params.model_dump())
+        logging.getLogger("prefect").disabled = False
+        logging.getLogger("prefect").info("Prefect server (ephemeral): %s", _server_url())
+    with live_display():
+        summary = elmo_news(**params.model_dump())
     typer.echo(
         json.dumps({k: v.get("test_accuracy") for k, v in summary["models"].items()}, indent=2)
     )
@@ -144,8 +246,12 @@ def predict(
     """Predict labels and class probabilities for every document of a file."""
     prefect_defaults()
     _tracking(home)
+    from storage.registry import check_model_uri
     from tasks.predict import predict_file
 
+    with user_errors():
+        check_readable("input", input)
+        check_model_uri(model)
     stats = predict_file.fn(model, input, output)
     typer.echo(json.dumps(stats, indent=2))
 
@@ -165,8 +271,12 @@ def embed(
     """Contextual token embeddings per token (the learned mix, or all layers) to Parquet."""
     prefect_defaults()
     _tracking(home)
+    from storage.registry import check_model_uri
     from tasks.predict import embed_file
 
+    with user_errors():
+        check_readable("input", input)
+        check_model_uri(model)
     n = embed_file(model, input, output, all_layers)
     typer.echo(f"{n} token vectors -> {output}")
 

@@ -28,6 +28,48 @@ def _val_accuracy(model_uri: str, texts: list[str], labels: np.ndarray) -> float
     return float((pred["label"].to_numpy() == labels).mean())
 
 
+def check_model_uri(uri: str) -> None:
+    """A ``models:/NAME/VERSION`` or ``models:/NAME@ALIAS`` URI must name an existing version
+    before a command loads it; raises ValueError naming the URI and what is missing. Other
+    URIs (runs:/, paths) are left to MLflow."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    if not uri.startswith("models:/"):
+        return
+    ref = uri.removeprefix("models:/").rstrip("/")
+    client = MlflowClient()
+    try:
+        if "@" in ref:
+            name, alias = ref.split("@", 1)
+            client.get_model_version_by_alias(name, alias)
+        elif "/" in ref:
+            name, version = ref.split("/", 1)
+            client.get_model_version(name, version)
+        else:
+            raise ValueError(f"{uri}: expected models:/NAME/VERSION or models:/NAME@ALIAS")
+    except MlflowException as e:
+        known = [m.name for m in client.search_registered_models()]
+        raise ValueError(
+            f"{uri}: no such model version in {mlflow_uri()} (registered models: "
+            f"{', '.join(known) or 'none'}; {e.message.split('.')[0]})"
+        ) from None
+
+
+def logged_model_id(version: Any) -> str | None:
+    """The LoggedModel behind a registered version (its source is ``models:/<model id>``)."""
+    if getattr(version, "model_id", None):
+        return version.model_id
+    source = version.source or ""
+    return source.removeprefix("models:/") if source.startswith("models:/m-") else None
+
+
+def mlflow_uri() -> str:
+    import mlflow
+
+    return mlflow.get_tracking_uri()
+
+
 def model_signature(label_names: list[str]) -> Any:
     """The pyfunc's declared schema: a ``text`` column in; the label id (int64, never missing),
     its name and one float64 probability per class out. Declared, not inferred from an example,
@@ -130,6 +172,6 @@ def register_and_gate(
         "version": int(version.version),
         "alias": alias,
         "decision": decision,
-        "model_id": getattr(version, "model_id", None),
+        "model_id": logged_model_id(version),
         **metrics,
     }

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from storage.datasets import DataError
+from storage.registry import logged_model_id
 from storage.tracking import find_runs
 from tests.conftest import REUTERS
 
@@ -78,6 +79,26 @@ def _task_states(flow_run_id) -> dict[str, list[str]]:
     return out
 
 
+def _dir(summary: dict, child: str) -> str:
+    return {"bilm-pretrain": summary["bilm"]}.get(child) or summary["models"][child]["dir"]
+
+
+def _progress_artifacts() -> dict[str, float]:
+    """The newest value of every progress artifact on the Prefect server, by key."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterType
+
+    with get_client(sync_client=True) as client:
+        arts = client.read_artifacts(
+            artifact_filter=ArtifactFilter(type=ArtifactFilterType(any_=["progress"]))
+        )
+    out: dict[str, float] = {}
+    for a in sorted(arts, key=lambda a: a.created):
+        if a.key:
+            out[a.key] = float(a.data)
+    return out
+
+
 HEAVY = [
     "ingest",
     "read-corpus",
@@ -132,6 +153,42 @@ def test_flow_end_to_end(harness, env, ag_slice):
     )
     assert len(weights["weights"]) == 3 and abs(sum(weights["weights"]) - 1) < 1e-5
 
+    # the experiment opens on its training runs in MLflow 3's UI, not on the GenAI overview
+    exp = client.get_experiment(parent.info.experiment_id)
+    assert exp.tags["mlflow.experimentKind"] == "custom_model_development"
+    # each run that reads the splits has them as dataset inputs, digests from the manifest
+    manifest = json.loads((Path(first["dataset"]) / "DONE").read_text())["files"]
+    for name in ("ingest", "classifier-sum", "baseline-tfidf"):
+        inputs = client.get_run(by_name[name].info.run_id).inputs.dataset_inputs
+        got = {
+            next(t.value for t in i.tags if t.key == "mlflow.data.context"): i.dataset
+            for i in inputs
+        }
+        assert set(got) == {"training", "validation", "test"}, (name, got)
+        assert got["training"].digest == manifest["train.parquet"]["sha256"][:16]
+        assert got["test"].name == f"{Path(first['dataset']).name}-test"
+    bilm_inputs = client.get_run(by_name["bilm-pretrain"].info.run_id).inputs.dataset_inputs
+    assert [i.dataset.name.rsplit("-", 1)[1] for i in bilm_inputs] == ["train"]
+    # a stage that trained has its own start and end: its duration covers its training
+    for name in ("bilm-pretrain", "classifier-sum", "baseline-tfidf"):
+        info = client.get_run(by_name[name].info.run_id).info
+        wall = json.loads((Path(_dir(first, name)) / "metrics.json").read_text())["wall_s"]
+        assert info.status == "FINISHED"
+        assert (info.end_time - info.start_time) / 1000 >= wall, (name, info, wall)
+    # the parent run: comparison chart, and the registered version among its logged models
+    parent_run = client.get_run(first["parent_run_id"])
+    assert f"{first['parent_run_id']}-comparison.png" in {
+        a.path for a in client.list_artifacts(first["parent_run_id"])
+    }
+    assert first["registry"]["version"] >= 1
+    version = client.get_model_version("elmo-news-classifier", str(first["registry"]["version"]))
+    assert [o.model_id for o in parent_run.outputs.model_outputs] == [logged_model_id(version)]
+    assert logged_model_id(version).startswith("m-")
+    # Prefect UI: each training stage left a progress artifact that reached 100 %
+    progress = _progress_artifacts()
+    for key in ("progress-biLM", "progress-classifier-sum", "progress-layers-test"):
+        assert progress.get(key.lower()) == 100.0, progress
+
     # second identical run: every heavy task is served from Prefect's cache, MLflow still complete
     second, states2 = _run(harness, ag_slice, home)
     assert all(s == "Cached" for name in HEAVY for s in states2[name]), states2
@@ -148,7 +205,7 @@ def test_flow_end_to_end(harness, env, ag_slice):
     )
 
     # only the classifier config changes: only the classifier tasks run again
-    third, states3 = _run(harness, ag_slice, home, overrides={"classifier": {"lr": 0.005}})
+    third, states3 = _run(harness, ag_slice, home, overrides={"classifier": {"lr": 0.004}})
     for name in (
         "ingest",
         "read-corpus",
@@ -215,3 +272,71 @@ def test_invalidation_matrix_and_corrupt_outputs(harness, env, ag_slice, tmp_pat
             assert set(states[name]) == {"Completed"}, (name, states)
     assert changed["dataset"] != first["dataset"]
     assert changed["rows"]["rows_in_train"] == first["rows"]["rows_in_train"] + 1
+
+
+def test_stage_metrics_stream_to_mlflow_while_the_flow_runs(
+    harness, env, ag_slice, tmp_path, monkeypatch
+):
+    """A classifier held after its first epoch: its child run is already there, RUNNING, with
+    that epoch's metrics, while the flow has not finished; afterwards it is the run's only
+    classifier-wsum child and holds every epoch."""
+    import threading
+
+    from mlflow.tracking import MlflowClient
+
+    from tasks.common import History
+
+    _, uri = env
+    first_epoch, release = threading.Event(), threading.Event()
+    original = History.__call__
+
+    def gated(self, metrics, step):
+        original(self, metrics, step)
+        if self.prefix == "classifier-wsum" and "val_accuracy" in metrics:
+            if not first_epoch.is_set():
+                first_epoch.set()
+                assert release.wait(300)
+
+    monkeypatch.setattr(History, "__call__", gated)
+    out: dict = {}
+
+    def run() -> None:
+        try:
+            out["result"] = _run(
+                harness,
+                ag_slice,
+                tmp_path / "home",
+                strategies=["wsum"],
+                register_model=False,
+                overrides={"classifier": {"seed": 11}},
+            )
+        except BaseException as e:  # surfaced below
+            out["error"] = e
+        finally:
+            release.set()
+
+    worker = threading.Thread(target=run)
+    worker.start()
+    try:
+        assert first_epoch.wait(600), out.get("error")
+        live = find_runs(
+            uri, "attributes.run_name = 'classifier-wsum' and attributes.status = 'RUNNING'"
+        )
+        assert len(live) == 1, live
+        client = MlflowClient(uri)
+        hist = client.get_metric_history(live[0].info.run_id, "val_accuracy")
+        assert [h.step for h in hist] == [1]
+        parent_id = live[0].data.tags["mlflow.parentRunId"]
+        assert client.get_run(parent_id).info.status == "RUNNING"
+    finally:
+        release.set()
+        worker.join(600)
+    assert "error" not in out, out.get("error")
+    summary, _ = out["result"]
+    assert summary["parent_run_id"] == parent_id
+    children = find_runs(uri, f"tags.mlflow.parentRunId = '{parent_id}'")
+    wsum = [c for c in children if c.info.run_name == "classifier-wsum"]
+    assert [c.info.run_id for c in wsum] == [live[0].info.run_id]
+    assert wsum[0].info.status == "FINISHED" and wsum[0].data.tags["cached"] == "false"
+    hist = client.get_metric_history(wsum[0].info.run_id, "val_accuracy")
+    assert sorted(h.step for h in hist) == [1, 2]

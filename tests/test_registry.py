@@ -98,3 +98,56 @@ def test_champion_gate_and_predict_with_the_champion(harness, ag_slice, tmp_path
     assert res.exit_code == 0, res.output
     vectors = pl.read_parquet(emb)
     assert vectors.height > 160 and len(vectors["vector"][0]) == 48  # 2H of the smoke biLM
+
+    # the champion over HTTP: `mlflow models serve` answers /invocations exactly as predict does
+    _serve_matches_predict(uri, test_parquet, pred, tmp_path)
+
+
+def _serve_matches_predict(uri: str, test_parquet: str, pred: pl.DataFrame, tmp_path) -> None:
+    import os
+    import signal
+    import socket
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+    from pathlib import Path
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    bin_dir = Path(sys.executable).parent
+    env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "PATH": f"{bin_dir}:{os.environ['PATH']}"}
+    server = subprocess.Popen(
+        [str(bin_dir / "mlflow"), "models", "serve", "-m", f"models:/{MODEL_NAME}@champion",
+         "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port)],
+        env=env, cwd=tmp_path, start_new_session=True,
+        stdout=subprocess.DEVNULL, stderr=open(tmp_path / "serve.log", "wb"),
+    )  # fmt: skip
+    try:
+        deadline = time.time() + 180
+        while True:
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=2)
+                break
+            except OSError:
+                assert server.poll() is None, (tmp_path / "serve.log").read_text()[-3000:]
+                assert time.time() < deadline, "mlflow models serve did not come up"
+                time.sleep(0.5)
+        texts = pl.read_parquet(test_parquet)["text"].to_list()[:24]
+        body = json.dumps({"dataframe_split": {"columns": ["text"], "data": [[t] for t in texts]}})
+        req = urllib.request.Request(
+            f"http://127.0.0.1:{port}/invocations",
+            data=body.encode(),
+            headers={"Content-Type": "application/json"},
+        )
+        with urllib.request.urlopen(req, timeout=120) as resp:
+            served = pl.DataFrame(json.loads(resp.read())["predictions"])
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(30)
+    local = pred.head(24)
+    assert served["label"].to_list() == local["label"].to_list()
+    assert served["label_name"].to_list() == local["label_name"].to_list()
+    for col in [c for c in local.columns if c.startswith("p_")]:
+        assert max(abs(a - b) for a, b in zip(served[col], local[col], strict=True)) < 1e-6, col
