@@ -24,28 +24,31 @@ _display: Any = None  # the rich Progress of the running CLI command, if any
 _lock = threading.Lock()
 
 
-def _prefect_console() -> Any:
-    """The rich Console Prefect's own log handler prints to: a live bar on the same console
-    keeps log lines above it instead of tearing it."""
+def _prefect_console_handler() -> Any:
+    """Prefect's own log handler (it prints through a rich Console), if one is installed."""
     from rich.console import Console
 
     for name in ("prefect", ""):
         for h in logging.getLogger(name).handlers:
-            console = getattr(h, "console", None)
-            if isinstance(console, Console):
-                return console
-    return Console(stderr=True)
+            if isinstance(getattr(h, "console", None), Console):
+                return h
+    return None
 
 
 @contextmanager
 def live_display(enabled: bool = True) -> Iterator[None]:
     """Show a progress bar per running stage while the block runs (the CLI wraps a run in it).
-    Only on a terminal: piped output gets the stages' periodic log lines instead."""
+    Only on a terminal: piped output gets the stages' periodic log lines instead.
+
+    Prefect's log handler prints through its own Console; for the duration it prints through
+    the bars' console instead, so log lines scroll above the bars instead of tearing them
+    (Prefect's console has a theme without rich's default styles, so the bars cannot use it)."""
     global _display
-    console = _prefect_console() if enabled else None
-    if console is None or not console.is_terminal:
+    handler = _prefect_console_handler() if enabled else None
+    if handler is None or not handler.console.is_terminal:
         yield
         return
+    from rich.console import Console
     from rich.progress import (
         BarColumn,
         MofNCompleteColumn,
@@ -55,6 +58,8 @@ def live_display(enabled: bool = True) -> Iterator[None]:
         TimeRemainingColumn,
     )
 
+    original = handler.console
+    console = Console(file=original.file, highlighter=original.highlighter, markup=False)
     progress = Progress(
         TextColumn("[bold]{task.description}"),
         TextColumn("{task.fields[epoch]}"),
@@ -68,14 +73,18 @@ def live_display(enabled: bool = True) -> Iterator[None]:
         transient=False,
         refresh_per_second=4,
     )
-    with progress:
-        with _lock:
-            _display = progress
-        try:
-            yield
-        finally:
+    handler.console = console
+    try:
+        with progress:
             with _lock:
-                _display = None
+                _display = progress
+            try:
+                yield
+            finally:
+                with _lock:
+                    _display = None
+    finally:
+        handler.console = original
 
 
 def artifact_key(stage: str) -> str:
