@@ -18,7 +18,7 @@ from flows.runtime import tune_allocator
 from storage.datasets import AG_NEWS_URL
 from storage.hashing import code_version
 from storage.paths import Home, read_json, verify_complete, write_json
-from storage.tracking import Tracker
+from storage.tracking import Tracker, runs_path
 from tasks.baseline import baseline
 from tasks.classify import CLASSIFIER, classify
 from tasks.data import (
@@ -215,6 +215,12 @@ def elmo_news(
             description="Per-strategy test metrics and the TF-IDF baseline",
         )
         log.info("summary\n%s", md)
+        log.info(
+            "MLflow UI (mlflow ui --backend-store-uri %s --host 127.0.0.1): "
+            "http://127.0.0.1:5000/#%s",
+            h.mlflow_uri(),
+            runs_path(tracker.experiment_id, parent),
+        )
         summary = {
             "parent_run_id": parent,
             "home": home_s,

@@ -236,6 +236,17 @@ class Tracker:
         self.client.log_text(run_id, text, name)
 
 
+def runs_path(experiment_id: str, run_id: str | None = None) -> str:
+    """The MLflow UI route (after ``#``) of the experiment's training runs (or one run).
+
+    MLflow 3.17's UI ignores ``mlflow.experimentKind`` while its GenAI / model-training switch
+    is on (it is, by default): a browser lands where that switch last was, the GenAI overview
+    on a fresh one. ``workflowType=machine_learning`` in the link turns it to model training
+    (and the UI remembers it)."""
+    route = f"/experiments/{experiment_id}/runs" + (f"/{run_id}" if run_id else "")
+    return f"{route}?workflowType=machine_learning"
+
+
 def find_runs(uri: str, filter_string: str = "") -> list[Any]:
     """Runs of the elmo-news experiment (for tests, summaries and the registry)."""
     client = _client(uri)
