@@ -105,14 +105,16 @@ def main() -> int:
             page.get_by_text(parent.info.run_name, exact=True).first.wait_for(timeout=60_000)
             checks["runs_url"] = page.url.split("#", 1)[1]
             checks["parent_listed"] = True
-            expanders = page.locator("[aria-label*='xpand'], button:has-text('+')")
-            for i in range(expanders.count()):
-                try:
-                    expanders.nth(i).click(timeout=2_000)
-                except Exception:
-                    pass
-            page.wait_for_timeout(1_500)
-            shown = [n for n in children if page.get_by_text(n, exact=True).count() > 0]
+            # the parent row's expander (the icon button in its run-name cell)
+            expander = "button[data-component-id*='runnamecellrenderer']"
+            row = page.locator("[role='row']", has=page.get_by_text(parent.info.run_name))
+            target = row.locator(expander) if row.count() else page.locator(expander)
+            target.first.click()
+            for _ in range(40):
+                shown = [n for n in children if page.get_by_text(n, exact=True).count() > 0]
+                if len(shown) == len(children):
+                    break
+                page.wait_for_timeout(500)
             checks["children_expected"] = children
             checks["children_shown"] = shown
             page.screenshot(path=str(shots / "experiment_runs.png"), full_page=True)

@@ -32,6 +32,7 @@ from elmo_core.training import (
     no_log,
     no_progress,
     pick_device,
+    report_epoch_progress,
     rng_state,
     set_rng_state,
     try_resume,
@@ -207,14 +208,8 @@ def train_classifier(
             run_loss += float(loss.detach())
             run_n += 1
             tokens_epoch += int(mask.sum())
-            progress(
-                batch_i,
-                len(batches),
-                {
-                    "epoch": epoch + 1,
-                    "epochs": config.epochs,
-                    "tokens_per_s": tokens_epoch / max(time.perf_counter() - t_epoch, 1e-9),
-                },
+            report_epoch_progress(
+                progress, batch_i, len(batches), epoch, config.epochs, tokens_epoch, t_epoch
             )
             if config.checkpoint_every and step % config.checkpoint_every == 0:
                 seconds += time.perf_counter() - t0

@@ -42,6 +42,15 @@ def no_progress(done: int, total: int, info: dict[str, float]) -> None:
     return None
 
 
+def report_epoch_progress(
+    progress: ProgressFn, done: int, total: int, epoch: int, epochs: int, tokens: int, t0: float
+) -> None:
+    """The training loops' progress call: step ``done`` of ``total`` in epoch ``epoch``
+    (0-based) of ``epochs``, and this epoch's tokens/s since ``t0``."""
+    rate = tokens / max(time.perf_counter() - t0, 1e-9)
+    progress(done, total, {"epoch": epoch + 1, "epochs": epochs, "tokens_per_s": rate})
+
+
 def pick_device(prefer: str = "auto") -> torch.device:
     """CUDA when present (or asked for), else CPU."""
     if prefer == "auto":
@@ -265,14 +274,8 @@ def pretrain_bilm(
             run_loss += float(loss.detach())
             run_n += 1
             tokens_epoch += x.numel()
-            progress(
-                batch_i,
-                len(batches),
-                {
-                    "epoch": epoch + 1,
-                    "epochs": config.epochs,
-                    "tokens_per_s": tokens_epoch / max(time.perf_counter() - t_epoch, 1e-9),
-                },
+            report_epoch_progress(
+                progress, batch_i, len(batches), epoch, config.epochs, tokens_epoch, t_epoch
             )
             if step % log_every == 0:
                 dt = time.perf_counter() - t0

@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import os
+import socket
+import subprocess
+import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -48,3 +52,22 @@ def _torch_threads() -> None:
     torch.set_num_threads(
         int(os.environ.get("ELMO_NEWS_THREADS", max(1, min(2, os.cpu_count() or 1))))
     )
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_http(url: str, proc: subprocess.Popen, what: str, timeout: float = 180) -> None:
+    """Poll ``url`` until it answers; fail at once if ``proc`` (the server) has exited."""
+    deadline = time.time() + timeout
+    while True:
+        try:
+            urllib.request.urlopen(url, timeout=2)
+            return
+        except OSError:
+            assert proc.poll() is None, f"{what} exited with {proc.returncode}"
+            assert time.time() < deadline, f"{what} did not come up at {url}"
+            time.sleep(0.5)

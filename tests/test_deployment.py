@@ -8,27 +8,19 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
 
 from storage.registry import MODEL_NAME
 from storage.tracking import find_runs
-from tests.conftest import ROOT
+from tests.conftest import ROOT, free_port, wait_http
 
 pytestmark = pytest.mark.e2e
 BIN = Path(sys.executable).parent
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _prefect(args: list[str], env: dict[str, str], timeout: int = 180) -> str:
@@ -54,7 +46,7 @@ def _stop(proc: subprocess.Popen) -> None:
 
 
 def test_deploy_run_and_schedule(ag_slice, tmp_path):
-    port = _free_port()
+    port = free_port()
     api = f"http://127.0.0.1:{port}/api"
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     env = {
@@ -72,16 +64,7 @@ def test_deploy_run_and_schedule(ag_slice, tmp_path):
                                   env=env, cwd=tmp_path, start_new_session=True,
                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
         procs.append(server)
-        deadline = time.time() + 180
-        while True:
-            try:
-                urllib.request.urlopen(f"{api}/health", timeout=2)
-                break
-            except OSError:
-                assert time.time() < deadline and server.poll() is None, (
-                    "Prefect server did not start"
-                )
-                time.sleep(1)
+        wait_http(f"{api}/health", server, "Prefect server")
         _prefect(["work-pool", "create", "elmo-news-pool", "--type", "process"], env)
         _prefect(["--no-prompt", "deploy", "--all"], env)
         worker_log = open(tmp_path / "worker.log", "w")

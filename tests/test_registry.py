@@ -11,6 +11,7 @@ from typer.testing import CliRunner
 
 from flows.cli import app
 from storage.registry import MODEL_NAME
+from tests.conftest import free_port, wait_http
 
 pytestmark = pytest.mark.e2e
 # three stretches of one deterministic training (smoke `sum` classifier, patience never ends it
@@ -106,16 +107,12 @@ def test_champion_gate_and_predict_with_the_champion(harness, ag_slice, tmp_path
 def _serve_matches_predict(uri: str, test_parquet: str, pred: pl.DataFrame, tmp_path) -> None:
     import os
     import signal
-    import socket
     import subprocess
     import sys
-    import time
     import urllib.request
     from pathlib import Path
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     bin_dir = Path(sys.executable).parent
     env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "PATH": f"{bin_dir}:{os.environ['PATH']}"}
     server = subprocess.Popen(
@@ -125,15 +122,7 @@ def _serve_matches_predict(uri: str, test_parquet: str, pred: pl.DataFrame, tmp_
         stdout=subprocess.DEVNULL, stderr=open(tmp_path / "serve.log", "wb"),
     )  # fmt: skip
     try:
-        deadline = time.time() + 180
-        while True:
-            try:
-                urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=2)
-                break
-            except OSError:
-                assert server.poll() is None, (tmp_path / "serve.log").read_text()[-3000:]
-                assert time.time() < deadline, "mlflow models serve did not come up"
-                time.sleep(0.5)
+        wait_http(f"http://127.0.0.1:{port}/ping", server, "mlflow models serve")
         texts = pl.read_parquet(test_parquet)["text"].to_list()[:24]
         body = json.dumps({"dataframe_split": {"columns": ["text"], "data": [[t] for t in texts]}})
         req = urllib.request.Request(
