@@ -116,6 +116,8 @@ class StageProgress:
             logging.getLogger("elmo_news").debug("no progress artifact for %s: %s", stage, e)
 
     def __call__(self, done: int, total: int, info: dict[str, float]) -> None:
+        if self._artifact is None and _display is None:  # nothing shows it: cost nothing
+            return
         epoch = info.get("epoch")
         epochs = info.get("epochs")
         label = f"epoch {int(epoch)}/{int(epochs)}" if epoch and epochs else ""
