@@ -23,8 +23,8 @@ from storage.paths import file_lock, read_json, write_json
 
 EXPERIMENT = "elmo-news"
 ARTIFACT_SUFFIXES = {".png", ".txt", ".json", ".md", ".csv"}
-# MLflow 3's UI opens an experiment by its kind: this one lands on the training runs, not on
-# the GenAI overview (traces, token usage) that an untagged experiment gets
+# MLflow 3's way to say what an experiment is (model training, not GenAI). MLflow 3.17's own UI
+# routes by its GenAI / model-training switch instead while that is on (see ``runs_path``)
 EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")
 SPLIT_CONTEXT = {"train": "training", "val": "validation", "test": "test"}
 log = logging.getLogger("elmo_news.tracking")
@@ -140,6 +140,11 @@ class Tracker:
         produced = stage_dir / "mlflow_source.json"
         source = read_json(produced)["run_id"] if produced.exists() else None
         if source is not None and self._is_own_child(source):
+            from mlflow.entities import RunTag
+
+            # the live run was opened by its task; the flow's tags (data hash, ...) join it here,
+            # so live and cached child runs carry the same tags
+            self.client.log_batch(source, tags=[RunTag(k, str(v)) for k, v in tags.items()])
             return source, False
         all_tags = {"mlflow.parentRunId": self.parent_run_id or "", "stage": name, **tags}
         all_tags["cached"] = "true" if source else "false"

@@ -124,11 +124,13 @@ def test_flow_end_to_end(harness, env, ag_slice):
     children = find_runs(uri, f"tags.mlflow.parentRunId = '{first['parent_run_id']}'")
     by_name = {c.info.run_name: c for c in children}
     assert set(by_name) == CHILDREN
+    first_sha = by_name["ingest"].data.tags["data_sha256"]
     for name in ("classifier-sum", "classifier-wsum", "classifier-function", "baseline-tfidf"):
         run = by_name[name]
         assert FINAL <= set(run.data.metrics), name
         assert 0.0 <= run.data.metrics["test_accuracy"] <= 1.0
         assert run.data.tags["cached"] == "false"
+        assert run.data.tags["data_sha256"] == first_sha  # the flow's tags on the live run too
     assert by_name["classifier-wsum"].data.tags["strategy"] == "wsum"
     assert "val_perplexity" in by_name["bilm-pretrain"].data.metrics
     assert by_name["bilm-pretrain"].data.params["bilm.hidden_dim"] == "24"
