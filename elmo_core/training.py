@@ -120,6 +120,79 @@ def make_windows(ids: np.ndarray, window: int) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(ids[: n * window], dtype=np.int64)).view(n, window)
 
 
+class TokenWindows:
+    """Training windows (W, T) over one or more token-id shards (numpy arrays, typically
+    ``np.load(..., mmap_mode="r")``): nothing is copied until a batch is asked for, so a corpus
+    of any size costs its page cache, not RAM. Windows never cross a shard's end (each shard's
+    tail that does not fill one is dropped)."""
+
+    def __init__(self, shards: Sequence[np.ndarray], window: int) -> None:
+        self.shards = [s for s in shards if len(s) >= window]
+        self.window = window
+        counts = np.array([len(s) // window for s in self.shards], dtype=np.int64)
+        if counts.sum() == 0:
+            total = sum(len(s) for s in shards)
+            raise ValueError(f"token stream of {total} ids is shorter than one window of {window}")
+        self.starts = np.concatenate([[0], np.cumsum(counts)])  # (S+1,) first window per shard
+
+    def __len__(self) -> int:
+        return int(self.starts[-1])
+
+    def get(self, idx: torch.Tensor) -> torch.Tensor:
+        """Windows ``idx`` (B,) → ids (B, T) int64."""
+        idx_np = idx.numpy()
+        shard = np.searchsorted(self.starts, idx_np, side="right") - 1
+        out = np.empty((len(idx_np), self.window), dtype=np.int64)  # (B, T)
+        for r, (s, w) in enumerate(zip(shard, idx_np - self.starts[shard], strict=True)):
+            a = int(w) * self.window
+            out[r] = self.shards[s][a : a + self.window]
+        return torch.from_numpy(out)
+
+
+SHUFFLE_BLOCK = 1 << 20  # windows per shuffle block: an epoch's order costs 8 MiB, any corpus size
+
+
+def epoch_order(
+    n: int, seed: int, epoch: int, block: int = SHUFFLE_BLOCK
+) -> Iterator[torch.Tensor]:
+    """The windows of one epoch in a seeded random order, block by block, in bounded memory:
+    the full blocks of ``block`` windows in random order (the partial one last), each
+    shuffled within. Up to ``block`` windows this is exactly ``randperm(n)``."""
+    g = torch.Generator().manual_seed(seed * 1009 + epoch)
+    if n <= block:
+        yield torch.randperm(n, generator=g)
+        return
+    n_full = n // block
+    for b in [*torch.randperm(n_full, generator=g).tolist(), *([n_full] if n % block else [])]:
+        size = min(block, n - b * block)
+        yield torch.randperm(size, generator=g) + b * block
+
+
+def epoch_batches(
+    n: int, batch_size: int, seed: int, epoch: int, start: int = 0, block: int = SHUFFLE_BLOCK
+) -> Iterator[torch.Tensor]:
+    """Batches of window indices of one epoch (``ceil(n / batch_size)`` of them), from batch
+    ``start`` on: a resumed run gets the batches an uninterrupted one would have."""
+    pending: list[torch.Tensor] = []
+    have = 0
+    skip = start * batch_size  # windows before the first batch wanted
+    for part in epoch_order(n, seed, epoch, block):
+        if skip >= len(part):
+            skip -= len(part)
+            continue
+        part = part[skip:]
+        skip = 0
+        pending.append(part)
+        have += len(part)
+        while have >= batch_size:
+            cat = torch.cat(pending)
+            yield cat[:batch_size]
+            rest = cat[batch_size:]
+            pending, have = [rest], len(rest)
+    if have:
+        yield torch.cat(pending)
+
+
 def bilm_optimizers(model: BiLM, lr: float) -> list[torch.optim.Optimizer]:
     """Row-sparse Adam for the embedding and softmax rows, fused Adam for the LSTMs."""
     return [LazyAdam(model.sparse_parameters(), lr=lr), adam(dense_parameters(model), lr=lr)]
@@ -201,7 +274,7 @@ class PretrainResult:
 
 def pretrain_bilm(
     model: BiLM,
-    train_ids: np.ndarray,
+    train_ids: np.ndarray | TokenWindows,
     val_ids: np.ndarray,
     config: PretrainConfig,
     log_metrics: LogFn = no_log,
@@ -210,7 +283,8 @@ def pretrain_bilm(
     log_every: int = 50,
     progress: ProgressFn = no_progress,
 ) -> PretrainResult:
-    """Train the biLM on a token stream; resumes from ``checkpoint`` if it holds a run in progress.
+    """Train the biLM on a token stream (an id array, or ``TokenWindows`` over memory-mapped
+    shards); resumes from ``checkpoint`` if it holds a run in progress.
 
     Epoch e visits the windows in the order of a generator seeded by (seed, e), and negatives come
     from a generator whose state is checkpointed, so a resumed run repeats an uninterrupted one.
@@ -218,7 +292,11 @@ def pretrain_bilm(
     device = device or pick_device()
     torch.manual_seed(config.seed)
     model.to(device).train()
-    train_w = make_windows(train_ids, config.window)  # (W, T)
+    train_w = (
+        train_ids
+        if isinstance(train_ids, TokenWindows)
+        else TokenWindows([np.asarray(train_ids)], config.window)
+    )
     val_w = make_windows(val_ids, config.window)
     opts = bilm_optimizers(model, config.lr)
     neg_gen = torch.Generator(device=model.softmax.proposal.device).manual_seed(config.seed + 1)
@@ -255,18 +333,15 @@ def pretrain_bilm(
     done = False
     ppl = (float("nan"), float("nan"))
     while epoch < config.epochs and not done:
-        order = torch.randperm(
-            len(train_w),
-            generator=torch.Generator().manual_seed(config.seed * 1009 + epoch),
-        )
-        batches = order.split(config.batch_size)
+        n_batches = -(-len(train_w) // config.batch_size)
+        batches = epoch_batches(len(train_w), config.batch_size, config.seed, epoch, batch_i)
         t0, run_loss, run_n = time.perf_counter(), 0.0, 0
         t_epoch, tokens_epoch = time.perf_counter(), 0
-        while batch_i < len(batches):
+        while batch_i < n_batches:
             if config.max_steps and step >= config.max_steps:
                 done = True  # position is kept as is: a longer run resumes from here
                 break
-            x = train_w[batches[batch_i]].to(device)  # (B, T)
+            x = train_w.get(next(batches)).to(device)  # (B, T)
             loss = bilm_step(model, opts, x, neg_gen, config.precision, dense, config.clip_norm)
             batch_i += 1
             step += 1
@@ -275,7 +350,7 @@ def pretrain_bilm(
             run_n += 1
             tokens_epoch += x.numel()
             report_epoch_progress(
-                progress, batch_i, len(batches), epoch, config.epochs, tokens_epoch, t_epoch
+                progress, batch_i, n_batches, epoch, config.epochs, tokens_epoch, t_epoch
             )
             if step % log_every == 0:
                 dt = time.perf_counter() - t0

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -64,14 +64,18 @@ class Vocab:
         for doc in documents:
             counter.update(doc)
             n_docs += 1
-        for special in SPECIALS:
-            counter.pop(special, None)
+        return cls.from_counts(counter, n_docs, config)
+
+    @classmethod
+    def from_counts(cls, counts: Mapping[str, int], n_docs: int, config: VocabConfig) -> Vocab:
+        """The vocabulary of already counted text (``n_docs`` documents: the count of <s> and
+        </s>); what a streamed corpus's merged counts give, identical to ``build`` on its text."""
         kept = sorted(
-            ((t, c) for t, c in counter.items() if c >= config.min_count),
+            ((t, c) for t, c in counts.items() if c >= config.min_count and t not in SPECIALS),
             key=lambda tc: (-tc[1], tc[0]),
         )[: config.max_size - len(SPECIALS)]
         kept_set = {t for t, _ in kept}
-        unk = sum(c for t, c in counter.items() if t not in kept_set)
+        unk = sum(c for t, c in counts.items() if t not in kept_set and t not in SPECIALS)
         tokens = SPECIALS + tuple(t for t, _ in kept)
-        counts = (0, unk, n_docs, n_docs) + tuple(c for _, c in kept)
-        return cls(tokens=tokens, counts=counts)
+        freq = (0, unk, n_docs, n_docs) + tuple(c for _, c in kept)
+        return cls(tokens=tokens, counts=freq)

@@ -121,7 +121,27 @@ def prestart_ephemeral_server() -> Future[None] | None:
     pool = ThreadPoolExecutor(1, thread_name_prefix="prefect-server-start")
     started = pool.submit(start)
     pool.shutdown(wait=False)  # the submitted start still runs to its end
+    started.server = server  # type: ignore[attr-defined]  # for abandon_server
     return started
+
+
+def abandon_server(started: Future[None] | None, status: int) -> None:
+    """Exit now with ``status``, killing a prestarted server that is still booting: a run
+    refused for a bad parameter must not wait ~20 s for a boot it will never use (the start
+    thread would hold the interpreter's exit until the server answered)."""
+    if started is None:
+        return
+    import time
+
+    server = started.server  # type: ignore[attr-defined]
+    deadline = time.monotonic() + 10
+    while server.server_process is None and not started.done() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    if server.server_process is not None:
+        server.server_process.kill()
+    sys.stderr.flush()
+    sys.stdout.flush()
+    os._exit(status)
 
 
 def guard_server(server_pid: int) -> subprocess.Popen[bytes]:
@@ -195,18 +215,22 @@ def run(
     from flows.params import RunParams
     from storage.datasets import AG_NEWS_URL
 
-    with user_errors():
-        params = RunParams(
-            profile=profile,  # type: ignore[arg-type]
-            data=data or AG_NEWS_URL,
-            pretrain_corpus=pretrain_corpus or [],
-            home=home,
-            strategies=strategy or ["sum", "wsum", "function"],  # type: ignore[arg-type]
-            device=device,  # type: ignore[arg-type]
-            text_columns=text_column or [],
-            label_column=label_column,
-            overrides=overrides,
-        )  # bad parameters fail here, before the flow starts
+    try:
+        with user_errors():
+            params = RunParams(
+                profile=profile,  # type: ignore[arg-type]
+                data=data or AG_NEWS_URL,
+                pretrain_corpus=pretrain_corpus or [],
+                home=home,
+                strategies=strategy or ["sum", "wsum", "function"],  # type: ignore[arg-type]
+                device=device,  # type: ignore[arg-type]
+                text_columns=text_column or [],
+                label_column=label_column,
+                overrides=overrides,
+            )  # bad parameters fail here, before the flow starts
+    except typer.Exit as e:
+        abandon_server(server, e.exit_code)
+        raise
     from flows.pipeline import elmo_news
     from storage.paths import Home
     from storage.tracking import Tracker

@@ -15,7 +15,8 @@ from elmo_core.mix import STRATEGIES
 from elmo_core.training import pick_device, resolve_precision
 from storage.datasets import AG_NEWS_URL
 from tasks.baseline import BaselineConfig
-from tasks.data import CorpusConfig, IngestConfig
+from tasks.corpus import CorpusConfig
+from tasks.data import IngestConfig
 
 Profile = Literal["smoke", "sample", "full", "seed"]
 Strategy = Literal["sum", "wsum", "function"]

@@ -21,14 +21,8 @@ from storage.paths import Home, read_json, verify_complete, write_json
 from storage.tracking import Tracker, runs_path
 from tasks.baseline import baseline
 from tasks.classify import CLASSIFIER, classify
-from tasks.data import (
-    build_vocab,
-    fetch_data,
-    ingest,
-    read_pretrain_corpus,
-    source_hash,
-    split_files,
-)
+from tasks.corpus import build_vocab, encode_ids, read_pretrain_corpus
+from tasks.data import fetch_data, ingest, source_hash, split_files
 from tasks.evaluate import comparison_chart
 from tasks.features import features
 from tasks.pretrain import PRETRAIN, pretrain
@@ -129,17 +123,18 @@ def elmo_news(
         base_future = _with_storage(baseline, h).submit(dataset, home_s, cfg.baseline, target)
         t = time.perf_counter()
         vocab = _stage(build_vocab, h, dataset, corpora, home_s, cfg.vocab)
+        ids = _stage(encode_ids, h, dataset, corpora, vocab, home_s, cfg.pretrain.seed)
         timings["vocab"] = time.perf_counter() - t
         t = time.perf_counter()
         bilm_args = (
-            dataset,
-            corpora,
+            ids,
             vocab,
             home_s,
             dict(cfg.bilm.__dict__),
             cfg.pretrain,
             device,
             target,
+            {"train": str(Path(dataset) / "train.parquet")},
         )
         bilm_dir = _stage(pretrain, h, *bilm_args)
         timings["pretrain"] = time.perf_counter() - t

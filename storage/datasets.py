@@ -47,7 +47,6 @@ DATASET_SCHEMA = pa.schema(
 QUARANTINE_SCHEMA = pa.schema(
     [("split", pa.string()), ("row", pa.int64()), ("reason", pa.string()), ("raw", pa.string())]
 )
-CORPUS_SCHEMA = pa.schema([("text", pa.string()), ("tokens", pa.list_(pa.string()))])
 
 
 class DataError(ValueError):
@@ -382,40 +381,3 @@ def read_dataset(path: str | os.PathLike[str]) -> pl.DataFrame:
     if not schema.equals(DATASET_SCHEMA, check_metadata=False):
         raise DataError(f"{path}: wrong schema {schema.names}, expected {DATASET_SCHEMA.names}")
     return pl.read_parquet(path)
-
-
-# ----------------------------------------------------------------------------------- corpora
-
-
-def read_corpus(path: Path, text_columns: list[str] | None = None) -> list[str]:
-    """Unlabeled texts from plain text (one document per non-empty line), CSV (named or
-    auto-detected text columns: title/body/text/description) or Parquet."""
-    if not path.exists():
-        raise DataError(f"{path}: pretraining corpus does not exist")
-    if path.suffix in (".csv", ".parquet"):
-        try:
-            df = (
-                pl.read_parquet(path)
-                if path.suffix == ".parquet"
-                else pl.read_csv(path, infer_schema=False, encoding="utf8-lossy")
-            )
-        except Exception as e:
-            raise DataError(f"{path}: unreadable {path.suffix[1:]} ({e})") from e
-        cols = text_columns or [
-            c for c in ("title", "body", "text", "description") if c in df.columns
-        ]
-        if not cols or any(c not in df.columns for c in cols):
-            raise DataError(
-                f"{path}: no text columns {text_columns or 'title/body/text/description'} in {df.columns}"
-            )
-        joined = df.select(
-            pl.concat_str([pl.col(c).cast(pl.String).fill_null("") for c in cols], separator=" . ")
-        ).to_series()
-        return [t for t in joined.to_list() if t and t.strip(" .")]
-    text = _read_text(path)
-    return [line for line in text.splitlines() if line.strip()]
-
-
-def corpus_table(texts: list[str]) -> pa.Table:
-    norm = [normalize(t.encode("utf-8", "replace").decode()) for t in texts]
-    return pa.table({"text": norm, "tokens": [tokenize(t) for t in norm]}, schema=CORPUS_SCHEMA)

@@ -10,7 +10,7 @@ import json
 import os
 import re
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 from typing import Any
@@ -164,3 +164,21 @@ def clear_incomplete(stage_dir: Path) -> None:
         for p in stage_dir.iterdir():
             if p.is_file() and p.name != "train_state.pt":
                 p.unlink()
+
+
+def build_stage(stage_dir: Path, build: Callable[[Path], Any]) -> str:
+    """The protocol every stage follows, written once: lock the folder (concurrent runs of
+    the same stage wait for each other) → already complete? use it → clear what an
+    interrupted build left (resumable ``train_state.pt`` excepted) → ``build(stage_dir)`` →
+    manifest (DONE) last. ``build`` may call ``mark_complete`` itself when something must
+    follow it (a tracking run that records the finished folder); a complete folder is never
+    marked again. Returns the folder as a string (what tasks pass on)."""
+    with stage_lock(stage_dir):
+        if is_complete(stage_dir):
+            return str(stage_dir)
+        clear_incomplete(stage_dir)
+        stage_dir.mkdir(parents=True, exist_ok=True)
+        build(stage_dir)
+        if not (stage_dir / "DONE").exists():  # build did not mark it itself
+            mark_complete(stage_dir)
+        return str(stage_dir)

@@ -17,10 +17,10 @@ from storage.datasets import (
     download,
     fetch_source,
     read_ag_csv,
-    read_corpus,
     read_dataset,
     read_source,
 )
+from storage.corpus import iter_corpus, resolve_corpus
 from tests.conftest import AG, REUTERS
 
 GOOD = '"3","Wall St. Bears","Short-sellers are seeing green."\n'
@@ -132,7 +132,9 @@ def test_real_ag_news_sample_is_read_completely():
 
 
 def test_reuters_corpus_reads_title_and_body():
-    texts = read_corpus(REUTERS)
+    batches = list(iter_corpus(resolve_corpus(str(REUTERS))))
+    texts = [t for b in batches for t in b]
+    assert len(batches) > 1  # streamed in bounded batches, not one list
     assert len(texts) > 19_000
     assert any("BAHIA COCOA REVIEW" in t for t in texts[:5])
 

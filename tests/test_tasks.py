@@ -16,7 +16,8 @@ from storage.datasets import DATASET_SCHEMA
 from storage.paths import Home, safe_name, write_json
 from tasks.baseline import BaselineConfig, baseline
 from tasks.classify import CLASSIFIER
-from tasks.data import INGEST, VOCAB, IngestConfig, build_vocab, ingest, load_vocab
+from tasks.corpus import VOCAB, build_vocab, load_vocab
+from tasks.data import INGEST, IngestConfig, ingest
 from tasks.features import FEATURES
 from tasks.pretrain import PRETRAIN
 
