@@ -12,6 +12,7 @@ from pathlib import Path
 import polars as pl
 import pytest
 
+from storage.corpus import iter_corpus, resolve_corpus
 from storage.datasets import (
     DataError,
     download,
@@ -20,7 +21,6 @@ from storage.datasets import (
     read_dataset,
     read_source,
 )
-from storage.corpus import iter_corpus, resolve_corpus
 from tests.conftest import AG, REUTERS
 
 GOOD = '"3","Wall St. Bears","Short-sellers are seeing green."\n'
