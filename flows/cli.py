@@ -73,6 +73,12 @@ def check_readable(what: str, raw: str) -> None:
     the flow, with its retries)."""
     if "://" in raw:
         return
+    import glob
+
+    if glob.has_magic(raw) and not Path(raw).exists():
+        if not glob.glob(raw, recursive=True):
+            raise UserError(f"{raw}: {what} glob matches no files")
+        return
     p = Path(raw)
     if not p.exists():
         raise UserError(f"{raw}: {what} folder or file does not exist")
@@ -199,6 +205,13 @@ def run(
     set_: Annotated[
         list[str] | None, typer.Option("--set", help="override: section.field=value")
     ] = None,
+    bilm: Annotated[
+        str,
+        typer.Option(
+            help="reuse a pretrained biLM: models:/elmo-news-bilm/N, models:/elmo-news-bilm@ALIAS "
+            "or a biLM stage folder (skips vocabulary and pretraining)"
+        ),
+    ] = "",
 ) -> None:
     """Run the whole pipeline once (ephemeral Prefect, local MLflow store, local Parquet store)."""
     prefect_defaults()
@@ -210,6 +223,14 @@ def run(
             *[("pretrain corpus", c) for c in pretrain_corpus or []],
         ]:
             check_readable(what, path)
+        if bilm and not bilm.startswith("models:/"):
+            check_readable("biLM", bilm)
+    if bilm.startswith("models:/"):
+        _tracking(home)
+        from storage.registry import check_model_uri
+
+        with user_errors():
+            check_model_uri(bilm)
     # boots in its own process while the parameters and the pipeline's modules import
     server = prestart_ephemeral_server()
     from flows.params import RunParams
@@ -227,6 +248,7 @@ def run(
                 text_columns=text_column or [],
                 label_column=label_column,
                 overrides=overrides,
+                bilm=bilm,
             )  # bad parameters fail here, before the flow starts
     except typer.Exit as e:
         abandon_server(server, e.exit_code)
@@ -248,6 +270,63 @@ def run(
         summary = elmo_news(**params.model_dump())
     typer.echo(
         json.dumps({k: v.get("test_accuracy") for k, v in summary["models"].items()}, indent=2)
+    )
+
+
+@app.command("pretrain")
+def pretrain_cmd(
+    corpus: Annotated[
+        list[str],
+        typer.Option(help="unlabeled text: file, folder or glob (repeatable); text/CSV/Parquet"),
+    ],
+    profile: Annotated[str, typer.Option(help="smoke | sample | full | seed | news")] = "smoke",
+    home: Annotated[
+        str | None, typer.Option(help="home folder (default $ELMO_NEWS_HOME or .elmo-news)")
+    ] = None,
+    device: Annotated[str, typer.Option(help="auto | cpu | cuda")] = "auto",
+    set_: Annotated[
+        list[str] | None, typer.Option("--set", help="override: section.field=value")
+    ] = None,
+) -> None:
+    """Pretrain a biLM on unlabeled text alone and register it as elmo-news-bilm."""
+    prefect_defaults()
+    with user_errors():
+        overrides = parse_overrides(set_ or [])
+        for c in corpus:
+            check_readable("pretrain corpus", c)
+    server = prestart_ephemeral_server()
+    from flows.params import PretrainParams
+
+    try:
+        with user_errors():
+            params = PretrainParams(
+                corpus=corpus,
+                profile=profile,  # type: ignore[arg-type]
+                home=home,
+                device=device,  # type: ignore[arg-type]
+                overrides=overrides,
+            )
+    except typer.Exit as e:
+        abandon_server(server, e.exit_code)
+        raise
+    from flows.pretrain import elmo_news_pretrain
+    from storage.paths import Home
+    from storage.tracking import Tracker
+    from tasks.progress import live_display
+
+    if server is not None and not server.done():
+        Tracker(Home(params.home_dir()).mlflow_uri())
+    if server is not None:
+        server.result()
+        logging.getLogger("prefect").disabled = False
+        logging.getLogger("prefect").info("Prefect server (ephemeral): %s", _server_url())
+    with live_display():
+        summary = elmo_news_pretrain(**params.model_dump())
+    typer.echo(
+        json.dumps(
+            {"bilm": summary["bilm"], "registry": summary["registry"], **summary["metrics"]},
+            indent=2,
+        )
     )
 
 

@@ -18,7 +18,7 @@ from tasks.baseline import BaselineConfig
 from tasks.corpus import CorpusConfig
 from tasks.data import IngestConfig
 
-Profile = Literal["smoke", "sample", "full", "seed"]
+Profile = Literal["smoke", "sample", "full", "seed", "news"]
 Strategy = Literal["sum", "wsum", "function"]
 assert set(Strategy.__args__) == set(STRATEGIES)  # type: ignore[attr-defined]
 
@@ -54,7 +54,7 @@ PROFILES: dict[str, dict[str, dict[str, Any]]] = {
     # the chance plateau (loss ln 4) for whole epochs
     "smoke": {
         "ingest": {"limit_train": 1500, "limit_test": 200, "val_fraction": 0.1},
-        "corpus": {"max_docs": 300},
+        "corpus": {"max_docs": 300, "holdout_fraction": 0.05},
         "vocab": {"min_count": 1, "max_size": 6000},
         "bilm": {"embedding_dim": 24, "hidden_dim": 24, "num_samples": 64},
         "pretrain": {"epochs": 1, "batch_size": 64, "val_tokens": 1000, "checkpoint_every": 50},
@@ -121,6 +121,23 @@ PROFILES: dict[str, dict[str, dict[str, Any]]] = {
             "max_len": 64,
         },
     },
+    # `elmo-news pretrain` on ../shared/data/news_corpus (+ Reuters): a standalone biLM in
+    # <= 60 min on 2 CPU cores without bf16 (E = H = 192 runs ~9.5k tokens/s in fp32 there:
+    # 7,000 steps of 128 x 20 = 17.9M tokens ≈ 33 min, ~0.35 of an epoch of the 51M-token
+    # corpus; an AMX CPU does it in about half). The classifier settings are the sample
+    # profile's, so `run --profile news --bilm ...` works too
+    "news": {
+        "vocab": {"min_count": 3, "max_size": 50_000},
+        "bilm": {"embedding_dim": 192, "hidden_dim": 192, "num_samples": 512},
+        "pretrain": {
+            "epochs": 1,
+            "max_steps": 7000,
+            "batch_size": 128,
+            "window": 20,
+            "lr": 2e-3,
+            "val_tokens": 20_000,
+        },
+    },
     # the original system's hyperparameters, for GPU users
     "seed": {
         "vocab": {"min_count": 2, "max_size": 80_000},
@@ -154,6 +171,61 @@ class Resolved:
     baseline: BaselineConfig
 
 
+def resolve_sections(profile: str, overrides: dict[str, dict[str, Any]], device: str) -> Resolved:
+    """Every section's config: dataclass defaults < the profile < ``overrides``; unknown
+    sections or fields and bad values raise ValueError naming them."""
+    unknown = set(overrides) - set(SECTIONS)
+    if unknown:
+        raise ValueError(
+            f"unknown override sections {sorted(unknown)}; expected {sorted(SECTIONS)}"
+        )
+    out = {}
+    for name, cls in SECTIONS.items():
+        merged = {**PROFILES[profile].get(name, {}), **overrides.get(name, {})}
+        extra = set(merged) - {f.name for f in fields(cls)}
+        if extra:
+            raise ValueError(f"unknown {name} settings {sorted(extra)}")
+        out[name] = TypeAdapter(cls).validate_python(merged)
+    # "auto" precision becomes what this machine runs (bf16 where native), so cache keys and
+    # the MLflow params name the precision a stage really trained in
+    dev = pick_device(device)
+    for name in ("pretrain", "classifier"):
+        cfg = out[name]
+        out[name] = replace(cfg, precision=resolve_precision(cfg.precision, dev))
+    return Resolved(**out)
+
+
+class PretrainParams(BaseModel):
+    """What ``elmo-news pretrain`` / the ``elmo-news-pretrain`` flow take: unlabeled text only.
+    Uses the corpus, vocab, bilm and pretrain sections of a profile (+ overrides)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    corpus: list[str] = Field(min_length=1)  # files, folders, globs of unlabeled text
+    profile: Profile = "smoke"
+    home: str | None = None
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    overrides: dict[str, dict[str, Any]] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _check(self) -> PretrainParams:
+        self.resolve()
+        return self
+
+    def resolve(self) -> Resolved:
+        out = resolve_sections(self.profile, self.overrides, self.device)
+        if out.corpus.holdout_fraction <= 0:
+            # the standalone biLM's perplexity comes from held-out corpus text
+            raise ValueError(
+                "corpus.holdout_fraction must be > 0 for pretraining on a corpus alone "
+                f"(profile {self.profile!r} gives {out.corpus.holdout_fraction})"
+            )
+        return out
+
+    def home_dir(self) -> str:
+        return self.home or os.environ.get("ELMO_NEWS_HOME") or ".elmo-news"
+
+
 class RunParams(BaseModel):
     """Everything a run takes. Unknown keys and bad values fail here, before any task runs."""
 
@@ -168,40 +240,25 @@ class RunParams(BaseModel):
     text_columns: list[str] = Field(default_factory=list)  # user data: text columns
     label_column: str = ""  # user data: label column
     overrides: dict[str, dict[str, Any]] = Field(default_factory=dict)  # section -> field -> value
+    # a pretrained biLM (models:/elmo-news-bilm/N, @alias, or a stage folder): skips vocabulary
+    # and pretraining; empty = pretrain one on the train split + pretrain_corpus
+    bilm: str = ""
 
     @model_validator(mode="after")
     def _check(self) -> RunParams:
-        unknown = set(self.overrides) - set(SECTIONS)
-        if unknown:
-            raise ValueError(
-                f"unknown override sections {sorted(unknown)}; expected {sorted(SECTIONS)}"
-            )
         if not self.strategies:
             raise ValueError("strategies must name at least one of sum, wsum, function")
         self.resolve()  # raises on bad values
         return self
 
     def resolve(self) -> Resolved:
-        out = {}
-        for name, cls in SECTIONS.items():
-            merged = {**PROFILES[self.profile].get(name, {}), **self.overrides.get(name, {})}
-            extra = set(merged) - {f.name for f in fields(cls)}
-            if extra:
-                raise ValueError(f"unknown {name} settings {sorted(extra)}")
-            out[name] = TypeAdapter(cls).validate_python(merged)
+        out = resolve_sections(self.profile, self.overrides, self.device)
+        # here, not after pretraining (a reused biLM is checked when it is loaded)
+        check_token_embedding(out.classifier, out.bilm.embedding_dim)
         ingest = replace(
-            out["ingest"], text_columns=tuple(self.text_columns), label_column=self.label_column
+            out.ingest, text_columns=tuple(self.text_columns), label_column=self.label_column
         )
-        out["ingest"] = ingest
-        # here, not after pretraining
-        check_token_embedding(out["classifier"], out["bilm"].embedding_dim)
-        # "auto" precision becomes what this machine runs (bf16 where native), so cache keys and
-        # the MLflow params name the precision a stage really trained in
-        dev = pick_device(self.device)
-        for name in ("pretrain", "classifier"):
-            cfg = out[name]
-            out[name] = replace(cfg, precision=resolve_precision(cfg.precision, dev))
-        return Resolved(**out)
+        return replace(out, ingest=ingest)
 
     def home_dir(self) -> str:
         return self.home or os.environ.get("ELMO_NEWS_HOME") or ".elmo-news"

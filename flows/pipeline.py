@@ -26,7 +26,7 @@ from tasks.data import fetch_data, ingest, source_hash, split_files
 from tasks.evaluate import comparison_chart
 from tasks.features import features
 from tasks.pretrain import PRETRAIN, pretrain
-from tasks.registry import register_best
+from tasks.registry import fetch_bilm, register_best
 
 PARALLEL = int(os.environ.get("ELMO_NEWS_PARALLEL_TASKS", "1"))
 
@@ -77,6 +77,7 @@ def elmo_news(
     label_column: str = "",
     overrides: dict[str, dict[str, Any]] | None = None,
     register_model: bool = True,  # log the best classifier in the registry, gate the champion
+    bilm: str = "",  # a pretrained biLM (models:/elmo-news-bilm/N, @alias, stage folder)
 ) -> dict[str, Any]:
     """Run the whole pipeline; returns the summary (metrics per model, stage folders, run ids)."""
     params = RunParams(
@@ -89,6 +90,7 @@ def elmo_news(
         text_columns=text_columns or [],
         label_column=label_column,
         overrides=overrides or {},
+        bilm=bilm,
     )
     cfg = params.resolve()
     h = Home(params.home_dir())
@@ -105,6 +107,7 @@ def elmo_news(
             "data": data,
             "pretrain_corpus": params.pretrain_corpus,
             "strategies": params.strategies,
+            "bilm": bilm,
         },
         tags={"prefect_flow_run_id": str(flow_run.id), "profile": profile},
     )
@@ -122,21 +125,30 @@ def elmo_news(
         target = tracker.target()  # stages that build open their own child runs under it
         base_future = _with_storage(baseline, h).submit(dataset, home_s, cfg.baseline, target)
         t = time.perf_counter()
-        vocab = _stage(build_vocab, h, dataset, corpora, home_s, cfg.vocab)
-        ids = _stage(encode_ids, h, dataset, corpora, vocab, home_s, cfg.pretrain.seed)
-        timings["vocab"] = time.perf_counter() - t
-        t = time.perf_counter()
-        bilm_args = (
-            ids,
-            vocab,
-            home_s,
-            dict(cfg.bilm.__dict__),
-            cfg.pretrain,
-            device,
-            target,
-            {"train": str(Path(dataset) / "train.parquet")},
-        )
-        bilm_dir = _stage(pretrain, h, *bilm_args)
+        vocab = ids = None
+        if bilm:  # reuse: no vocabulary, no pretraining; the classifiers get the biLM's vocab
+            bilm_path, bilm_info = fetch_bilm(bilm, home_s)
+            bilm_dir = str(bilm_path)
+            for k, v in bilm_info.items():
+                tracker.client.set_tag(parent, k, v)
+            tracker.link_input_model(parent, bilm_info.get("bilm_model_id"))
+            log.info("reusing biLM %s (%s)", bilm_info["bilm_source"], bilm_dir)
+        else:
+            vocab = _stage(build_vocab, h, dataset, corpora, home_s, cfg.vocab)
+            ids = _stage(encode_ids, h, dataset, corpora, vocab, home_s, cfg.pretrain.seed)
+            timings["vocab"] = time.perf_counter() - t
+            t = time.perf_counter()
+            bilm_args = (
+                ids,
+                vocab,
+                home_s,
+                dict(cfg.bilm.__dict__),
+                cfg.pretrain,
+                device,
+                target,
+                {"train": str(Path(dataset) / "train.parquet")},
+            )
+            bilm_dir = _stage(pretrain, h, *bilm_args)
         timings["pretrain"] = time.perf_counter() - t
         t = time.perf_counter()
         feats = _stage(features, h, bilm_dir, dataset, home_s, cfg.classifier.max_len, device)
@@ -158,12 +170,13 @@ def elmo_news(
         tracker.log_metrics(parent, stats)
         splits = split_files(dataset)
         tracker.log_stage("ingest", Path(dataset), common, splits)
-        tracker.log_stage(
-            "bilm-pretrain",
-            Path(bilm_dir),
-            {**common, "code_version": code_version(PRETRAIN.modules)},
-            {"train": splits["train"]},
-        )
+        if not bilm:
+            tracker.log_stage(
+                "bilm-pretrain",
+                Path(bilm_dir),
+                {**common, "code_version": code_version(PRETRAIN.modules)},
+                {"train": splits["train"]},
+            )
         rows = []
         child_ids: dict[str, str] = {}
         for s, d in clf_dirs.items():

@@ -175,3 +175,121 @@ def register_and_gate(
         "model_id": logged_model_id(version),
         **metrics,
     }
+
+
+# ------------------------------------------------------------------------------ the biLM
+
+BILM_MODEL_NAME = "elmo-news-bilm"
+BILM_CODE = ROOT / "storage" / "bilm_model.py"
+
+
+def register_bilm(uri: str, run_id: str, bilm_dir: Path, tags: dict[str, str]) -> dict[str, Any]:
+    """Log a pretrained biLM's stage folder as an MLflow model on ``run_id`` and register it as
+    ``elmo-news-bilm`` (once per biLM key: re-running the same pretraining returns the version
+    it already has). ``tags`` (corpus hash, token count, perplexities) go on the version."""
+    import mlflow
+    import pandas as pd
+    from mlflow.exceptions import MlflowException
+    from mlflow.models import infer_signature
+    from mlflow.tracking import MlflowClient
+
+    key = bilm_dir.name
+    mlflow.set_tracking_uri(uri)
+    client = MlflowClient(uri)
+    with _store_lock(uri):
+        try:
+            client.get_registered_model(BILM_MODEL_NAME)
+        except MlflowException:
+            client.create_registered_model(
+                BILM_MODEL_NAME,
+                description="elmo-news: a biLM pretrained on unlabeled text, reused by "
+                "`elmo-news run --bilm models:/elmo-news-bilm/<version>`",
+            )
+        existing = client.search_model_versions(
+            f"name='{BILM_MODEL_NAME}' and tags.bilm_key='{key}'"
+        )
+    if existing:
+        version = existing[0]
+    else:
+        example = pd.DataFrame({"text": ["Stocks rallied on Friday.", "A new phone ships."]})
+        signature = infer_signature(
+            example, pd.DataFrame({"n_tokens": [4, 4], "embedding": [[0.0, 0.1], [0.2, 0.3]]})
+        )
+        with mlflow.start_run(run_id=run_id):
+            info = mlflow.pyfunc.log_model(
+                name="elmo-news-bilm",
+                python_model=str(BILM_CODE),
+                artifacts={"stage": str(bilm_dir)},
+                code_paths=[str(ROOT / "elmo_core")],
+                signature=signature,
+                pip_requirements=["torch==2.13.0", "mlflow>=3.17", "pandas", "numpy"],
+            )
+        version = mlflow.register_model(
+            info.model_uri, BILM_MODEL_NAME, tags={"bilm_key": key, **tags}
+        )
+    return {
+        "name": BILM_MODEL_NAME,
+        "version": int(version.version),
+        "uri": f"models:/{BILM_MODEL_NAME}/{version.version}",
+        "model_id": logged_model_id(version),
+    }
+
+
+def resolve_bilm(ref: str, bilm_root: Path) -> tuple[Path, dict[str, str]]:
+    """A ``--bilm`` reference → a complete biLM stage folder (and what to record about it).
+
+    ``models:/NAME/VERSION`` or ``models:/NAME@ALIAS``: the version's stage folder, downloaded
+    once into ``bilm_root/<biLM key>`` — the folder name the pretraining gave it, so every
+    downstream cache key (layers, classifiers) is the same as for the run that pretrained it.
+    A path: a biLM stage folder (``bilm.pt`` + a valid DONE manifest) used in place."""
+    import shutil
+    import tempfile
+
+    from storage.paths import verify_complete
+
+    if not ref.startswith("models:/"):
+        p = Path(ref)
+        if not (p / "bilm.pt").exists():
+            raise ValueError(f"{ref}: not a biLM stage folder (no bilm.pt)")
+        ok, why = verify_complete(p)
+        if not ok:
+            raise ValueError(f"{ref}: incomplete biLM stage folder ({why})")
+        return p, {"bilm_source": str(p.resolve())}
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    check_model_uri(ref)
+    client = MlflowClient()
+    name, sep, rest = ref.removeprefix("models:/").partition("@")
+    if sep:
+        v = client.get_model_version_by_alias(name, rest)
+    else:
+        name, _, number = name.partition("/")
+        v = client.get_model_version(name, number)
+    key = (v.tags or {}).get("bilm_key")
+    if not key:
+        raise ValueError(f"{ref}: model version {v.version} of {name} is not an elmo-news biLM")
+    info = {
+        "bilm_source": f"models:/{name}/{v.version}",
+        "bilm_model_id": logged_model_id(v) or "",
+    }
+    out = bilm_root / key
+    ok, _ = verify_complete(out)
+    if ok:
+        return out, info
+    with tempfile.TemporaryDirectory(dir=bilm_root.parent) as tmp:
+        got = Path(
+            mlflow.artifacts.download_artifacts(
+                artifact_uri=f"models:/{name}/{v.version}", dst_path=tmp
+            )
+        )
+        stage = next(p.parent for p in got.rglob("bilm.pt"))
+        staging = bilm_root / f".{key}.download"
+        shutil.rmtree(staging, ignore_errors=True)
+        shutil.copytree(stage, staging)
+        shutil.rmtree(out, ignore_errors=True)
+        staging.rename(out)
+    ok, why = verify_complete(out)
+    if not ok:
+        raise ValueError(f"{ref}: downloaded biLM fails its manifest ({why})")
+    return out, info

@@ -237,6 +237,14 @@ class Tracker:
 
         self.client.log_outputs(run_id, [LoggedModelOutput(model_id, 0)])
 
+    def link_input_model(self, run_id: str, model_id: str | None) -> None:
+        """Show a logged model (the reused biLM's) among a run's inputs."""
+        if not model_id:
+            return
+        from mlflow.entities import LoggedModelInput
+
+        self.client.log_inputs(run_id, models=[LoggedModelInput(model_id)])
+
     def log_text(self, run_id: str, text: str, name: str) -> None:
         self.client.log_text(run_id, text, name)
 

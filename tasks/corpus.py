@@ -42,7 +42,7 @@ class CorpusConfig:
     text_columns: tuple[str, ...] = ()  # CSV/Parquet text columns (empty = auto-detect)
     # share of documents held out (a seeded hash of the document index) for the standalone
     # biLM's validation perplexity: never counted into the vocabulary, never trained on
-    holdout_fraction: float = 0.0
+    holdout_fraction: float = 0.002
     seed: int = 13  # which documents the held-out hash picks
 
     def __post_init__(self) -> None:

@@ -8,8 +8,8 @@ from typing import Any
 from prefect import task
 
 from storage.datasets import read_dataset
-from storage.paths import read_json
-from storage.registry import register_and_gate
+from storage.paths import Home, read_json
+from storage.registry import register_and_gate, resolve_bilm
 
 
 @task(name="register-model")
@@ -34,3 +34,12 @@ def register_best(
         val["label"].to_numpy(),
         read_json(Path(dataset) / "labels.json"),
     )
+
+
+@task(name="fetch-bilm")
+def fetch_bilm(ref: str, home: str) -> tuple[str, dict[str, str]]:
+    """A ``--bilm`` reference → its complete stage folder in the home (downloaded from the
+    registry once) and the tags that record where it came from."""
+    h = Home(home)
+    path, info = resolve_bilm(ref, h.root / "bilm")
+    return str(path), info

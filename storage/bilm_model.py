@@ -1,0 +1,43 @@
+"""The MLflow pyfunc of a standalone biLM (``elmo-news-bilm``; "models from code", no pickles).
+
+Artifact ``stage``: the biLM's whole stage folder (``bilm.pt`` = config + weights + vocabulary,
+read with ``torch.load(weights_only=True)``; config, metrics, curves, the DONE manifest), so
+``elmo-news run --bilm models:/elmo-news-bilm/N`` rebuilds the exact folder a run would have
+pretrained. Input: a DataFrame with a ``text`` column. Output per document: ``n_tokens`` and
+``embedding``, the mean over tokens of the average of the biLM's layers (``2H`` floats): a
+document vector straight from the biLM, for a quick look; task models use the layers."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import mlflow
+import numpy as np
+import pandas as pd
+
+from elmo_core.checkpoint import load_bilm
+from elmo_core.text import tokenize
+from elmo_core.training import layer_store_for, pick_device
+
+MAX_LEN = 512  # tokens per document the embedding reads
+
+
+class BiLMEmbedder(mlflow.pyfunc.PythonModel):
+    def load_context(self, context: Any) -> None:
+        self.bilm, self.vocab = load_bilm(Path(context.artifacts["stage"]) / "bilm.pt")
+        self.device = pick_device()
+
+    def predict(
+        self, context: Any, model_input: pd.DataFrame, params: dict | None = None
+    ) -> pd.DataFrame:
+        docs = [self.vocab.encode(tokenize(str(t))) for t in model_input["text"].tolist()]
+        store = layer_store_for(self.bilm, docs, MAX_LEN, device=self.device)
+        out, lens = [], np.diff(store.offsets)
+        for i in range(len(docs)):
+            rows = np.asarray(store.features[store.offsets[i] : store.offsets[i + 1]], np.float64)
+            out.append(rows.mean(axis=(0, 1)).tolist())  # (N_tok, L, 2H) → (2H,)
+        return pd.DataFrame({"n_tokens": lens.astype(np.int64), "embedding": out})
+
+
+mlflow.models.set_model(BiLMEmbedder())
