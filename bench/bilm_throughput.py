@@ -52,22 +52,20 @@ from elmo_core.training import (  # noqa: E402
     bilm_optimizers,
     bilm_step,
     dense_parameters,
-    make_windows,
+    epoch_batches,
     resolve_precision,
 )
 from flows.params import PROFILES, RunParams  # noqa: E402
 from flows.runtime import tune_allocator  # noqa: E402
-from tasks.data import (  # noqa: E402
+from tasks.corpus import (  # noqa: E402
     CorpusConfig,
-    IngestConfig,
     build_vocab,
-    fetch_data,
-    ingest,
+    encode_ids,
     load_vocab,
-    pretraining_documents,
     read_pretrain_corpus,
 )
-from tasks.pretrain import encode_stream  # noqa: E402
+from tasks.data import IngestConfig, fetch_data, ingest  # noqa: E402
+from tasks.pretrain import load_windows  # noqa: E402
 
 SHARED = Path(__file__).resolve().parent.parent.parent / "shared" / "data"
 
@@ -81,11 +79,13 @@ def pretraining_batches(
     with tempfile.TemporaryDirectory() as home:
         dataset = ingest.fn(fetch_data.fn(data, home), home, IngestConfig())
         corpora = [read_pretrain_corpus.fn(corpus, home, CorpusConfig())] if corpus else []
-        vocab = load_vocab(build_vocab.fn(dataset, corpora, home, vocab_config))
-        ids = encode_stream(pretraining_documents(dataset, corpora), vocab, seed)
-    windows = make_windows(ids, window)  # (W, T)
-    order = torch.randperm(len(windows), generator=torch.Generator().manual_seed(seed))
-    return list(windows[order[: count * batch]].split(batch)), torch.from_numpy(vocab.unigram())
+        v_dir = build_vocab.fn(dataset, corpora, home, vocab_config)
+        vocab = load_vocab(v_dir)
+        ids = encode_ids.fn(dataset, corpora, v_dir, home, seed)
+        windows, _ = load_windows(ids, window, window)  # the pipeline's memory-mapped windows
+        order = epoch_batches(len(windows), batch, seed, 0)
+        batches = [windows.get(next(order)) for _ in range(count)]  # (B, T) each
+    return batches, torch.from_numpy(vocab.unigram())
 
 
 def timed(fn, steps: int, warmup: int = 3) -> float:

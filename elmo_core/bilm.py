@@ -269,26 +269,59 @@ def _compute_dtype(x: torch.Tensor) -> torch.Tensor:
     return x
 
 
+def clipped_lstm(
+    lstm: nn.LSTM, x: torch.Tensor, cell_clip: float, proj_clip: float
+) -> torch.Tensor:
+    """One layer of ``lstm`` (batch_first, optionally with ``proj_size``) stepped by hand so
+    the cell state and the output can be clipped at every step, as ELMo's LSTMs do (cuDNN /
+    oneDNN's fused kernels cannot). Same weights, same gate order (i, f, g, o) and, without
+    clipping, the same output as ``lstm(x)[0]``. x: (B, T, I) -> (B, T, P or H)."""
+    w_hh, w_hr = lstm.weight_hh_l0, getattr(lstm, "weight_hr_l0", None)
+    gates_x = F.linear(x, lstm.weight_ih_l0, lstm.bias_ih_l0 + lstm.bias_hh_l0)  # (B, T, 4H)
+    b, t = x.shape[:2]
+    h = x.new_zeros(b, w_hh.shape[1])  # (B, P or H)
+    c = x.new_zeros(b, lstm.hidden_size)  # (B, H)
+    outs = []
+    for step in range(t):
+        g = torch.addmm(gates_x[:, step], h, w_hh.t())  # (B, 4H)
+        i, f, cand, o = g.chunk(4, 1)
+        c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(cand)
+        if cell_clip:
+            c = c.clamp(-cell_clip, cell_clip)
+        h = torch.sigmoid(o) * torch.tanh(c)  # (B, H)
+        if w_hr is not None:
+            h = h @ w_hr.t()  # (B, P)
+        if proj_clip:
+            h = h.clamp(-proj_clip, proj_clip)
+        outs.append(h)
+    return torch.stack(outs, 1)  # (B, T, P or H)
+
+
 class BiLM(nn.Module):
-    """ELMo's biLM. ``forward`` gives every layer and the mask; ``lm_loss`` trains it."""
+    """ELMo's biLM. ``forward`` gives every layer and the mask; ``lm_loss`` trains it.
+
+    With ``projection_dim`` P each LSTM has H cells and a P-wide projected output (ELMo's
+    4096 / 512), so D = P below; without it D = H."""
 
     def __init__(self, config: BiLMConfig) -> None:
         super().__init__()
         self.config = config
-        e, h = config.embedding_dim, config.hidden_dim
+        e, h, p = config.embedding_dim, config.hidden_dim, config.projection_dim
+        d = p or h  # D: what each layer carries between layers and into the softmax
+        self.state_dim = d
         self.embedding = nn.Embedding(config.vocab_size, e, padding_idx=0, sparse=True)
         nn.init.normal_(self.embedding.weight, std=e**-0.5)
         with torch.no_grad():
             self.embedding.weight[0].zero_()
-        self.project = nn.Linear(e, h) if e != h else nn.Identity()
-        self.forward_lstms = nn.ModuleList(
-            nn.LSTM(h, h, batch_first=True) for _ in range(config.num_layers)
-        )
-        self.backward_lstms = nn.ModuleList(
-            nn.LSTM(h, h, batch_first=True) for _ in range(config.num_layers)
-        )
+        self.project = nn.Linear(e, d) if e != d else nn.Identity()
+
+        def lstm() -> nn.LSTM:
+            return nn.LSTM(d, h, batch_first=True, proj_size=p)
+
+        self.forward_lstms = nn.ModuleList(lstm() for _ in range(config.num_layers))
+        self.backward_lstms = nn.ModuleList(lstm() for _ in range(config.num_layers))
         self.dropout_p = config.dropout
-        self.softmax = SampledSoftmax(config.vocab_size, h, config.num_samples)
+        self.softmax = SampledSoftmax(config.vocab_size, d, config.num_samples)
 
     def sparse_parameters(self) -> list[nn.Parameter]:
         """Parameters with sparse gradients (embedding, softmax rows): for a row-sparse Adam."""
@@ -302,25 +335,32 @@ class BiLM(nn.Module):
 
     @property
     def output_dim(self) -> int:
-        return 2 * self.config.hidden_dim
+        return 2 * self.state_dim
 
     def _embed(self, tokens: torch.Tensor) -> torch.Tensor:
-        """tokens (B, T) -> token vectors (B, T, H), in autocast's dtype when it is on."""
+        """tokens (B, T) -> token vectors (B, T, D), in autocast's dtype when it is on."""
         return _compute_dtype(self.project(self.embedding(tokens)))
 
     def _drop(self, x: torch.Tensor, inplace: bool = False) -> torch.Tensor:
         """(B, T, D) -> (B, T, D), variational dropout while training."""
         return locked_dropout(x, self.dropout_p, self.training, inplace)
 
+    def _lstm(self, lstm: nn.LSTM, x: torch.Tensor) -> torch.Tensor:
+        """One LSTM layer (B, T, D) -> (B, T, D): the fused kernel, or the step loop when
+        clipping is on."""
+        if self.config.cell_clip or self.config.proj_clip:
+            return clipped_lstm(lstm, x, self.config.cell_clip, self.config.proj_clip)
+        return lstm(x)[0]
+
     def _stack(self, lstms: nn.ModuleList, x: torch.Tensor) -> list[torch.Tensor]:
-        """Run one direction's stack; residual after the first layer. (B, T, H) -> L x (B, T, H).
+        """Run one direction's stack; residual after the first layer. (B, T, D) -> L x (B, T, D).
 
         ``x`` arrives with dropout applied (once, shared by both directions); dropout is applied
         again between layers. All dropout is variational (``locked_dropout``).
         """
         outs = []
         for i, lstm in enumerate(lstms):
-            y, _ = lstm(x if i == 0 else self._drop(x))  # (B, T, H)
+            y = self._lstm(lstm, x if i == 0 else self._drop(x))  # (B, T, D)
             if i > 0:
                 y = y + x
             outs.append(y)
@@ -369,14 +409,14 @@ class BiLM(nn.Module):
         # one dropout and one softmax call for both directions: shared negatives, one matmul
         states = self._drop(torch.cat([f, r]), inplace=True)  # (2B, T-1, H)
         targets = torch.cat([tokens[:, 1:], tokens.flip(1)[:, 1:]])  # (2B, T-1)
-        h = self.config.hidden_dim
-        return self.softmax(states.reshape(-1, h), targets.reshape(-1), generator)
+        d = self.state_dim
+        return self.softmax(states.reshape(-1, d), targets.reshape(-1), generator)
 
     @torch.no_grad()
     def exact_nll(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Full windows (B, T) -> per-token exact NLL (forward (N,), backward (N,)), full softmax."""
         _, fwd, bwd = self.states(tokens)
-        h = self.config.hidden_dim
-        f = self.softmax.nll(fwd[-1][:, :-1].reshape(-1, h), tokens[:, 1:].reshape(-1))
-        b = self.softmax.nll(bwd[-1][:, 1:].reshape(-1, h), tokens[:, :-1].reshape(-1))
+        d = self.state_dim
+        f = self.softmax.nll(fwd[-1][:, :-1].reshape(-1, d), tokens[:, 1:].reshape(-1))
+        b = self.softmax.nll(bwd[-1][:, 1:].reshape(-1, d), tokens[:, :-1].reshape(-1))
         return f, b

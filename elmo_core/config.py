@@ -34,11 +34,25 @@ class BiLMConfig:
     num_layers: int = 2  # LSTM layers per direction (forward and backward stacks are separate)
     dropout: float = 0.1  # dropout on the embedding and between LSTM layers
     num_samples: int = 512  # shared negatives of the sampled softmax (0 = full softmax)
+    # P: each LSTM's output projected to P (ELMo: 4096 cells, 512 projections); 0 = none.
+    # With it every returned layer is 2P wide and the softmax works in P
+    projection_dim: int = 0
+    cell_clip: float = 0.0  # clip cell states to [-c, c] at every step (ELMo: 3; 0 = off)
+    proj_clip: float = 0.0  # clip each step's (projected) output to [-c, c] (ELMo: 3; 0 = off)
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "embedding_dim", "hidden_dim", "num_layers"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not 0 <= self.projection_dim < self.hidden_dim:
+            raise ValueError(
+                f"projection_dim must be 0 or in [1, hidden_dim={self.hidden_dim}), "
+                f"got {self.projection_dim}"
+            )
+        if self.cell_clip < 0 or self.proj_clip < 0:
+            raise ValueError(
+                f"cell_clip and proj_clip must be >= 0, got {self.cell_clip}, {self.proj_clip}"
+            )
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
         if self.num_samples < 0:
@@ -57,8 +71,15 @@ class PretrainConfig:
     checkpoint_every: int = 500  # steps between mid-epoch checkpoints
     seed: int = 13  # drives init, window order and negative sampling
     precision: str = "auto"  # auto | fp32 | bf16 (autocast; auto = bf16 where native)
+    # data-parallel ranks (torchrun); batch_size is the global batch, split evenly among them
+    world_size: int = 1
 
     def __post_init__(self) -> None:
+        if self.world_size < 1 or self.batch_size % self.world_size:
+            raise ValueError(
+                f"world_size must be >= 1 and divide batch_size {self.batch_size}, "
+                f"got {self.world_size}"
+            )
         if self.epochs < 1 or self.window < 2 or self.batch_size < 1:
             raise ValueError(
                 f"epochs >= 1, window >= 2, batch_size >= 1 required; got "

@@ -25,6 +25,16 @@ from torch import nn
 from elmo_core.bilm import BiLM
 from elmo_core.checkpoint import CheckpointError, atomic_save, safe_load
 from elmo_core.config import PretrainConfig, check_precision
+from elmo_core.distributed import (
+    SINGLE,
+    DistContext,
+    all_reduce_sparse_rows,
+    barrier,
+    check_batch,
+    ddp_loss,
+    gather_objects,
+    shard_batch,
+)
 from elmo_core.optim import LazyAdam
 
 LogFn = Callable[[dict[str, float], int], None]
@@ -206,17 +216,22 @@ def bilm_step(
     precision: str,
     dense: Sequence[torch.Tensor],
     clip_norm: float,
+    loss_fn: Callable[[torch.Tensor, torch.Generator], torch.Tensor] | None = None,
+    after_backward: Callable[[], None] | None = None,
 ) -> torch.Tensor:
     """One biLM training step on windows x (B, T): sampled-softmax loss under ``precision``,
     backward, gradient-norm clip of the ``dense`` parameters, every optimizer. Returns the loss.
 
     The pretraining loop and bench/bilm_throughput.py both run this, so the benchmark times
-    exactly the pipeline's step."""
+    exactly the pipeline's step. Data-parallel training passes ``loss_fn`` (the DDP-wrapped
+    loss) and ``after_backward`` (the all-reduce of the row-sparse gradients)."""
     with autocast(x.device, precision):
-        loss = model.lm_loss(x, generator)
+        loss = (loss_fn or model.lm_loss)(x, generator)
     for o in opts:
         o.zero_grad(set_to_none=True)
     loss.backward()
+    if after_backward is not None:  # data-parallel: the row-sparse gradients' all-reduce
+        after_backward()
     # clip_grad_norm_, but the gradients are rescaled only when the norm is over the limit
     # (clip_grad_norm_ multiplies every gradient by a coefficient clamped to 1 on every step)
     grads = [p.grad for p in dense if p.grad is not None]
@@ -282,16 +297,28 @@ def pretrain_bilm(
     device: torch.device | None = None,
     log_every: int = 50,
     progress: ProgressFn = no_progress,
+    dist_ctx: DistContext = SINGLE,
 ) -> PretrainResult:
     """Train the biLM on a token stream (an id array, or ``TokenWindows`` over memory-mapped
     shards); resumes from ``checkpoint`` if it holds a run in progress.
 
     Epoch e visits the windows in the order of a generator seeded by (seed, e), and negatives come
     from a generator whose state is checkpointed, so a resumed run repeats an uninterrupted one.
+
+    Under ``dist_ctx`` (torchrun) every rank runs this with the same arguments: each takes its
+    slice of every global batch, gradients are averaged (DDP + the sparse rows' all-gather),
+    and only rank 0 logs and writes the checkpoint (which every rank then resumes from; it
+    records the world size, and a different one is refused).
     """
     device = device or pick_device()
-    torch.manual_seed(config.seed)
+    ctx = dist_ctx
+    check_batch(config.batch_size, ctx)
+    torch.manual_seed(config.seed + ctx.rank)  # dropout masks differ per rank, as per window
     model.to(device).train()
+    if not ctx.is_main:
+        log_metrics, progress, checkpoint_out = no_log, no_progress, None
+    else:
+        checkpoint_out = checkpoint
     train_w = (
         train_ids
         if isinstance(train_ids, TokenWindows)
@@ -303,33 +330,51 @@ def pretrain_bilm(
     epoch, batch_i, step, tokens, seconds = 0, 0, 0, 0, 0.0
     state = try_resume(checkpoint, "bilm-train")
     if state is not None:
+        saved_world = int(state.get("world_size", 1))
+        if saved_world != ctx.world_size:
+            raise ValueError(
+                f"{checkpoint} was written by {saved_world} rank(s), this run has "
+                f"{ctx.world_size}: resume with the same world size, or delete it to start over"
+            )
         model.load_state_dict(state["model"])
         for o, s in zip(opts, state["optimizers"], strict=True):
             o.load_state_dict(s)
         neg_gen.set_state(state["neg_gen"])
-        set_rng_state(state["rng"])
+        set_rng_state(state["rng_ranks"][ctx.rank] if "rng_ranks" in state else state["rng"])
         epoch, batch_i, step = state["epoch"], state["batch"], state["step"]
         tokens, seconds = state["tokens"], state["seconds"]
+        log_metrics({"resumed_from_step": step}, step)
 
     def save() -> None:
-        if checkpoint is not None:
+        if checkpoint is None:
+            return
+        rngs = gather_objects(rng_state(), ctx)  # a collective: every rank takes part
+        if checkpoint_out is not None:
             atomic_save(
                 {
                     "kind": "bilm-train",
                     "model": model.state_dict(),
                     "optimizers": [o.state_dict() for o in opts],
                     "neg_gen": neg_gen.get_state(),
-                    "rng": rng_state(),
+                    "rng": rngs[0],
+                    "rng_ranks": rngs,
+                    "world_size": ctx.world_size,
                     "epoch": epoch,
                     "batch": batch_i,
                     "step": step,
                     "tokens": tokens,
                     "seconds": seconds,
                 },
-                checkpoint,
+                checkpoint_out,
             )
+        barrier(ctx)  # no rank reads on before the checkpoint is complete
 
     dense = dense_parameters(model)
+    loss_fn, after_backward = None, None
+    if ctx.active:
+        sparse = model.sparse_parameters()
+        loss_fn = ddp_loss(model, sparse, ctx)
+        after_backward = lambda: all_reduce_sparse_rows(sparse, ctx)  # noqa: E731
     done = False
     ppl = (float("nan"), float("nan"))
     while epoch < config.epochs and not done:
@@ -341,14 +386,24 @@ def pretrain_bilm(
             if config.max_steps and step >= config.max_steps:
                 done = True  # position is kept as is: a longer run resumes from here
                 break
-            x = train_w.get(next(batches)).to(device)  # (B, T)
-            loss = bilm_step(model, opts, x, neg_gen, config.precision, dense, config.clip_norm)
+            x = shard_batch(train_w.get(next(batches)), ctx).to(device)  # (B / ranks, T)
+            loss = bilm_step(
+                model,
+                opts,
+                x,
+                neg_gen,
+                config.precision,
+                dense,
+                config.clip_norm,
+                loss_fn,
+                after_backward,
+            )
             batch_i += 1
             step += 1
-            tokens += x.numel()
+            tokens += x.numel() * ctx.world_size
             run_loss += float(loss.detach())
             run_n += 1
-            tokens_epoch += x.numel()
+            tokens_epoch += x.numel() * ctx.world_size
             report_epoch_progress(
                 progress, batch_i, n_batches, epoch, config.epochs, tokens_epoch, t_epoch
             )
@@ -358,7 +413,7 @@ def pretrain_bilm(
                 log_metrics(
                     {
                         "train_loss": run_loss / run_n,
-                        "tokens_per_s": run_n * x.numel() / dt,
+                        "tokens_per_s": run_n * x.numel() * ctx.world_size / dt,
                         "epoch": epoch,
                     },
                     step,
@@ -367,7 +422,8 @@ def pretrain_bilm(
             if config.checkpoint_every and step % config.checkpoint_every == 0:
                 save()
         seconds += time.perf_counter() - t0
-        ppl = perplexity(model, val_w, device)
+        if ctx.is_main:  # the others wait at the checkpoint's barrier
+            ppl = perplexity(model, val_w, device)
         log_metrics(
             {
                 "val_perplexity": math.sqrt(ppl[0] * ppl[1]),
@@ -379,7 +435,7 @@ def pretrain_bilm(
         if not done:
             epoch, batch_i = epoch + 1, 0
         save()
-    if math.isnan(ppl[0]):  # resumed from a finished run
+    if math.isnan(ppl[0]) and ctx.is_main:  # resumed from a finished run
         ppl = perplexity(model, val_w, device)
     model.eval()
     return PretrainResult(step, tokens, seconds, ppl[0], ppl[1])

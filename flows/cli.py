@@ -184,7 +184,9 @@ def parse_overrides(items: list[str]) -> dict[str, dict[str, Any]]:
 
 @app.command()
 def run(
-    profile: Annotated[str, typer.Option(help="smoke | sample | full | seed")] = "smoke",
+    profile: Annotated[
+        str, typer.Option(help="smoke | sample | full | seed | news | elmo-original")
+    ] = "smoke",
     data: Annotated[
         str | None, typer.Option(help="dataset folder/file or URL (default: AG News)")
     ] = None,
@@ -279,7 +281,9 @@ def pretrain_cmd(
         list[str],
         typer.Option(help="unlabeled text: file, folder or glob (repeatable); text/CSV/Parquet"),
     ],
-    profile: Annotated[str, typer.Option(help="smoke | sample | full | seed | news")] = "smoke",
+    profile: Annotated[
+        str, typer.Option(help="smoke | sample | full | seed | news | elmo-original")
+    ] = "smoke",
     home: Annotated[
         str | None, typer.Option(help="home folder (default $ELMO_NEWS_HOME or .elmo-news)")
     ] = None,
@@ -287,11 +291,24 @@ def pretrain_cmd(
     set_: Annotated[
         list[str] | None, typer.Option("--set", help="override: section.field=value")
     ] = None,
+    nproc_per_node: Annotated[
+        int, typer.Option(help="data-parallel ranks on this machine (torchrun; 1 = in process)")
+    ] = 1,
+    torchrun_arg: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="multi-node: torchrun flags replacing the single-node launch (repeatable, "
+            "e.g. --torchrun-arg=--nnodes=2 --torchrun-arg=--rdzv-endpoint=HOST:29500 "
+            "--torchrun-arg=--nproc-per-node=8); set --set pretrain.world_size to the total"
+        ),
+    ] = None,
 ) -> None:
     """Pretrain a biLM on unlabeled text alone and register it as elmo-news-bilm."""
     prefect_defaults()
     with user_errors():
         overrides = parse_overrides(set_ or [])
+        if nproc_per_node > 1:
+            overrides.setdefault("pretrain", {}).setdefault("world_size", nproc_per_node)
         for c in corpus:
             check_readable("pretrain corpus", c)
     server = prestart_ephemeral_server()
@@ -321,7 +338,7 @@ def pretrain_cmd(
         logging.getLogger("prefect").disabled = False
         logging.getLogger("prefect").info("Prefect server (ephemeral): %s", _server_url())
     with live_display():
-        summary = elmo_news_pretrain(**params.model_dump())
+        summary = elmo_news_pretrain(**params.model_dump(), torchrun_args=torchrun_arg or None)
     typer.echo(
         json.dumps(
             {"bilm": summary["bilm"], "registry": summary["registry"], **summary["metrics"]},

@@ -18,7 +18,7 @@ from tasks.baseline import BaselineConfig
 from tasks.corpus import CorpusConfig
 from tasks.data import IngestConfig
 
-Profile = Literal["smoke", "sample", "full", "seed", "news"]
+Profile = Literal["smoke", "sample", "full", "seed", "news", "elmo-original"]
 Strategy = Literal["sum", "wsum", "function"]
 assert set(Strategy.__args__) == set(STRATEGIES)  # type: ignore[attr-defined]
 
@@ -32,6 +32,9 @@ class BiLMParams:
     num_layers: int = 2  # LSTM layers per direction
     dropout: float = 0.1
     num_samples: int = 512  # sampled-softmax negatives
+    projection_dim: int = 0  # P: LSTM output projection (0 = none)
+    cell_clip: float = 0.0  # cell-state clip per step (0 = off)
+    proj_clip: float = 0.0  # output clip per step (0 = off)
 
     def __post_init__(self) -> None:
         BiLMConfig(vocab_size=5, **asdict(self))  # the same checks as the model's own config
@@ -136,6 +139,34 @@ PROFILES: dict[str, dict[str, dict[str, Any]]] = {
             "window": 20,
             "lr": 2e-3,
             "val_tokens": 20_000,
+        },
+    },
+    # ELMo's published biLM shapes (Peters et al. 2018; 1B Word Benchmark): 2 layers of 4096
+    # cells with 512-wide projections, cell and projection clipping at 3, residual connection,
+    # 8,192 sampled negatives, 20-token windows; for GPU users (word-level input here: ELMo's
+    # char-CNN token encoder is not part of this model). The classifier reads 2 x 512 layers
+    "elmo-original": {
+        "vocab": {"min_count": 3, "max_size": 800_000},
+        "bilm": {
+            "embedding_dim": 512,
+            "hidden_dim": 4096,
+            "projection_dim": 512,
+            "cell_clip": 3.0,
+            "proj_clip": 3.0,
+            "dropout": 0.1,
+            "num_samples": 8192,
+        },
+        "pretrain": {"epochs": 10, "batch_size": 128, "window": 20, "lr": 1e-3},
+        "classifier": {
+            "hidden_dim": 256,
+            "num_layers": 1,
+            "mlp_hidden": (256, 128),
+            "token_embedding_dim": 512,
+            "epochs": 10,
+            "patience": 3,
+            "batch_size": 32,
+            "lr": 1e-3,
+            "max_len": 400,
         },
     },
     # the original system's hyperparameters, for GPU users

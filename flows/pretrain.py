@@ -36,6 +36,7 @@ def elmo_news_pretrain(
     device: str = "auto",
     overrides: dict[str, dict[str, Any]] | None = None,
     register_model: bool = True,  # register the biLM as elmo-news-bilm
+    torchrun_args: list[str] | None = None,  # multi-node launch flags (pretrain.world_size > 1)
 ) -> dict[str, Any]:
     """Pretrain a standalone biLM; returns its stage folder, metrics and registered version."""
     params = PretrainParams(
@@ -66,7 +67,17 @@ def elmo_news_pretrain(
         t = time.perf_counter()
         target = tracker.target()
         bilm_dir = _stage(
-            pretrain, h, ids, vocab, home_s, dict(cfg.bilm.__dict__), cfg.pretrain, device, target
+            pretrain,
+            h,
+            ids,
+            vocab,
+            home_s,
+            dict(cfg.bilm.__dict__),
+            cfg.pretrain,
+            device,
+            target,
+            None,
+            torchrun_args,
         )
         timings["pretrain"] = time.perf_counter() - t
         corpus_stats = [read_json(Path(c) / "metrics.json") for c in corpora]

@@ -196,13 +196,15 @@ def held_out(index: int, seed: int, fraction: float) -> bool:
 
 
 def tokenize_shard(
-    texts: list[str], start: int, shard: str, holdout: float, seed: int
-) -> tuple[dict[str, int], int, int, int, list[list[str]]]:
-    """Tokenise one batch (documents ``start``, ``start + 1``, ...) and write its training
-    documents to the Parquet ``shard`` (atomically). Runs in a worker process.
+    texts: list[str], start: int, shard: str, heldout_shard: str, holdout: float, seed: int
+) -> tuple[dict[str, int], int, int, int, int, int]:
+    """Tokenise one batch (documents ``start``, ``start + 1``, ...), write its training
+    documents to the Parquet ``shard`` and its held-out ones to ``heldout_shard`` (atomically,
+    the latter only when there are any). Runs in a worker process; returns only figures, so
+    the process that collects them holds no text.
 
     Returns (token counts of the training documents, words in, training documents, training
-    tokens, the held-out documents' tokens)."""
+    tokens, held-out documents, held-out tokens)."""
     from collections import Counter
 
     from elmo_core.text import tokenize
@@ -224,4 +226,6 @@ def tokenize_shard(
         kept.append(toks)
         n_tok += len(toks)
     write_parquet(pa.table({"tokens": kept}, schema=TOKENS_SCHEMA), shard)
-    return dict(counts), words, len(kept), n_tok, heldout
+    if heldout:
+        write_parquet(pa.table({"tokens": heldout}, schema=TOKENS_SCHEMA), heldout_shard)
+    return dict(counts), words, len(kept), n_tok, len(heldout), sum(map(len, heldout))

@@ -235,26 +235,48 @@ def register_bilm(uri: str, run_id: str, bilm_dir: Path, tags: dict[str, str]) -
     }
 
 
+def _bilm_folder(p: Path, bilm_root: Path) -> Path:
+    """A biLM folder given as a path. A stage folder (named by its 24-hex key, as pretraining
+    names it) is used in place; any other is copied once into ``bilm_root/dir-<sha256 of
+    bilm.pt>``: a folder's name is its cache key downstream, and a user's "my-bilm" must not
+    stand for two different biLMs."""
+    import re
+    import shutil
+
+    from storage.hashing import sha256_file
+    from storage.paths import verify_complete
+
+    if not (p / "bilm.pt").exists():
+        raise ValueError(f"{p}: not a biLM stage folder (no bilm.pt)")
+    ok, why = verify_complete(p)
+    if not ok:
+        raise ValueError(f"{p}: incomplete biLM stage folder ({why})")
+    if re.fullmatch(r"[0-9a-f]{24}", p.name):
+        return p
+    out = bilm_root / f"dir-{sha256_file(p / 'bilm.pt')[:24]}"
+    if not verify_complete(out)[0]:
+        staging = bilm_root / f".{out.name}.copy"
+        shutil.rmtree(staging, ignore_errors=True)
+        shutil.copytree(p, staging)
+        shutil.rmtree(out, ignore_errors=True)
+        staging.rename(out)
+    return out
+
+
 def resolve_bilm(ref: str, bilm_root: Path) -> tuple[Path, dict[str, str]]:
     """A ``--bilm`` reference → a complete biLM stage folder (and what to record about it).
 
     ``models:/NAME/VERSION`` or ``models:/NAME@ALIAS``: the version's stage folder, downloaded
     once into ``bilm_root/<biLM key>`` — the folder name the pretraining gave it, so every
     downstream cache key (layers, classifiers) is the same as for the run that pretrained it.
-    A path: a biLM stage folder (``bilm.pt`` + a valid DONE manifest) used in place."""
+    A path: a biLM stage folder (``bilm.pt`` + a valid DONE manifest), see ``_bilm_folder``."""
     import shutil
     import tempfile
 
     from storage.paths import verify_complete
 
     if not ref.startswith("models:/"):
-        p = Path(ref)
-        if not (p / "bilm.pt").exists():
-            raise ValueError(f"{ref}: not a biLM stage folder (no bilm.pt)")
-        ok, why = verify_complete(p)
-        if not ok:
-            raise ValueError(f"{ref}: incomplete biLM stage folder ({why})")
-        return p, {"bilm_source": str(p.resolve())}
+        return _bilm_folder(Path(ref), bilm_root), {"bilm_source": str(Path(ref).resolve())}
     import mlflow
     from mlflow.tracking import MlflowClient
 
@@ -277,7 +299,8 @@ def resolve_bilm(ref: str, bilm_root: Path) -> tuple[Path, dict[str, str]]:
     ok, _ = verify_complete(out)
     if ok:
         return out, info
-    with tempfile.TemporaryDirectory(dir=bilm_root.parent) as tmp:
+    bilm_root.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=bilm_root) as tmp:
         got = Path(
             mlflow.artifacts.download_artifacts(
                 artifact_uri=f"models:/{name}/{v.version}", dst_path=tmp

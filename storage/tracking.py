@@ -278,6 +278,19 @@ class StageRun:
         self.tracker = tracker
         self.run_id = run_id
 
+    def target(self) -> dict[str, str] | None:
+        """What another process (a torchrun rank) needs to stream into this run."""
+        if self.tracker is None or self.run_id is None:
+            return None
+        return {"uri": self.tracker.uri, "run_id": self.run_id}
+
+    @classmethod
+    def attach(cls, target: dict[str, str] | None) -> StageRun:
+        """This run, from another process (``target()``); a no-op run without a target."""
+        if not target:
+            return cls(None, None)
+        return cls(Tracker(target["uri"]), target["run_id"])
+
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         if self.tracker is None or self.run_id is None:
             return

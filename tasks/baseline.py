@@ -14,11 +14,9 @@ from sklearn.linear_model import LogisticRegression
 from storage.datasets import read_dataset
 from storage.paths import (
     Home,
-    clear_incomplete,
-    is_complete,
+    build_stage,
     mark_complete,
     read_json,
-    stage_lock,
     write_json,
 )
 from storage.tracking import stage_run
@@ -67,14 +65,15 @@ def baseline(
     """TF-IDF + logistic regression on the same splits; ``tracking`` (outside the cache key)
     opens its MLflow child run when it starts."""
     out = Home(home).stage_dir("baseline", _baseline_key(dataset, home, config))
-    with stage_lock(out):
-        if is_complete(out):
-            return str(out)
-        clear_incomplete(out)
-        with stage_run(tracking, "baseline-tfidf", {"strategy": "tfidf"}) as run:
-            _build(out, dataset, config)
-            run.complete(out, split_files(dataset))
-        return str(out)
+    return build_stage(out, lambda d: _build_tracked(d, dataset, config, tracking))
+
+
+def _build_tracked(
+    out: Path, dataset: str, config: BaselineConfig, tracking: dict[str, str] | None
+) -> None:
+    with stage_run(tracking, "baseline-tfidf", {"strategy": "tfidf"}) as run:
+        _build(out, dataset, config)
+        run.complete(out, split_files(dataset))
 
 
 def _build(out: Path, dataset: str, config: BaselineConfig) -> None:

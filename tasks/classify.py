@@ -20,11 +20,9 @@ from storage.datasets import read_dataset, write_parquet
 from storage.hashing import code_version
 from storage.paths import (
     Home,
-    clear_incomplete,
-    is_complete,
+    build_stage,
     mark_complete,
     read_json,
-    stage_lock,
     write_json,
 )
 from storage.tracking import stage_run
@@ -109,69 +107,78 @@ def classify(
     out = Home(home).stage_dir(
         "classifier", _classifier_key(features_dir, bilm_dir, dataset, strategy, home, config)
     )
-    with stage_lock(out):
-        if is_complete(out):
-            return str(out)
-        clear_incomplete(out)
-        set_threads()
-        dev = pick_device(device)
-        train, val, test = (layer_store(features_dir, s) for s in SPLITS)
-        label_names = read_json(Path(dataset) / "labels.json")
-        _, n_layers, dim = train.features.shape
-        model, mix_config = new_classifier(
-            bilm_dir, strategy, config, n_layers, dim, len(label_names)
+    return build_stage(
+        out,
+        lambda d: _build(features_dir, bilm_dir, dataset, strategy, d, config, device, tracking),
+    )
+
+
+def _build(
+    features_dir: str,
+    bilm_dir: str,
+    dataset: str,
+    strategy: str,
+    out: Path,
+    config: ClassifierConfig,
+    device: str,
+    tracking: dict[str, str] | None,
+) -> None:
+    set_threads()
+    dev = pick_device(device)
+    train, val, test = (layer_store(features_dir, s) for s in SPLITS)
+    label_names = read_json(Path(dataset) / "labels.json")
+    _, n_layers, dim = train.features.shape
+    model, mix_config = new_classifier(bilm_dir, strategy, config, n_layers, dim, len(label_names))
+    name = f"classifier-{strategy}"
+    tags = {"strategy": strategy, "code_version": code_version(CLASSIFIER.modules)}
+    with stage_run(tracking, name, tags) as run, stage_progress(name) as progress:
+        hist = History(name, sink=run.log_metrics)
+        t0 = time.perf_counter()
+        res = train_classifier(
+            model, train, val, config, hist, out / "train_state.pt", dev, progress=progress
         )
-        name = f"classifier-{strategy}"
-        tags = {"strategy": strategy, "code_version": code_version(CLASSIFIER.modules)}
-        with stage_run(tracking, name, tags) as run, stage_progress(name) as progress:
-            hist = History(name, sink=run.log_metrics)
-            t0 = time.perf_counter()
-            res = train_classifier(
-                model, train, val, config, hist, out / "train_state.pt", dev, progress=progress
-            )
-            save_classifier(out / "model.pt", model.cpu(), mix_config, dim, label_names)
-            probs = predict_proba(model, test, dev)
-            pred = probs.argmax(1)
-            metrics = evaluate(test.labels, pred, label_names, out, f"ELMo {strategy}")
-            metrics.update(
-                {
-                    "best_val_accuracy": res.best_val_accuracy,
-                    "best_epoch": res.best_epoch,
-                    "epochs_run": res.epochs_run,
-                    "wall_s": time.perf_counter() - t0,
-                }
-            )
-            if isinstance(model.mix, ScalarMix):
-                weights = model.mix.layer_weights().tolist()
-                write_json(
-                    out / "layer_weights.json",
-                    {"weights": weights, "gamma": float(model.mix.gamma.detach())},
-                )
-                metrics.update({f"layer_weight_{i}": w for i, w in enumerate(weights)})
-            test_ids = read_dataset(Path(dataset) / "test.parquet")["id"].to_numpy()
-            write_parquet(
-                pl.DataFrame(
-                    {
-                        "id": test_ids,
-                        "label": test.labels,
-                        "pred": pred,
-                        **{f"p_{n}": probs[:, i] for i, n in enumerate(label_names)},
-                    }
-                ).to_arrow(),
-                out / "predictions.parquet",
-            )
-            hist.save(out / "history.json")
-            plot_curves(hist.points, ["train_loss", "val_accuracy"], out, f"classifier {strategy}")
+        save_classifier(out / "model.pt", model.cpu(), mix_config, dim, label_names)
+        probs = predict_proba(model, test, dev)
+        pred = probs.argmax(1)
+        metrics = evaluate(test.labels, pred, label_names, out, f"ELMo {strategy}")
+        metrics.update(
+            {
+                "best_val_accuracy": res.best_val_accuracy,
+                "best_epoch": res.best_epoch,
+                "epochs_run": res.epochs_run,
+                "wall_s": time.perf_counter() - t0,
+            }
+        )
+        if isinstance(model.mix, ScalarMix):
+            weights = model.mix.layer_weights().tolist()
             write_json(
-                out / "config.json",
-                {"strategy": strategy, "classifier": asdict(config), "mix": asdict(mix_config)},
+                out / "layer_weights.json",
+                {"weights": weights, "gamma": float(model.mix.gamma.detach())},
             )
-            write_json(out / "metrics.json", metrics)
-            (out / "train_state.pt").unlink(missing_ok=True)
-            mark_complete(out)
-            run.complete(out, split_files(dataset))
-        logger().info("classifier %s: test accuracy %.4f", strategy, metrics["test_accuracy"])
-        return str(out)
+            metrics.update({f"layer_weight_{i}": w for i, w in enumerate(weights)})
+        test_ids = read_dataset(Path(dataset) / "test.parquet")["id"].to_numpy()
+        write_parquet(
+            pl.DataFrame(
+                {
+                    "id": test_ids,
+                    "label": test.labels,
+                    "pred": pred,
+                    **{f"p_{n}": probs[:, i] for i, n in enumerate(label_names)},
+                }
+            ).to_arrow(),
+            out / "predictions.parquet",
+        )
+        hist.save(out / "history.json")
+        plot_curves(hist.points, ["train_loss", "val_accuracy"], out, f"classifier {strategy}")
+        write_json(
+            out / "config.json",
+            {"strategy": strategy, "classifier": asdict(config), "mix": asdict(mix_config)},
+        )
+        write_json(out / "metrics.json", metrics)
+        (out / "train_state.pt").unlink(missing_ok=True)
+        mark_complete(out)
+        run.complete(out, split_files(dataset))
+    logger().info("classifier %s: test accuracy %.4f", strategy, metrics["test_accuracy"])
 
 
 def load_pipeline_model(classifier_dir: str) -> tuple[ELMoClassifier, list[str]]:

@@ -26,7 +26,7 @@ from prefect import task
 
 from elmo_core.config import VocabConfig
 from elmo_core.vocab import SPECIALS, Vocab
-from storage.corpus import TOKENS_SCHEMA, iter_corpus, resolve_corpus, tokenize_shard
+from storage.corpus import iter_corpus, resolve_corpus, tokenize_shard
 from storage.datasets import DataError, read_dataset, write_parquet
 from storage.hashing import sha256_file
 from storage.paths import Home, build_stage, write_json
@@ -76,7 +76,7 @@ def _corpus_key(spec: str, home: str, config: CorpusConfig) -> str:
 @task(name="read-corpus", cache_key_fn=cache_key(_corpus_key), **STAGE_OPTS)
 def read_pretrain_corpus(spec: str, home: str, config: CorpusConfig) -> str:
     """Unlabeled pretraining text → ``tokens-*.parquet`` shards + ``counts.parquet`` +
-    ``heldout.parquet``; streamed batch by batch through ``workers()`` tokenizer processes."""
+    ``heldout-*.parquet`` shards; streamed batch by batch through ``workers()`` tokenizer processes."""
     out = Home(home).stage_dir("corpus", _corpus_key(spec, home, config))
     return build_stage(out, lambda d: _build_corpus(spec, d, config))
 
@@ -86,17 +86,21 @@ def _build_corpus(spec: str, out: Path, config: CorpusConfig) -> None:
     n_workers = workers() if sum(f.stat().st_size for f in files) >= POOL_MIN_BYTES else 1
     t0 = time.perf_counter()
     counts: Counter[str] = Counter()
-    heldout: list[list[str]] = []
-    stats = {"corpus_files": len(files), "corpus_words": 0, "corpus_docs": 0, "corpus_tokens": 0}
+    stats = {
+        "corpus_files": len(files),
+        "corpus_words": 0,
+        "corpus_docs": 0,
+        "corpus_tokens": 0,
+        "heldout_docs": 0,
+        "heldout_tokens": 0,
+    }
     n_read = 0
 
-    def collect(res: tuple[dict[str, int], int, int, int, list[list[str]]]) -> None:
-        c, words, docs, toks, held = res
+    def collect(res: tuple[dict[str, int], int, int, int, int, int]) -> None:
+        c, *figures = res
         counts.update(c)
-        heldout.extend(held)
-        stats["corpus_words"] += words
-        stats["corpus_docs"] += docs
-        stats["corpus_tokens"] += toks
+        for k, v in zip(list(stats)[1:], figures, strict=True):
+            stats[k] += v
 
     def batches():
         nonlocal n_read
@@ -109,19 +113,25 @@ def _build_corpus(spec: str, out: Path, config: CorpusConfig) -> None:
             if config.max_docs and n_read >= config.max_docs:
                 return
 
-    shard = lambda i: str(out / f"tokens-{i:05d}.parquet")  # noqa: E731
-    args = (config.holdout_fraction, config.seed)
+    def args(i: int) -> tuple[str, str, float, int]:
+        return (
+            str(out / f"tokens-{i:05d}.parquet"),
+            str(out / f"heldout-{i:05d}.parquet"),
+            config.holdout_fraction,
+            config.seed,
+        )
+
     n_shards = 0
     if n_workers == 1:
         for start, texts in batches():
-            collect(tokenize_shard(texts, start, shard(n_shards), *args))
+            collect(tokenize_shard(texts, start, *args(n_shards)))
             n_shards += 1
     else:
         # bounded: at most two batches per worker in flight, results taken in order
         with ProcessPoolExecutor(n_workers, mp_context=get_context("spawn")) as pool:
             pending: list[Future] = []
             for start, texts in batches():
-                pending.append(pool.submit(tokenize_shard, texts, start, shard(n_shards), *args))
+                pending.append(pool.submit(tokenize_shard, texts, start, *args(n_shards)))
                 n_shards += 1
                 while len(pending) >= 2 * n_workers:
                     collect(pending.pop(0).result())
@@ -134,13 +144,10 @@ def _build_corpus(spec: str, out: Path, config: CorpusConfig) -> None:
         pa.table({"token": list(tokens), "count": np.asarray(freq, dtype=np.int64)}),
         out / "counts.parquet",
     )
-    write_parquet(pa.table({"tokens": heldout}, schema=TOKENS_SCHEMA), out / "heldout.parquet")
     wall = time.perf_counter() - t0
     stats.update(
         {
             "corpus_shards": n_shards,
-            "heldout_docs": len(heldout),
-            "heldout_tokens": sum(map(len, heldout)),
             "workers": n_workers,
             "wall_s": wall,
             "words_per_s": stats["corpus_words"] / max(wall, 1e-9),
@@ -155,6 +162,13 @@ def _build_corpus(spec: str, out: Path, config: CorpusConfig) -> None:
 
 def token_shards(corpus_dir: str) -> list[Path]:
     return sorted(Path(corpus_dir).glob("tokens-*.parquet"))
+
+
+def heldout_shards(corpus_dir: str) -> list[Path]:
+    return sorted(Path(corpus_dir).glob("heldout-*.parquet"))
+
+
+MAX_VAL_TOKENS = 2_000_000  # held-out ids kept for validation (a window's worth of them is used)
 
 
 # ------------------------------------------------------------------------------ vocabulary
@@ -287,14 +301,20 @@ def _build_ids(
         n_tok += len(ids)
     if dataset:
         val = read_dataset(Path(dataset) / "val.parquet")["tokens"]
-    else:
-        val = pl.concat([pl.read_parquet(Path(c) / "heldout.parquet")["tokens"] for c in corpora])
-    val_ids = encode_docs(shuffled(val, seed), index)
+    else:  # held-out shards until MAX_VAL_TOKENS: bounded however large the corpora
+        parts, n_val = [], 0
+        for p in [p for c in corpora for p in heldout_shards(c)]:
+            if n_val >= MAX_VAL_TOKENS:
+                break
+            parts.append(pl.read_parquet(p)["tokens"])
+            n_val += int(parts[-1].list.len().sum())
+        val = pl.concat(parts) if parts else pl.Series("tokens", [], pl.List(pl.String))
     if not len(val) or n_tok == 0:
         raise DataError(
             f"no {'validation' if n_tok else 'training'} text for the biLM: "
             "set corpus.holdout_fraction > 0 for a standalone corpus"
         )
+    val_ids = encode_docs(shuffled(val, seed), index)
     _save_npy(out / "val.npy", val_ids)
     write_json(
         out / "metrics.json",

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -13,8 +17,18 @@ from prefect import task
 from elmo_core.bilm import BiLM
 from elmo_core.checkpoint import save_bilm
 from elmo_core.config import BiLMConfig, PretrainConfig
-from elmo_core.training import TokenWindows, pick_device, pretrain_bilm
-from storage.hashing import code_version
+from elmo_core.distributed import SINGLE, DistContext
+from elmo_core.training import (
+    LogFn,
+    PretrainResult,
+    ProgressFn,
+    TokenWindows,
+    no_progress,
+    pick_device,
+    pretrain_bilm,
+)
+from elmo_core.vocab import Vocab
+from storage.hashing import ROOT, code_version
 from storage.paths import Home, build_stage, mark_complete, read_json, write_json
 from storage.tracking import stage_run
 from tasks.common import STAGE_OPTS, History, Stage, cache_key, logger, set_threads
@@ -29,8 +43,9 @@ BILM_CODE = [
     "elmo_core.training",
     "elmo_core.optim",
     "elmo_core.checkpoint",
+    "elmo_core.distributed",
 ]
-PRETRAIN = Stage("bilm", [*BILM_CODE, "elmo_core.vocab", "tasks.pretrain"])
+PRETRAIN = Stage("bilm", [*BILM_CODE, "elmo_core.vocab", "tasks.pretrain", "tasks.ddp_worker"])
 
 
 def _pretrain_key(
@@ -42,6 +57,7 @@ def _pretrain_key(
     device: str = "auto",
     tracking: dict[str, str] | None = None,
     inputs: dict[str, str] | None = None,
+    torchrun_args: list[str] | None = None,
 ) -> str:
     return PRETRAIN.key(
         {"ids": stage_id(ids), "vocab": stage_id(vocab)}, {"bilm": bilm, "train": asdict(train)}
@@ -65,14 +81,20 @@ def pretrain(
     device: str = "auto",
     tracking: dict[str, str] | None = None,
     inputs: dict[str, str] | None = None,
+    torchrun_args: list[str] | None = None,
 ) -> str:
     """Pretrain the biLM on the ids stage's shards; resumable from the stage's train_state.pt.
+    With ``train.world_size`` > 1 the ranks run data-parallel under torchrun (a subprocess
+    this task waits for; ``torchrun_args`` replace the single-node launch flags).
 
-    ``bilm`` holds BiLMConfig fields except vocab_size (set from the vocabulary); ``tracking``
-    and ``inputs`` (Parquet files shown as the run's dataset inputs) are outside the cache key:
-    ``tracking`` opens the stage's MLflow child run when it starts."""
+    ``bilm`` holds BiLMConfig fields except vocab_size (set from the vocabulary); ``tracking``,
+    ``inputs`` (Parquet files shown as the run's dataset inputs) and ``torchrun_args`` are
+    outside the cache key: ``tracking`` opens the stage's MLflow child run when it starts."""
     out = Home(home).stage_dir("bilm", _pretrain_key(ids, vocab, home, bilm, train))
-    return build_stage(out, lambda d: _build(ids, vocab, d, bilm, train, device, tracking, inputs))
+    return build_stage(
+        out,
+        lambda d: _build(ids, vocab, d, bilm, train, device, tracking, inputs, torchrun_args),
+    )
 
 
 def _build(
@@ -84,45 +106,30 @@ def _build(
     device: str,
     tracking: dict[str, str] | None,
     inputs: dict[str, str] | None,
+    torchrun_args: list[str] | None = None,
 ) -> None:
-    set_threads()
-    v = load_vocab(vocab)
-    config = BiLMConfig(vocab_size=len(v), **bilm)
-    train_w, val_ids = load_windows(ids, train.window, train.val_tokens)
-    torch.manual_seed(train.seed)
-    model = BiLM(config)
-    model.softmax.set_proposal(torch.from_numpy(v.unigram()))
-    log = logger()
-    log.info(
-        "biLM: %d params, %d train windows (%d tokens) in %d shards, %d val tokens",
-        sum(p.numel() for p in model.parameters()),
-        len(train_w),
-        len(train_w) * train.window,
-        len(train_w.shards),
-        len(val_ids),
-    )
     ids_stats = read_json(Path(ids) / "metrics.json")
     tags = {"code_version": code_version(PRETRAIN.modules), "ids_stage": stage_id(ids)}
     with stage_run(tracking, "bilm-pretrain", tags) as run, stage_progress("biLM") as progress:
-        hist = History("biLM", sink=run.log_metrics)
         t0 = time.perf_counter()
-        res = pretrain_bilm(
-            model,
-            train_w,
-            val_ids,
-            train,
-            hist,
-            out / "train_state.pt",
-            pick_device(device),
-            progress=progress,
-        )
-        save_bilm(out / "bilm.pt", model.cpu(), v)
+        if train.world_size > 1:
+            res, points, config = _train_distributed(
+                ids, vocab, out, bilm, train, device, run, torchrun_args
+            )
+        else:
+            set_threads()
+            hist = History("biLM", sink=run.log_metrics)
+            model, v, res = train_bilm(
+                ids, vocab, out, bilm, train, pick_device(device), hist, progress
+            )
+            save_bilm(out / "bilm.pt", model.cpu(), v)
+            points, config = hist.points, model.config
+            hist.save(out / "history.json")
         write_json(
             out / "config.json",
             {"bilm": asdict(config), "train": asdict(train), "ids": stage_id(ids)},
         )
-        hist.save(out / "history.json")
-        plot_curves(hist.points, ["train_loss", "val_perplexity"], out, "biLM pretraining")
+        plot_curves(points, ["train_loss", "val_perplexity"], out, "biLM pretraining")
         write_json(
             out / "metrics.json",
             {
@@ -130,13 +137,134 @@ def _build(
                 "val_perplexity_forward": res.val_perplexity_forward,
                 "val_perplexity_backward": res.val_perplexity_backward,
                 "corpus_tokens": ids_stats["train_tokens"],
-                "val_tokens": len(val_ids),
+                "val_tokens": res.val_tokens,
                 "train_tokens": res.tokens,
                 "train_steps": res.steps,
                 "tokens_per_s": res.tokens / max(res.seconds, 1e-9),
+                "world_size": train.world_size,
                 "wall_s": time.perf_counter() - t0,
             },
         )
         (out / "train_state.pt").unlink(missing_ok=True)
+        (out / "result.json").unlink(missing_ok=True)
         mark_complete(out)
         run.complete(out, {k: Path(p) for k, p in (inputs or {}).items()})
+
+
+@dataclass
+class TrainResult(PretrainResult):
+    val_tokens: int = 0
+
+
+def train_bilm(
+    ids: str,
+    vocab: str,
+    out: Path,
+    bilm: dict,
+    train: PretrainConfig,
+    device: torch.device,
+    log_metrics: LogFn,
+    progress: ProgressFn = no_progress,
+    ctx: DistContext = SINGLE,
+) -> tuple[BiLM, Vocab, TrainResult]:
+    """Build the biLM (seeded) and pretrain it on the ids stage's shards, resuming from
+    ``out/train_state.pt``: what the stage does in its own process, and what every torchrun
+    rank does (``tasks.ddp_worker``)."""
+    v = load_vocab(vocab)
+    config = BiLMConfig(vocab_size=len(v), **bilm)
+    train_w, val_ids = load_windows(ids, train.window, train.val_tokens)
+    torch.manual_seed(train.seed)
+    model = BiLM(config)
+    model.softmax.set_proposal(torch.from_numpy(v.unigram()))
+    if ctx.is_main:
+        logger().info(
+            "biLM: %d params, %d train windows (%d tokens) in %d shards, %d val tokens, %d rank(s)",
+            sum(p.numel() for p in model.parameters()),
+            len(train_w),
+            len(train_w) * train.window,
+            len(train_w.shards),
+            len(val_ids),
+            ctx.world_size,
+        )
+    res = pretrain_bilm(
+        model,
+        train_w,
+        val_ids,
+        train,
+        log_metrics,
+        out / "train_state.pt",
+        device,
+        progress=progress,
+        dist_ctx=ctx,
+    )
+    return model, v, TrainResult(**asdict(res), val_tokens=len(val_ids))
+
+
+def torchrun_command(spec: Path, world_size: int, torchrun_args: list[str] | None) -> list[str]:
+    """``torchrun`` for the ranks: one node with ``world_size`` processes, or the caller's own
+    rendezvous flags (``--nnodes``, ``--rdzv-endpoint``, ``--nproc-per-node``...) for many."""
+    launch = list(
+        torchrun_args or ["--standalone", "--nnodes", "1", "--nproc-per-node", str(world_size)]
+    )
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        *launch,
+        "-m",
+        "tasks.ddp_worker",
+        str(spec),
+    ]
+
+
+def _train_distributed(
+    ids: str,
+    vocab: str,
+    out: Path,
+    bilm: dict,
+    train: PretrainConfig,
+    device: str,
+    run: Any,
+    torchrun_args: list[str] | None,
+) -> tuple[TrainResult, list[dict[str, Any]], BiLMConfig]:
+    """Run the ranks under torchrun and wait; rank 0 writes bilm.pt, history.json and
+    result.json into the stage folder. A rank that dies fails the stage; the checkpoint it
+    leaves is where a re-run resumes."""
+    spec = out / ".ddp_spec.json"
+    write_json(
+        spec,
+        {
+            "ids": ids,
+            "vocab": vocab,
+            "out": str(out),
+            "bilm": bilm,
+            "train": asdict(train),
+            "device": device,
+            "tracking": run.target() if run is not None else None,
+        },
+    )
+    env = dict(os.environ)
+    # each rank gets its share of the cores: 2 ranks x 2 threads on 2 cores ran ~35x slower
+    env.setdefault("ELMO_NEWS_THREADS", str(max(1, (os.cpu_count() or 1) // train.world_size)))
+    env.setdefault("OMP_NUM_THREADS", env["ELMO_NEWS_THREADS"])
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
+    cmd = torchrun_command(spec, train.world_size, torchrun_args)
+    logger().info("biLM: %d ranks: %s", train.world_size, " ".join(cmd))
+    proc = subprocess.run(cmd, env=env, cwd=ROOT)
+    if proc.returncode != 0:
+        ckpt = out / "train_state.pt"
+        where = (
+            f"its last checkpoint {ckpt} is kept: a re-run resumes from it"
+            if ckpt.exists()
+            else "no checkpoint was written yet"
+        )
+        raise RuntimeError(
+            f"distributed biLM pretraining failed: torchrun exited with {proc.returncode} "
+            f"(a rank died or raised; see its output above); {where}"
+        )
+    result = read_json(out / "result.json")
+    points = read_json(out / "history.json")
+    config = BiLMConfig(**read_json(out / "result_config.json"))
+    (out / "result_config.json").unlink()
+    spec.unlink(missing_ok=True)
+    return TrainResult(**result), points, config

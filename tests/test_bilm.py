@@ -2,7 +2,14 @@ import numpy as np
 import pytest
 import torch
 
-from elmo_core.bilm import BiLM, SampledNLL, SampledSoftmax, locked_dropout, reverse_padded
+from elmo_core.bilm import (
+    BiLM,
+    SampledNLL,
+    SampledSoftmax,
+    clipped_lstm,
+    locked_dropout,
+    reverse_padded,
+)
 from elmo_core.config import BiLMConfig
 
 CFG = BiLMConfig(
@@ -242,7 +249,14 @@ def test_sampled_loss_approaches_full_softmax_ordering():
 
 @pytest.mark.parametrize(
     ("field", "value"),
-    [("vocab_size", 0), ("hidden_dim", 0), ("dropout", 1.0), ("num_samples", -1)],
+    [
+        ("vocab_size", 0),
+        ("hidden_dim", 0),
+        ("dropout", 1.0),
+        ("num_samples", -1),
+        ("projection_dim", 256),  # must be narrower than hidden_dim (256)
+        ("cell_clip", -1.0),
+    ],
 )
 def test_bilm_config_rejects_bad_values(field, value):
     kwargs = {"vocab_size": 10, field: value}
@@ -259,3 +273,50 @@ def test_locked_dropout_shares_one_mask_over_time_and_is_identity_in_eval():
     assert 0 < (y == 0).float().mean() < 1
     assert torch.equal(locked_dropout(x, 0.5, training=False), x)
     assert torch.equal(locked_dropout(x, 0.0, training=True), x)
+
+
+PROJ = BiLMConfig(
+    vocab_size=50,
+    embedding_dim=6,
+    hidden_dim=12,
+    projection_dim=4,
+    num_layers=2,
+    dropout=0.0,
+    num_samples=10,
+)
+
+
+def test_projection_lstm_layers_are_2p_wide_and_train():
+    m = _model(PROJ).train()
+    assert m.forward_lstms[0].weight_hr_l0.shape == (4, 12)  # (P, H) projection of H cells
+    tokens = torch.randint(4, 50, (3, 7))
+    out = m(tokens, torch.ones(3, 7, dtype=torch.bool))
+    assert out.layers.shape == (3, 3, 7, 8) and m.output_dim == 8  # (L+1, B, T, 2P)
+    loss = m.lm_loss(tokens)
+    loss.backward()
+    assert m.forward_lstms[1].weight_hr_l0.grad.abs().sum() > 0
+    assert m.softmax.weight.shape == (50, 4)  # the softmax works in P
+
+
+@pytest.mark.parametrize("proj", [0, 4])
+def test_clipped_lstm_without_clipping_is_the_fused_lstm(proj):
+    torch.manual_seed(1)
+    lstm = torch.nn.LSTM(5, 12, batch_first=True, proj_size=proj)
+    x = torch.randn(3, 9, 5)
+    assert torch.allclose(clipped_lstm(lstm, x, 0.0, 0.0), lstm(x)[0], atol=1e-6)
+
+
+def test_clipping_bounds_cells_and_outputs_at_every_step():
+    torch.manual_seed(2)
+    lstm = torch.nn.LSTM(5, 12, batch_first=True, proj_size=4)
+    with torch.no_grad():
+        for p in lstm.parameters():
+            p.mul_(20.0)  # saturating weights: unclipped outputs exceed the clip
+    x = torch.randn(2, 6, 5) * 5
+    free = clipped_lstm(lstm, x, 0.0, 0.0)
+    clipped = clipped_lstm(lstm, x, 0.5, 0.3)
+    assert free.abs().max() > 0.3 and clipped.abs().max() <= 0.3 + 1e-6
+    m = _model(BiLMConfig(**{**PROJ.__dict__, "cell_clip": 3.0, "proj_clip": 3.0}))
+    out = m(torch.randint(4, 50, (2, 5)), torch.ones(2, 5, dtype=torch.bool))
+    assert out.layers[1].abs().max() <= 3.0 + 1e-6  # layer 1: the clipped output itself
+    assert out.layers[2].abs().max() <= 6.0 + 1e-6  # layer 2: clipped output + residual

@@ -27,6 +27,7 @@ from tasks.corpus import (
     build_vocab,
     encode_docs,
     encode_ids,
+    heldout_shards,
     id_shards,
     load_vocab,
     read_pretrain_corpus,
@@ -99,7 +100,7 @@ def test_corpus_stage_counts_tokens_and_holds_out_documents(tmp_path, docs, monk
     monkeypatch.setattr("storage.corpus.BATCH_CHARS", 200_000)  # several shards
     one = Path(read_pretrain_corpus.fn(str(root), str(tmp_path / "h1"), cfg))
     kept = [toks for p in token_shards(str(one)) for toks in pq.read_table(p)["tokens"].to_pylist()]
-    held = pq.read_table(one / "heldout.parquet")["tokens"].to_pylist()
+    held = [t for p in heldout_shards(str(one)) for t in pq.read_table(p)["tokens"].to_pylist()]
     all_docs = [tokenize(t) for t in docs[300:] + docs[:300]]  # file order
     want_held = [d for i, d in enumerate(all_docs) if held_out(i, 3, 0.05)]
     assert held == want_held and 10 < len(held) < 60
@@ -112,7 +113,9 @@ def test_corpus_stage_counts_tokens_and_holds_out_documents(tmp_path, docs, monk
     monkeypatch.setenv("ELMO_NEWS_WORKERS", "2")
     two = Path(read_pretrain_corpus.fn(str(root), str(tmp_path / "h2"), cfg))
     assert two.name == one.name
-    for name in ["counts.parquet", "heldout.parquet", *[p.name for p in token_shards(str(one))]]:
+    shards = [p.name for p in [*token_shards(str(one)), *heldout_shards(str(one))]]
+    assert sorted(p.name for p in two.glob("*.parquet")) == sorted(["counts.parquet", *shards])
+    for name in ["counts.parquet", *shards]:
         assert pq.read_table(two / name).equals(pq.read_table(one / name)), name
 
 
@@ -147,7 +150,7 @@ def test_id_shards_are_the_documents_between_boundaries(tmp_path, docs):
         kept += [shard[i] for i in np.random.default_rng(5).permutation(len(shard))]
     want = [i for d in kept for i in (vocab.bos_id, *vocab.encode(d), vocab.eos_id)]
     assert stream.dtype == np.int32 and stream.tolist() == want
-    held = pq.read_table(Path(c) / "heldout.parquet")["tokens"].to_pylist()
+    held = [t for p in heldout_shards(c) for t in pq.read_table(p)["tokens"].to_pylist()]
     held = [held[i] for i in np.random.default_rng(5).permutation(len(held))]
     val = np.load(Path(ids_dir) / "val.npy")
     assert val.tolist() == [i for d in held for i in (2, *vocab.encode(d), 3)]

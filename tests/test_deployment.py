@@ -94,6 +94,8 @@ def test_deploy_run_and_schedule(ag_slice, tmp_path):
                 assert time.time() < deadline, f"flow run still {state.name}"
                 time.sleep(2)
             assert state.name == "Completed", (tmp_path / "worker.log").read_text()[-4000:]
+            pre = client.read_deployment_by_name("elmo-news-pretrain/pretrain-bilm")
+            assert pre.parameters["profile"] == "news" and len(pre.parameters["corpus"]) == 2
             scheduled = client.read_deployment_by_name("elmo-news/scheduled-retrain")
             limit = scheduled.global_concurrency_limit
             assert (limit.limit if limit is not None else scheduled.concurrency_limit) == 1

@@ -1,0 +1,171 @@
+"""Pretrain once, reuse everywhere: the ``elmo-news-pretrain`` flow on unlabeled text alone
+registers ``elmo-news-bilm``; ``elmo-news`` with ``bilm=`` (registry URI, alias or folder) runs
+no vocabulary or pretraining task, uses the biLM's vocabulary and links the version."""
+
+from __future__ import annotations
+
+import gzip
+import shutil
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from elmo_core.checkpoint import load_bilm, load_classifier
+from tests.conftest import REUTERS
+from tests.test_flow_e2e import _task_states
+
+pytestmark = pytest.mark.e2e
+NEWS = REUTERS.parents[1] / "news_corpus" / "news_corpus.parquet"
+
+
+@pytest.fixture(scope="module")
+def harness():
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=180):
+        yield
+
+
+@pytest.fixture(scope="module")
+def corpus_dir(tmp_path_factory) -> Path:
+    """Real news text as a sharded corpus: two Parquet shards and a gzip text shard."""
+    d = tmp_path_factory.mktemp("corpus")
+    texts = next(pq.ParquetFile(NEWS).iter_batches(batch_size=240, columns=["text"])).column(0)
+    texts = texts.to_pylist()
+    pq.write_table(pa.table({"text": texts[:80]}), d / "train-00000-of-00002.parquet")
+    pq.write_table(pa.table({"text": texts[80:160]}), d / "train-00001-of-00002.parquet")
+    with gzip.open(d / "news.en-00000-of-00001.gz", "wt") as f:
+        f.write("\n".join(t.replace("\n", " ") for t in texts[160:]) + "\n")
+    return d
+
+
+@pytest.fixture(scope="module")
+def pretrained(harness, corpus_dir, tmp_path_factory):
+    from flows.pretrain import elmo_news_pretrain
+
+    home = tmp_path_factory.mktemp("pretrain_home")
+    mp = pytest.MonkeyPatch()
+    mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{home / 'mlflow.db'}")
+    state = elmo_news_pretrain(
+        corpus=[str(corpus_dir)],
+        profile="smoke",
+        home=str(home),
+        overrides={"corpus": {"holdout_fraction": 0.05}},
+        return_state=True,
+    )
+    yield home, state.result(), _task_states(state.state_details.flow_run_id)
+    mp.undo()
+
+
+def test_pretrain_flow_registers_a_biLM_from_unlabeled_text(pretrained, corpus_dir):
+    from mlflow.tracking import MlflowClient
+
+    home, summary, states = pretrained
+    assert set(states) >= {"read-corpus", "build-vocab", "encode-ids", "pretrain-bilm"}
+    assert not {"ingest", "extract-layers"} & set(states)  # no labelled data anywhere
+    assert summary["registry"]["uri"] == "models:/elmo-news-bilm/1"
+    m = summary["metrics"]
+    assert m["corpus_docs"] > 200 and m["heldout_tokens"] > 100
+    assert 1 < m["val_perplexity_forward"] < 1e5 and 1 < m["val_perplexity_backward"] < 1e5
+    client = MlflowClient()
+    v = client.get_model_version("elmo-news-bilm", "1")
+    assert v.tags["bilm_key"] == Path(summary["bilm"]).name
+    assert v.tags["corpus_sha256"] and int(v.tags["corpus_tokens"]) == m["corpus_tokens"]
+    assert float(v.tags["val_perplexity_forward"]) == pytest.approx(
+        m["val_perplexity_forward"], rel=1e-3
+    )
+    child = client.get_run(v.run_id)  # the biLM's own run: curves and per-direction figures
+    assert child.data.tags["stage"] == "bilm-pretrain"
+    steps = [h.step for h in client.get_metric_history(v.run_id, "val_perplexity_forward")]
+    assert 1 in steps  # streamed at the end of epoch 1 (and the final figure at step 0)
+    assert client.get_metric_history(v.run_id, "train_loss")
+    # the registered pyfunc embeds text with the biLM
+    import mlflow.pyfunc
+    import pandas as pd
+
+    emb = mlflow.pyfunc.load_model("models:/elmo-news-bilm/1").predict(
+        pd.DataFrame({"text": ["Stocks fell sharply on Monday.", "The team won the cup."]})
+    )
+    assert list(emb["n_tokens"]) == [6, 6] and len(emb["embedding"][0]) == 48  # 2H, H = 24
+
+
+def test_a_second_pretrain_is_served_from_cache_and_keeps_its_version(pretrained, corpus_dir):
+    from flows.pretrain import elmo_news_pretrain
+
+    home, first, _ = pretrained
+    state = elmo_news_pretrain(
+        corpus=[str(corpus_dir)],
+        profile="smoke",
+        home=str(home),
+        overrides={"corpus": {"holdout_fraction": 0.05}},
+        return_state=True,
+    )
+    again = state.result()
+    states = _task_states(state.state_details.flow_run_id)
+    assert again["bilm"] == first["bilm"] and again["registry"]["version"] == 1
+    assert all(s == ["Cached"] for k, s in states.items() if k != "read-corpus"), states
+
+
+def test_run_with_a_registered_biLM_skips_pretraining(pretrained, ag_slice, tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    home, pre, _ = pretrained
+    summary, states = _reuse(ag_slice, home, "models:/elmo-news-bilm/1")
+    assert "pretrain-bilm" not in states and "build-vocab" not in states
+    assert states["fetch-bilm"] == ["Completed"]
+    assert Path(summary["bilm"]).name == Path(pre["bilm"]).name  # same key: shared caches
+    # the classifier's vocabulary and token embedding are the biLM's
+    model, vocab = load_bilm(Path(summary["bilm"]) / "bilm.pt")
+    clf, _ = load_classifier(Path(summary["models"]["classifier-wsum"]["dir"]) / "model.pt")
+    assert clf.embedding.num_embeddings == len(vocab)
+    assert summary["models"]["classifier-wsum"]["test_accuracy"] > 0.3
+    parent = MlflowClient().get_run(summary["parent_run_id"])
+    assert parent.data.tags["bilm_source"] == "models:/elmo-news-bilm/1"
+    model_ids = [m.model_id for m in parent.inputs.model_inputs]
+    assert pre["registry"]["model_id"] in model_ids
+    # the stage folder itself as the reference: the same keys, every stage from cache
+    again, states = _reuse(ag_slice, home, summary["bilm"])
+    assert states["train-classifier"] == ["Cached"] and states["extract-layers"] == ["Cached"]
+    assert again["models"]["classifier-wsum"]["dir"] == summary["models"]["classifier-wsum"]["dir"]
+    # a copy under a name of the user's: keyed by the checkpoint's content, same results
+    mine = tmp_path / "my-bilm"
+    shutil.copytree(summary["bilm"], mine)
+    copy, states = _reuse(ag_slice, home, str(mine))
+    assert Path(copy["bilm"]).name.startswith("dir-") and states["extract-layers"] == ["Completed"]
+    assert torch.equal(
+        model.embedding.weight, load_bilm(Path(copy["bilm"]) / "bilm.pt")[0].embedding.weight
+    )
+    assert copy["models"]["classifier-wsum"]["test_accuracy"] == pytest.approx(
+        summary["models"]["classifier-wsum"]["test_accuracy"]
+    )
+
+
+def _reuse(ag_slice: Path, home: Path, bilm: str):
+    from flows.pipeline import elmo_news
+
+    state = elmo_news(
+        profile="smoke",
+        data=str(ag_slice),
+        home=str(home),
+        strategies=["wsum"],
+        bilm=bilm,
+        register_model=False,
+        return_state=True,
+    )
+    return state.result(), _task_states(state.state_details.flow_run_id)
+
+
+def test_a_downloaded_biLM_is_the_registered_folder(pretrained, tmp_path):
+    from storage.registry import resolve_bilm
+
+    home, pre, _ = pretrained
+    got, info = resolve_bilm("models:/elmo-news-bilm/1", tmp_path / "bilm")  # a fresh home
+    assert got.name == Path(pre["bilm"]).name and info["bilm_model_id"]
+    assert (got / "bilm.pt").read_bytes() == (Path(pre["bilm"]) / "bilm.pt").read_bytes()
+    with pytest.raises(ValueError, match="no such model version"):
+        resolve_bilm("models:/elmo-news-bilm/9", tmp_path / "bilm")
+    with pytest.raises(ValueError, match="not a biLM stage folder"):
+        resolve_bilm(str(tmp_path), tmp_path / "bilm")
