@@ -91,6 +91,43 @@ class PretrainConfig:
 
 
 @dataclass(frozen=True)
+class AdaptConfig:
+    """Domain adaptation of a reused biLM: more LM training on the task's train split before
+    its layers are extracted (ELMo §5: fine-tuning the biLM on task text lowers its perplexity
+    there and helps the task). Used with ``run --bilm`` only; the biLM's vocabulary is kept."""
+
+    epochs: int = 0  # passes over the train split's text (0 = reuse the biLM as it is)
+    window: int = 20  # T: tokens per window
+    batch_size: int = 128  # B: windows per step
+    lr: float = 1e-3  # Adam learning rate (fresh optimizer state)
+    clip_norm: float = 5.0
+    val_tokens: int = 20_000  # of the val split, for the before / after perplexity
+    seed: int = 13
+    precision: str = "auto"  # auto | fp32 | bf16
+
+    def __post_init__(self) -> None:
+        if self.epochs < 0 or self.window < 2 or self.batch_size < 1 or self.lr <= 0:
+            raise ValueError(
+                f"adapt: epochs >= 0, window >= 2, batch_size >= 1, lr > 0 required; got "
+                f"{self.epochs}, {self.window}, {self.batch_size}, {self.lr}"
+            )
+        check_precision(self.precision)
+
+    def pretrain_config(self) -> PretrainConfig:
+        return PretrainConfig(
+            epochs=max(1, self.epochs),
+            window=self.window,
+            batch_size=self.batch_size,
+            lr=self.lr,
+            clip_norm=self.clip_norm,
+            val_tokens=self.val_tokens,
+            seed=self.seed,
+            precision=self.precision,
+            checkpoint_every=500,
+        )
+
+
+@dataclass(frozen=True)
 class ClassifierConfig:
     hidden_dim: int = 128  # BiLSTM state per direction
     num_layers: int = 1  # BiLSTM layers

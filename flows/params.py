@@ -10,7 +10,13 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, model_validator
 
 from elmo_core.classifier import check_token_embedding
-from elmo_core.config import BiLMConfig, ClassifierConfig, PretrainConfig, VocabConfig
+from elmo_core.config import (
+    AdaptConfig,
+    BiLMConfig,
+    ClassifierConfig,
+    PretrainConfig,
+    VocabConfig,
+)
 from elmo_core.mix import STRATEGIES
 from elmo_core.training import pick_device, resolve_precision
 from storage.datasets import AG_NEWS_URL
@@ -46,6 +52,7 @@ SECTIONS: dict[str, type] = {
     "vocab": VocabConfig,
     "bilm": BiLMParams,
     "pretrain": PretrainConfig,
+    "adapt": AdaptConfig,
     "classifier": ClassifierConfig,
     "baseline": BaselineConfig,
 }
@@ -198,6 +205,7 @@ class Resolved:
     vocab: VocabConfig
     bilm: BiLMParams
     pretrain: PretrainConfig
+    adapt: AdaptConfig
     classifier: ClassifierConfig
     baseline: BaselineConfig
 
@@ -220,7 +228,7 @@ def resolve_sections(profile: str, overrides: dict[str, dict[str, Any]], device:
     # "auto" precision becomes what this machine runs (bf16 where native), so cache keys and
     # the MLflow params name the precision a stage really trained in
     dev = pick_device(device)
-    for name in ("pretrain", "classifier"):
+    for name in ("pretrain", "adapt", "classifier"):
         cfg = out[name]
         out[name] = replace(cfg, precision=resolve_precision(cfg.precision, dev))
     return Resolved(**out)

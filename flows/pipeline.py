@@ -25,7 +25,7 @@ from tasks.corpus import build_vocab, encode_ids, read_pretrain_corpus
 from tasks.data import fetch_data, ingest, source_hash, split_files
 from tasks.evaluate import comparison_chart
 from tasks.features import features
-from tasks.pretrain import PRETRAIN, pretrain
+from tasks.pretrain import ADAPT, PRETRAIN, adapt, pretrain
 from tasks.registry import fetch_bilm, register_best
 
 PARALLEL = int(os.environ.get("ELMO_NEWS_PARALLEL_TASKS", "1"))
@@ -133,6 +133,8 @@ def elmo_news(
                 tracker.client.set_tag(parent, k, v)
             tracker.link_input_model(parent, bilm_info.get("bilm_model_id"))
             log.info("reusing biLM %s (%s)", bilm_info["bilm_source"], bilm_dir)
+            if cfg.adapt.epochs:  # a few LM passes over the train split's text first
+                bilm_dir = _stage(adapt, h, bilm_dir, dataset, home_s, cfg.adapt, device, target)
         else:
             vocab = _stage(build_vocab, h, dataset, corpora, home_s, cfg.vocab)
             ids = _stage(encode_ids, h, dataset, corpora, vocab, home_s, cfg.pretrain.seed)
@@ -175,6 +177,13 @@ def elmo_news(
                 "bilm-pretrain",
                 Path(bilm_dir),
                 {**common, "code_version": code_version(PRETRAIN.modules)},
+                {"train": splits["train"]},
+            )
+        elif cfg.adapt.epochs:
+            tracker.log_stage(
+                "bilm-adapt",
+                Path(bilm_dir),
+                {**common, "code_version": code_version(ADAPT.modules)},
                 {"train": splits["train"]},
             )
         rows = []

@@ -123,7 +123,10 @@ def elmo_news_pretrain(
             [
                 "| figure | value |",
                 "|---|---|",
-                *[f"| {k} | {v:,.2f} |" for k, v in summary_metrics.items()],
+                *[
+                    f"| {k} | {v:,} |" if float(v).is_integer() else f"| {k} | {v:,.2f} |"
+                    for k, v in summary_metrics.items()
+                ],
                 *[f"| wall s: {k} | {v:.1f} |" for k, v in timings.items()],
                 f"| registered | {registry['uri'] if registry else '-'} |",
             ]

@@ -269,17 +269,32 @@ def _parse_csv(
 
 
 def read_labelled(
-    path: Path, split: str, text_columns: list[str], label_column: str, classes: list[str] | None
+    path: Path | list[Path],
+    split: str,
+    text_columns: list[str],
+    label_column: str,
+    classes: list[str] | None,
 ) -> tuple[SplitRows, list[str]]:
-    """A user CSV (with header) or Parquet with named text and label columns. Classes come from the
-    train split (sorted label values) unless given."""
-    if not path.exists():
-        raise DataError(f"{path}: file does not exist")
-    if path.suffix == ".parquet":
+    """A user CSV (with header) or Parquet with named text and label columns; a list of Parquet
+    paths is one split published as shards (``train-00000-of-00002.parquet``, ...): every shard
+    is read, rows numbered across them in order. Classes come from the train split (sorted
+    label values) unless given."""
+    shards = path if isinstance(path, list) else [path]
+    path = shards[0] if len(shards) == 1 else Path(f"{shards[0].parent}/{split}*.parquet")
+    for p in shards:
+        if not p.exists():
+            raise DataError(f"{p}: file does not exist")
+    if shards[0].suffix == ".parquet":
+        tables = []
+        for p in shards:
+            try:
+                tables.append(pl.read_parquet(p))
+            except Exception as e:
+                raise DataError(f"{p}: unreadable Parquet ({e})") from e
         try:
-            table = pl.read_parquet(path)
+            table = pl.concat(tables, how="vertical_relaxed")
         except Exception as e:
-            raise DataError(f"{path}: unreadable Parquet ({e})") from e
+            raise DataError(f"{path}: shards with different columns ({e})") from e
         missing = [c for c in [label_column, *text_columns] if c not in table.columns]
         if missing:
             raise DataError(
@@ -346,8 +361,9 @@ def read_source(
         tc, lc = text_columns or ["text"], label_column or "label"
         # AG News' public Parquet form: labels 0-3, whatever subset a file happens to hold
         fixed = ["0", "1", "2", "3"] if label_column is None else None
-        train, classes = read_labelled(parquets["train"][0], "train", tc, lc, fixed)
-        test, _ = read_labelled(parquets["test"][0], "test", tc, lc, classes)
+        # every shard of a split (train-00000-of-00002.parquet, train-00001-of-00002.parquet)
+        train, classes = read_labelled(parquets["train"], "train", tc, lc, fixed)
+        test, _ = read_labelled(parquets["test"], "test", tc, lc, classes)
         return {"train": train, "test": test}, _label_names(classes, lc, [])
     if label_column and all(p.exists() for p in csvs.values()):
         tc = text_columns or ["text"]

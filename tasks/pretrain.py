@@ -15,15 +15,17 @@ import torch
 from prefect import task
 
 from elmo_core.bilm import BiLM
-from elmo_core.checkpoint import save_bilm
-from elmo_core.config import BiLMConfig, PretrainConfig
+from elmo_core.checkpoint import load_bilm, save_bilm
+from elmo_core.config import AdaptConfig, BiLMConfig, PretrainConfig
 from elmo_core.distributed import SINGLE, DistContext
 from elmo_core.training import (
     LogFn,
     PretrainResult,
     ProgressFn,
     TokenWindows,
+    make_windows,
     no_progress,
+    perplexity,
     pick_device,
     pretrain_bilm,
 )
@@ -268,3 +270,102 @@ def _train_distributed(
     (out / "result_config.json").unlink()
     spec.unlink(missing_ok=True)
     return TrainResult(**result), points, config
+
+
+# --------------------------------------------------------------------- adapting a reused biLM
+
+ADAPT = Stage("bilm-adapt", [*BILM_CODE, "elmo_core.vocab", "tasks.pretrain", "tasks.corpus"])
+
+
+def _adapt_key(
+    bilm_dir: str,
+    dataset: str,
+    home: str,
+    config: AdaptConfig,
+    device: str = "auto",
+    tracking: dict[str, str] | None = None,
+) -> str:
+    return ADAPT.key({"bilm": stage_id(bilm_dir), "dataset": stage_id(dataset)}, asdict(config))
+
+
+@task(name="adapt-bilm", cache_key_fn=cache_key(_adapt_key), **STAGE_OPTS)
+def adapt(
+    bilm_dir: str,
+    dataset: str,
+    home: str,
+    config: AdaptConfig,
+    device: str = "auto",
+    tracking: dict[str, str] | None = None,
+) -> str:
+    """A reused biLM trained ``config.epochs`` more passes as a language model on the train
+    split's text (its vocabulary kept): a new biLM stage folder, the original untouched. Its
+    validation perplexity on the val split is measured before and after."""
+    out = Home(home).stage_dir("bilm", _adapt_key(bilm_dir, dataset, home, config))
+    return build_stage(out, lambda d: _build_adapt(bilm_dir, dataset, d, config, device, tracking))
+
+
+def _build_adapt(
+    bilm_dir: str,
+    dataset: str,
+    out: Path,
+    config: AdaptConfig,
+    device: str,
+    tracking: dict[str, str] | None,
+) -> None:
+    import polars as pl
+
+    from storage.datasets import read_dataset
+    from tasks.corpus import encode_docs, shuffled
+
+    set_threads()
+    dev = pick_device(device)
+    model, v = load_bilm(Path(bilm_dir) / "bilm.pt")
+    index = pl.DataFrame({"token": list(v.tokens), "id": np.arange(len(v), dtype=np.int32)})
+    split = {
+        s: encode_docs(
+            shuffled(read_dataset(Path(dataset) / f"{s}.parquet")["tokens"], config.seed), index
+        )
+        for s in ("train", "val")
+    }
+    train = config.pretrain_config()
+    val_ids = split["val"][: max(train.val_tokens, train.window)]
+    before = perplexity(model.to(dev), make_windows(val_ids, train.window), dev)
+    tags = {"code_version": code_version(ADAPT.modules), "adapted_from": stage_id(bilm_dir)}
+    with stage_run(tracking, "bilm-adapt", tags) as run, stage_progress("biLM adapt") as progress:
+        hist = History("biLM adapt", sink=run.log_metrics)
+        t0 = time.perf_counter()
+        model.train()
+        res = pretrain_bilm(
+            model,
+            TokenWindows([split["train"]], train.window),
+            val_ids,
+            train,
+            hist,
+            out / "train_state.pt",
+            dev,
+            progress=progress,
+        )
+        save_bilm(out / "bilm.pt", model.cpu(), v)
+        hist.save(out / "history.json")
+        plot_curves(hist.points, ["train_loss", "val_perplexity"], out, "biLM adaptation")
+        write_json(
+            out / "config.json",
+            {"bilm": asdict(model.config), "adapt": asdict(config), "from": stage_id(bilm_dir)},
+        )
+        write_json(
+            out / "metrics.json",
+            {
+                "val_perplexity_forward_before": before[0],
+                "val_perplexity_backward_before": before[1],
+                "val_perplexity_forward": res.val_perplexity_forward,
+                "val_perplexity_backward": res.val_perplexity_backward,
+                "val_perplexity": res.val_perplexity,
+                "train_tokens": res.tokens,
+                "train_steps": res.steps,
+                "tokens_per_s": res.tokens / max(res.seconds, 1e-9),
+                "wall_s": time.perf_counter() - t0,
+            },
+        )
+        (out / "train_state.pt").unlink(missing_ok=True)
+        mark_complete(out)
+        run.complete(out, {"train": Path(dataset) / "train.parquet"})

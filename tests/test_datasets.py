@@ -124,6 +124,30 @@ def test_public_parquet_form_and_user_columns(tmp_path):
     )
 
 
+def test_every_parquet_shard_of_a_split_is_read(tmp_path):
+    """A split published as shards loses no rows (rows in = accepted + quarantined over all)."""
+    large = AG.parent / "ag_news_large"
+    train = pl.read_parquet(large / "train.parquet").head(3000)
+    whole, sharded = tmp_path / "whole", tmp_path / "sharded"
+    whole.mkdir()
+    sharded.mkdir()
+    train.write_parquet(whole / "train.parquet")
+    train.head(1200).write_parquet(sharded / "train-00000-of-00002.parquet")
+    train.tail(1800).write_parquet(sharded / "train-00001-of-00002.parquet")
+    test = pl.read_parquet(large / "test.parquet").head(500)
+    for d in (whole, sharded):
+        test.head(200).write_parquet(d / "test-00000-of-00002.parquet")
+        test.tail(300).write_parquet(d / "test-00001-of-00002.parquet")
+    a, _ = read_source(whole, None, None)
+    b, _ = read_source(sharded, None, None)
+    assert b["train"].rows_in == 3000 == len(b["train"].rows) + len(b["train"].quarantine)
+    assert b["test"].rows_in == 500 == a["test"].rows_in
+    assert [r["text"] for r in b["train"].rows] == [r["text"] for r in a["train"].rows]
+    assert len({r["id"] for r in b["train"].rows}) == len(
+        b["train"].rows
+    )  # ids unique across shards
+
+
 def test_real_ag_news_sample_is_read_completely():
     out = read_ag_csv(AG / "test.csv", "test")
     assert out.rows_in == 7600 == len(out.rows)

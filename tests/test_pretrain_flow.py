@@ -5,6 +5,7 @@ no vocabulary or pretraining task, uses the biLM's vocabulary and links the vers
 from __future__ import annotations
 
 import gzip
+import json
 import shutil
 from pathlib import Path
 
@@ -169,3 +170,32 @@ def test_a_downloaded_biLM_is_the_registered_folder(pretrained, tmp_path):
         resolve_bilm("models:/elmo-news-bilm/9", tmp_path / "bilm")
     with pytest.raises(ValueError, match="not a biLM stage folder"):
         resolve_bilm(str(tmp_path), tmp_path / "bilm")
+
+
+def test_adapting_a_reused_biLM_lowers_its_perplexity_on_the_task_text(pretrained, ag_slice):
+    from flows.pipeline import elmo_news
+
+    home, pre, _ = pretrained
+    state = elmo_news(
+        profile="smoke",
+        data=str(ag_slice),
+        home=str(home),
+        strategies=["wsum"],
+        bilm="models:/elmo-news-bilm/1",
+        register_model=False,
+        overrides={"adapt": {"epochs": 2, "batch_size": 16, "lr": 3e-3, "val_tokens": 500}},
+        return_state=True,
+    )
+    summary = state.result()
+    states = _task_states(state.state_details.flow_run_id)
+    assert states["adapt-bilm"] == ["Completed"] and "pretrain-bilm" not in states
+    adapted = Path(summary["bilm"])
+    assert adapted.name != Path(pre["bilm"]).name  # a new folder; the registered one untouched
+    m = json.loads((adapted / "metrics.json").read_text())
+    assert m["val_perplexity_forward"] < m["val_perplexity_forward_before"]
+    assert m["val_perplexity_backward"] < m["val_perplexity_backward_before"]
+    a, va = load_bilm(adapted / "bilm.pt")
+    b, vb = load_bilm(Path(pre["bilm"]) / "bilm.pt")
+    assert va == vb and not torch.equal(
+        a.forward_lstms[0].weight_ih_l0, b.forward_lstms[0].weight_ih_l0
+    )
