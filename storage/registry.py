@@ -222,6 +222,7 @@ def register_bilm(uri: str, run_id: str, bilm_dir: Path, tags: dict[str, str]) -
                 artifacts={"stage": str(bilm_dir)},
                 code_paths=[str(ROOT / "elmo_core")],
                 signature=signature,
+                input_example=example,
                 pip_requirements=["torch==2.13.0", "mlflow>=3.17", "pandas", "numpy"],
             )
         version = mlflow.register_model(

@@ -34,6 +34,7 @@ from tasks.common import STAGE_OPTS, Stage, cache_key, logger
 from tasks.data import stage_id
 
 POOL_MIN_BYTES = 16 << 20  # corpora smaller than this are tokenised in the task's own process
+POOL_MIN_DOCS = 20_000  # so is a corpus capped below this many documents (corpus.max_docs)
 
 
 @dataclass(frozen=True)
@@ -83,7 +84,10 @@ def read_pretrain_corpus(spec: str, home: str, config: CorpusConfig) -> str:
 
 def _build_corpus(spec: str, out: Path, config: CorpusConfig) -> None:
     files = resolve_corpus(spec)
-    n_workers = workers() if sum(f.stat().st_size for f in files) >= POOL_MIN_BYTES else 1
+    big = sum(f.stat().st_size for f in files) >= POOL_MIN_BYTES
+    capped = 0 < config.max_docs < POOL_MIN_DOCS
+    # spawning workers costs seconds: worth it only for real work
+    n_workers = workers() if big and not capped else 1
     t0 = time.perf_counter()
     counts: Counter[str] = Counter()
     stats = {

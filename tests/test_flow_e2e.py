@@ -27,14 +27,6 @@ FINAL = {"test_accuracy", "test_macro_f1", "test_weighted_f1", "test_precision",
 
 
 @pytest.fixture(scope="module")
-def harness():
-    from prefect.testing.utilities import prefect_test_harness
-
-    with prefect_test_harness(server_startup_timeout=180):
-        yield
-
-
-@pytest.fixture(scope="module")
 def env(tmp_path_factory, monkeypatch_module):
     home = tmp_path_factory.mktemp("e2e_home")
     uri = f"sqlite:///{home / 'mlflow.db'}"

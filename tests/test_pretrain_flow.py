@@ -23,14 +23,6 @@ NEWS = REUTERS.parents[1] / "news_corpus" / "news_corpus.parquet"
 
 
 @pytest.fixture(scope="module")
-def harness():
-    from prefect.testing.utilities import prefect_test_harness
-
-    with prefect_test_harness(server_startup_timeout=180):
-        yield
-
-
-@pytest.fixture(scope="module")
 def corpus_dir(tmp_path_factory) -> Path:
     """Real news text as a sharded corpus: two Parquet shards and a gzip text shard."""
     d = tmp_path_factory.mktemp("corpus")

@@ -26,14 +26,6 @@ WORSE = {"classifier": {"epochs": 1, "patience": 8}}
 BETTER = {"classifier": {"epochs": 8, "patience": 8}}
 
 
-@pytest.fixture(scope="module")
-def harness():
-    from prefect.testing.utilities import prefect_test_harness
-
-    with prefect_test_harness(server_startup_timeout=180):
-        yield
-
-
 def test_champion_gate_and_predict_with_the_champion(harness, ag_slice, tmp_path, monkeypatch):
     from mlflow.tracking import MlflowClient
 

@@ -150,13 +150,40 @@ def test_latest_run_is_the_newest_summary(tmp_path):
         # be wider (found before pretraining, not after it)
         *(
             ({"profile": p, "overrides": {"classifier": {"token_embedding_dim": 513}}}, "513")
-            for p in ("smoke", "sample", "full", "seed")
+            for p in ("smoke", "sample", "full", "seed", "news", "elmo-original")
         ),
+        ({"overrides": {"adapt": {"epochs": -1}}}, "adapt"),
+        ({"overrides": {"pretrain": {"world_size": 3}}}, "world_size"),
+        ({"overrides": {"bilm": {"projection_dim": 300, "hidden_dim": 256}}}, "projection_dim"),
     ],
 )
 def test_bad_run_parameters_fail_before_a_run(kwargs, needle):
     with pytest.raises(ValueError, match=needle):
         RunParams(**kwargs)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "needle"),
+    [
+        ({"corpus": []}, "corpus"),
+        ({"corpus": ["x"], "overrides": {"corpus": {"holdout_fraction": 0}}}, "holdout_fraction"),
+        ({"corpus": ["x"], "overrides": {"bilm": {"nope": 1}}}, "unknown bilm settings"),
+        ({"corpus": ["x"], "profile": "tiny"}, "profile"),
+    ],
+)
+def test_bad_pretrain_parameters_fail_before_a_run(kwargs, needle):
+    from flows.params import PretrainParams
+
+    with pytest.raises(ValueError, match=needle):
+        PretrainParams(**kwargs)
+
+
+def test_elmo_original_profile_has_the_published_shapes():
+    from flows.params import PretrainParams
+
+    r = PretrainParams(corpus=["x"], profile="elmo-original").resolve()
+    assert (r.bilm.hidden_dim, r.bilm.projection_dim, r.bilm.num_layers) == (4096, 512, 2)
+    assert (r.bilm.cell_clip, r.bilm.proj_clip, r.bilm.num_samples) == (3.0, 3.0, 8192)
 
 
 def test_profiles_resolve_to_stage_configs():
