@@ -66,9 +66,30 @@ def _run_to_completion(data: Path, home: Path, env: dict[str, str]) -> None:
     )
 
 
-def test_sigkill_mid_pretraining_resumes_to_the_same_result(ag_slice, tmp_path):
-    ref_home, home = tmp_path / "ref", tmp_path / "killed"
-    _run_to_completion(ag_slice, ref_home, _env(tmp_path, "ref"))
+@pytest.fixture(scope="module")
+def concurrent(ag_slice, tmp_path_factory):
+    """Two runs of the same parameters started at once on one home (their outputs), which are
+    also the uninterrupted reference of the SIGKILL test: one CLI run fewer per session."""
+    tmp_path = tmp_path_factory.mktemp("concurrent")
+    home = tmp_path / "shared-home"
+    env = _env(tmp_path, "c")
+    procs = [
+        subprocess.Popen(
+            _cmd(ag_slice, home),
+            env={**env, "PREFECT_HOME": str(tmp_path / f"p{i}")},
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )  # fmt: skip
+        for i in range(2)
+    ]
+    outs = [p.communicate(timeout=600)[0] for p in procs]
+    return home, procs, outs
+
+
+def test_sigkill_mid_pretraining_resumes_to_the_same_result(ag_slice, tmp_path, concurrent):
+    ref_home, home = concurrent[0], tmp_path / "killed"
     proc = subprocess.Popen(_cmd(ag_slice, home), env=_env(tmp_path, "k"), cwd=ROOT, start_new_session=True,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
     deadline = time.time() + 300
@@ -94,24 +115,12 @@ def test_sigkill_mid_pretraining_resumes_to_the_same_result(ag_slice, tmp_path):
     _run_to_completion(ag_slice, home, _env(tmp_path, "k"))
     assert not state.exists()  # training finished and removed its resume checkpoint
     assert not list(home.rglob("*.tmp")), "the resumed run left a temp orphan behind"
+    assert [p.returncode for p in concurrent[1]] == [0, 0]
     assert _final(_summary(home)) == _final(_summary(ref_home))
 
 
-def test_two_concurrent_runs_share_a_home_safely(ag_slice, tmp_path):
-    home = tmp_path / "shared-home"
-    env = _env(tmp_path, "c")
-    procs = [
-        subprocess.Popen(
-            _cmd(ag_slice, home),
-            env={**env, "PREFECT_HOME": str(tmp_path / f"p{i}")},
-            cwd=ROOT,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )  # fmt: skip
-        for i in range(2)
-    ]
-    outs = [p.communicate(timeout=600)[0] for p in procs]
+def test_two_concurrent_runs_share_a_home_safely(concurrent):
+    home, procs, outs = concurrent
     assert [p.returncode for p in procs] == [0, 0], outs[0][-3000:] + outs[1][-3000:]
     runs = [json.loads(p.read_text()) for p in Home(home).runs.glob("*.json")]
     assert len(runs) == 2
