@@ -160,6 +160,22 @@ def guard_server(server_pid: int) -> subprocess.Popen[bytes]:
     )  # fmt: skip
 
 
+def await_server(started: Future[None] | None, home_dir: str) -> None:
+    """Before the flow starts: while the prestarted server still boots, create / migrate the
+    MLflow store (~2 s on a new home) instead of at the flow's start; then wait until the
+    server is up (the flow must find it up, not half-started)."""
+    if started is None:
+        return
+    from storage.paths import Home
+    from storage.tracking import Tracker
+
+    if not started.done():
+        Tracker(Home(home_dir).mlflow_uri())
+    started.result()
+    logging.getLogger("prefect").disabled = False
+    logging.getLogger("prefect").info("Prefect server (ephemeral): %s", _server_url())
+
+
 def _server_url() -> str:
     from prefect.server.api.server import SubprocessASGIServer
 
@@ -256,18 +272,9 @@ def run(
         abandon_server(server, e.exit_code)
         raise
     from flows.pipeline import elmo_news
-    from storage.paths import Home
-    from storage.tracking import Tracker
     from tasks.progress import live_display
 
-    if server is not None and not server.done():
-        # while the server still boots: create / migrate the MLflow store (~2 s on a new home)
-        # here instead of at the flow's start
-        Tracker(Home(params.home_dir()).mlflow_uri())
-    if server is not None:
-        server.result()  # the flow must find it up, not half-started
-        logging.getLogger("prefect").disabled = False
-        logging.getLogger("prefect").info("Prefect server (ephemeral): %s", _server_url())
+    await_server(server, params.home_dir())
     with live_display():
         summary = elmo_news(**params.model_dump())
     typer.echo(
@@ -327,16 +334,9 @@ def pretrain_cmd(
         abandon_server(server, e.exit_code)
         raise
     from flows.pretrain import elmo_news_pretrain
-    from storage.paths import Home
-    from storage.tracking import Tracker
     from tasks.progress import live_display
 
-    if server is not None and not server.done():
-        Tracker(Home(params.home_dir()).mlflow_uri())
-    if server is not None:
-        server.result()
-        logging.getLogger("prefect").disabled = False
-        logging.getLogger("prefect").info("Prefect server (ephemeral): %s", _server_url())
+    await_server(server, params.home_dir())
     with live_display():
         summary = elmo_news_pretrain(**params.model_dump(), torchrun_args=torchrun_arg or None)
     typer.echo(
