@@ -230,6 +230,20 @@ def run(
             "or a biLM stage folder (skips vocabulary and pretraining)"
         ),
     ] = "",
+    task_runner: Annotated[
+        str,
+        typer.Option(
+            help="where the classifiers and the baseline run: thread | dask "
+            "(default $ELMO_NEWS_TASK_RUNNER, else thread)"
+        ),
+    ] = "",
+    dask_address: Annotated[
+        str,
+        typer.Option(
+            help="Dask scheduler tcp://HOST:PORT (implies dask; default: a local cluster "
+            "sized to the machine); every worker must see the home folder at the same path"
+        ),
+    ] = "",
 ) -> None:
     """Run the whole pipeline once (ephemeral Prefect, local MLflow store, local Parquet store)."""
     prefect_defaults()
@@ -267,6 +281,8 @@ def run(
                 label_column=label_column,
                 overrides=overrides,
                 bilm=bilm,
+                task_runner=task_runner,  # type: ignore[arg-type]
+                dask_address=dask_address,
             )  # bad parameters fail here, before the flow starts
     except typer.Exit as e:
         abandon_server(server, e.exit_code)
@@ -280,6 +296,121 @@ def run(
     typer.echo(
         json.dumps({k: v.get("test_accuracy") for k, v in summary["models"].items()}, indent=2)
     )
+
+
+def parse_grid(items: list[str]) -> dict[str, list[Any]]:
+    """``classifier.field=v1,v2,...`` (each value JSON when it parses, else a string) or
+    ``classifier.field=[v1, v2]`` (a JSON list: values that hold commas) -> key -> values."""
+    grid: dict[str, list[Any]] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep or "." not in key or not raw:
+            raise typer.BadParameter(f"--grid expects classifier.field=v1,v2,..., got {item!r}")
+        if key in grid:
+            raise typer.BadParameter(f"--grid {key} given twice")
+        if raw.lstrip().startswith("["):
+            try:
+                values = json.loads(raw)
+            except json.JSONDecodeError as e:
+                raise typer.BadParameter(f"--grid {key}: not a JSON list: {raw!r}") from e
+        else:
+            values = []
+            for v in raw.split(","):
+                try:
+                    values.append(json.loads(v))
+                except json.JSONDecodeError:
+                    values.append(v)
+        grid[key] = values
+    return grid
+
+
+@app.command()
+def sweep(
+    grid: Annotated[
+        list[str],
+        typer.Option(
+            help="classifier.FIELD=v1,v2,... (repeatable; the points are every combination)"
+        ),
+    ],
+    seeds: Annotated[int, typer.Option(help="seeds per point (the profile's seed + 0..n-1)")] = 3,
+    profile: Annotated[
+        str, typer.Option(help="smoke | sample | full | seed | news | elmo-original")
+    ] = "smoke",
+    data: Annotated[
+        str | None, typer.Option(help="dataset folder/file or URL (default: AG News)")
+    ] = None,
+    pretrain_corpus: Annotated[
+        list[str] | None, typer.Option(help="extra unlabeled text (repeatable)")
+    ] = None,
+    home: Annotated[
+        str | None, typer.Option(help="home folder (default $ELMO_NEWS_HOME or .elmo-news)")
+    ] = None,
+    strategy: Annotated[
+        list[str] | None, typer.Option(help="sum | wsum | function (repeatable; default wsum)")
+    ] = None,
+    device: Annotated[str, typer.Option(help="auto | cpu | cuda")] = "auto",
+    text_column: Annotated[
+        list[str] | None, typer.Option(help="your data: text column (repeatable)")
+    ] = None,
+    label_column: Annotated[str, typer.Option(help="your data: label column")] = "",
+    set_: Annotated[
+        list[str] | None, typer.Option("--set", help="override: section.field=value")
+    ] = None,
+    bilm: Annotated[str, typer.Option(help="reuse a pretrained biLM (as `run --bilm`)")] = "",
+    task_runner: Annotated[str, typer.Option(help="thread | dask (as `run`)")] = "",
+    dask_address: Annotated[str, typer.Option(help="Dask scheduler tcp://HOST:PORT")] = "",
+) -> None:
+    """Fan the classifier out over a grid x seeds on the same cached biLM and layers; prints
+    mean ± std test accuracy per point."""
+    prefect_defaults()
+    with user_errors():
+        overrides = parse_overrides(set_ or [])
+        points = parse_grid(grid)
+        for what, path in [
+            ("data", data or "https://"),
+            *[("pretrain corpus", c) for c in pretrain_corpus or []],
+        ]:
+            check_readable(what, path)
+        if bilm and not bilm.startswith("models:/"):
+            check_readable("biLM", bilm)
+    if bilm.startswith("models:/"):
+        _tracking(home)
+        from storage.registry import check_model_uri
+
+        with user_errors():
+            check_model_uri(bilm)
+    server = prestart_ephemeral_server()
+    from flows.sweep import SweepParams
+    from storage.datasets import AG_NEWS_URL
+
+    try:
+        with user_errors():
+            params = SweepParams(
+                grid=points,
+                seeds=seeds,
+                profile=profile,  # type: ignore[arg-type]
+                data=data or AG_NEWS_URL,
+                pretrain_corpus=pretrain_corpus or [],
+                home=home,
+                strategies=strategy or ["wsum"],  # type: ignore[arg-type]
+                device=device,  # type: ignore[arg-type]
+                text_columns=text_column or [],
+                label_column=label_column,
+                overrides=overrides,
+                bilm=bilm,
+                task_runner=task_runner,  # type: ignore[arg-type]
+                dask_address=dask_address,
+            )
+    except typer.Exit as e:
+        abandon_server(server, e.exit_code)
+        raise
+    from flows.sweep import elmo_news_sweep
+    from tasks.progress import live_display
+
+    await_server(server, params.home_dir())
+    with live_display():
+        summary = elmo_news_sweep(**params.model_dump())
+    typer.echo(summary["markdown"])
 
 
 @app.command("pretrain")

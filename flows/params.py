@@ -19,6 +19,7 @@ from elmo_core.config import (
 )
 from elmo_core.mix import STRATEGIES
 from elmo_core.training import pick_device, resolve_precision
+from flows.fanout import resolve_runner
 from storage.datasets import AG_NEWS_URL
 from tasks.baseline import BaselineConfig
 from tasks.corpus import CorpusConfig
@@ -282,13 +283,22 @@ class RunParams(BaseModel):
     # a pretrained biLM (models:/elmo-news-bilm/N, @alias, or a stage folder): skips vocabulary
     # and pretraining; empty = pretrain one on the train split + pretrain_corpus
     bilm: str = ""
+    # where the classifiers and the baseline run: thread | dask ("" = $ELMO_NEWS_TASK_RUNNER,
+    # else thread) and the Dask scheduler (tcp://HOST:PORT; "" = a local cluster)
+    task_runner: Literal["", "thread", "dask"] = ""
+    dask_address: str = ""
 
     @model_validator(mode="after")
     def _check(self) -> RunParams:
         if not self.strategies:
             raise ValueError("strategies must name at least one of sum, wsum, function")
         self.resolve()  # raises on bad values
+        self.runner()
         return self
+
+    def runner(self) -> tuple[str, str]:
+        """(thread | dask, scheduler address) after the environment's defaults."""
+        return resolve_runner(self.task_runner, self.dask_address)
 
     def resolve(self) -> Resolved:
         out = resolve_sections(self.profile, self.overrides, self.device)

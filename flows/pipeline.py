@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -13,11 +14,13 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.context import get_run_context
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from flows.params import Profile, RunParams, Strategy
+from flows.fanout import FanOut, fanout
+from flows.params import Profile, Resolved, RunParams, Strategy
 from flows.runtime import tune_allocator
 from storage.datasets import AG_NEWS_URL
 from storage.hashing import code_version
 from storage.paths import Home, read_json, verify_complete, write_json
+from storage.remote import is_object_store
 from storage.tracking import Tracker, runs_path
 from tasks.baseline import baseline
 from tasks.classify import CLASSIFIER, classify
@@ -27,6 +30,7 @@ from tasks.evaluate import comparison_chart
 from tasks.features import features
 from tasks.pretrain import ADAPT, PRETRAIN, adapt, pretrain
 from tasks.registry import fetch_bilm, register_best
+from tasks.remote import fetch_remote
 
 PARALLEL = int(os.environ.get("ELMO_NEWS_PARALLEL_TASKS", "1"))
 
@@ -65,6 +69,108 @@ def summary_markdown(rows: list[dict[str, Any]], timings: dict[str, float]) -> s
     return "\n".join(lines)
 
 
+@dataclass
+class Upstream:
+    """What the fanned-out stages read: stage folders up to the stored layers."""
+
+    source: str
+    data_hash: str
+    dataset: str
+    vocab: str | None
+    bilm_dir: str
+    feats: str
+    base_future: Any = None  # the TF-IDF baseline, started beside pretraining
+
+
+def upstream(
+    params: RunParams,
+    cfg: Resolved,
+    h: Home,
+    tracker: Tracker,
+    fan: FanOut,
+    timings: dict[str, float],
+    with_baseline: bool = True,
+) -> Upstream:
+    """ingest -> (vocab -> ids -> biLM | the reused biLM [-> adaptation]) -> layers: every
+    stage cached by content. The baseline (optional) goes to the fan-out as soon as the data
+    is in, so it trains beside the pretraining."""
+    log = get_run_logger()
+    home_s = str(h.root)
+    parent = tracker.parent_run_id
+    t = time.perf_counter()
+    if is_object_store(params.data):  # s3://bucket/prefix (pyarrow.fs)
+        source = fetch_remote(params.data, home_s)
+    else:
+        source = fetch_data(params.data, home_s)
+    data_hash = source_hash(source)
+    dataset = _stage(ingest, h, source, home_s, cfg.ingest)
+    corpora = [
+        _stage(read_pretrain_corpus, h, c, home_s, cfg.corpus) for c in params.pretrain_corpus
+    ]
+    timings["ingest"] = time.perf_counter() - t
+    target = tracker.target()  # stages that build open their own child runs under it
+    base_future = None
+    if with_baseline:
+        base_future = fan.submit(_with_storage(baseline, h), dataset, home_s, cfg.baseline, target)
+    t = time.perf_counter()
+    vocab = None
+    device = params.device
+    if params.bilm:  # reuse: no vocabulary, no pretraining; the classifiers get the biLM's vocab
+        bilm_path, bilm_info = fetch_bilm(params.bilm, home_s)
+        bilm_dir = str(bilm_path)
+        for k, v in bilm_info.items():
+            tracker.client.set_tag(parent, k, v)
+        tracker.link_input_model(parent, bilm_info.get("bilm_model_id"))
+        log.info("reusing biLM %s (%s)", bilm_info["bilm_source"], bilm_dir)
+        if cfg.adapt.epochs:  # a few LM passes over the train split's text first
+            bilm_dir = _stage(adapt, h, bilm_dir, dataset, home_s, cfg.adapt, device, target)
+    else:
+        vocab = _stage(build_vocab, h, dataset, corpora, home_s, cfg.vocab)
+        ids = _stage(encode_ids, h, dataset, corpora, vocab, home_s, cfg.pretrain.seed)
+        timings["vocab"] = time.perf_counter() - t
+        t = time.perf_counter()
+        bilm_args = (
+            ids,
+            vocab,
+            home_s,
+            dict(cfg.bilm.__dict__),
+            cfg.pretrain,
+            device,
+            target,
+            {"train": str(Path(dataset) / "train.parquet")},
+        )
+        bilm_dir = _stage(pretrain, h, *bilm_args)
+    timings["pretrain"] = time.perf_counter() - t
+    t = time.perf_counter()
+    feats = _stage(features, h, bilm_dir, dataset, home_s, cfg.classifier.max_len, device)
+    timings["features"] = time.perf_counter() - t
+    return Upstream(source, data_hash, dataset, vocab, bilm_dir, feats, base_future)
+
+
+def log_upstream(tracker: Tracker, up: Upstream, params: RunParams, cfg: Resolved) -> dict:
+    """The ingest (and pretraining / adaptation) child runs of the parent; returns the
+    tags every child run shares and the split files."""
+    common = {"data_sha256": up.data_hash}
+    splits = split_files(up.dataset)
+    tracker.log_metrics(tracker.parent_run_id, read_json(Path(up.dataset) / "metrics.json"))
+    tracker.log_stage("ingest", Path(up.dataset), common, splits)
+    if not params.bilm:
+        tracker.log_stage(
+            "bilm-pretrain",
+            Path(up.bilm_dir),
+            {**common, "code_version": code_version(PRETRAIN.modules)},
+            {"train": splits["train"]},
+        )
+    elif cfg.adapt.epochs:
+        tracker.log_stage(
+            "bilm-adapt",
+            Path(up.bilm_dir),
+            {**common, "code_version": code_version(ADAPT.modules)},
+            {"train": splits["train"]},
+        )
+    return {"common": common, "splits": splits}
+
+
 @flow(name="elmo-news", task_runner=ThreadPoolTaskRunner(max_workers=PARALLEL))
 def elmo_news(
     profile: Profile = "smoke",
@@ -78,6 +184,8 @@ def elmo_news(
     overrides: dict[str, dict[str, Any]] | None = None,
     register_model: bool = True,  # log the best classifier in the registry, gate the champion
     bilm: str = "",  # a pretrained biLM (models:/elmo-news-bilm/N, @alias, stage folder)
+    task_runner: str = "",  # thread | dask (default: $ELMO_NEWS_TASK_RUNNER, else thread)
+    dask_address: str = "",  # tcp://HOST:PORT of a Dask scheduler (default: a local cluster)
 ) -> dict[str, Any]:
     """Run the whole pipeline; returns the summary (metrics per model, stage folders, run ids)."""
     params = RunParams(
@@ -91,8 +199,11 @@ def elmo_news(
         label_column=label_column,
         overrides=overrides or {},
         bilm=bilm,
+        task_runner=task_runner,
+        dask_address=dask_address,
     )
     cfg = params.resolve()
+    runner, address = params.runner()
     h = Home(params.home_dir())
     home_s = str(h.root)
     log = get_run_logger()
@@ -108,84 +219,33 @@ def elmo_news(
             "pretrain_corpus": params.pretrain_corpus,
             "strategies": params.strategies,
             "bilm": bilm,
+            "task_runner": runner,
         },
         tags={"prefect_flow_run_id": str(flow_run.id), "profile": profile},
     )
     t_all = time.perf_counter()
     timings: dict[str, float] = {}
     try:
-        t = time.perf_counter()
-        source = fetch_data(data, home_s)
-        data_hash = source_hash(source)
-        dataset = _stage(ingest, h, source, home_s, cfg.ingest)
-        corpora = [
-            _stage(read_pretrain_corpus, h, c, home_s, cfg.corpus) for c in params.pretrain_corpus
-        ]
-        timings["ingest"] = time.perf_counter() - t
-        target = tracker.target()  # stages that build open their own child runs under it
-        base_future = _with_storage(baseline, h).submit(dataset, home_s, cfg.baseline, target)
-        t = time.perf_counter()
-        vocab = ids = None
-        if bilm:  # reuse: no vocabulary, no pretraining; the classifiers get the biLM's vocab
-            bilm_path, bilm_info = fetch_bilm(bilm, home_s)
-            bilm_dir = str(bilm_path)
-            for k, v in bilm_info.items():
-                tracker.client.set_tag(parent, k, v)
-            tracker.link_input_model(parent, bilm_info.get("bilm_model_id"))
-            log.info("reusing biLM %s (%s)", bilm_info["bilm_source"], bilm_dir)
-            if cfg.adapt.epochs:  # a few LM passes over the train split's text first
-                bilm_dir = _stage(adapt, h, bilm_dir, dataset, home_s, cfg.adapt, device, target)
-        else:
-            vocab = _stage(build_vocab, h, dataset, corpora, home_s, cfg.vocab)
-            ids = _stage(encode_ids, h, dataset, corpora, vocab, home_s, cfg.pretrain.seed)
-            timings["vocab"] = time.perf_counter() - t
+        with fanout(runner, address, h.root, len(params.strategies) + 1) as fan:
+            up = upstream(params, cfg, h, tracker, fan, timings)
+            dataset, bilm_dir, feats, vocab = up.dataset, up.bilm_dir, up.feats, up.vocab
+            target = tracker.target()
             t = time.perf_counter()
-            bilm_args = (
-                ids,
-                vocab,
-                home_s,
-                dict(cfg.bilm.__dict__),
-                cfg.pretrain,
-                device,
-                target,
-                {"train": str(Path(dataset) / "train.parquet")},
-            )
-            bilm_dir = _stage(pretrain, h, *bilm_args)
-        timings["pretrain"] = time.perf_counter() - t
-        t = time.perf_counter()
-        feats = _stage(features, h, bilm_dir, dataset, home_s, cfg.classifier.max_len, device)
-        timings["features"] = time.perf_counter() - t
-        t = time.perf_counter()
-        clf_args = {
-            s: (feats, bilm_dir, dataset, s, home_s, cfg.classifier, device, target)
-            for s in params.strategies
-        }
-        futures = {s: _with_storage(classify, h).submit(*a) for s, a in clf_args.items()}
-        clf_dirs = {s: _checked(classify, h, f.result(), *clf_args[s]) for s, f in futures.items()}
-        timings["classifiers"] = time.perf_counter() - t
-        base_dir = _checked(
-            baseline, h, base_future.result(), dataset, home_s, cfg.baseline, target
-        )
+            clf_args = {
+                s: (feats, bilm_dir, dataset, s, home_s, cfg.classifier, device, target)
+                for s in params.strategies
+            }
+            futures = {s: fan.submit(_with_storage(classify, h), *a) for s, a in clf_args.items()}
+            clf_dirs = {
+                s: _checked(classify, h, f.result(), *clf_args[s]) for s, f in futures.items()
+            }
+            timings["classifiers"] = time.perf_counter() - t
+            base_args = (dataset, home_s, cfg.baseline, target)
+            base_dir = _checked(baseline, h, up.base_future.result(), *base_args)
 
-        common = {"data_sha256": data_hash}
+        logged = log_upstream(tracker, up, params, cfg)
+        common, splits = logged["common"], logged["splits"]
         stats = read_json(Path(dataset) / "metrics.json")
-        tracker.log_metrics(parent, stats)
-        splits = split_files(dataset)
-        tracker.log_stage("ingest", Path(dataset), common, splits)
-        if not bilm:
-            tracker.log_stage(
-                "bilm-pretrain",
-                Path(bilm_dir),
-                {**common, "code_version": code_version(PRETRAIN.modules)},
-                {"train": splits["train"]},
-            )
-        elif cfg.adapt.epochs:
-            tracker.log_stage(
-                "bilm-adapt",
-                Path(bilm_dir),
-                {**common, "code_version": code_version(ADAPT.modules)},
-                {"train": splits["train"]},
-            )
         rows = []
         child_ids: dict[str, str] = {}
         for s, d in clf_dirs.items():
@@ -249,6 +309,8 @@ def elmo_news(
             "timings": timings,
             "rows": stats,
             "registry": registry,
+            "task_runner": runner,
+            "dask_workers": fan.workers,  # address -> torch threads per task
         }
         write_json(h.runs / f"{parent}.json", summary)
         tracker.finish(parent)

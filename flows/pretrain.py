@@ -26,6 +26,7 @@ from storage.tracking import Tracker, runs_path
 from tasks.corpus import build_vocab, encode_ids, read_pretrain_corpus
 from tasks.data import stage_id
 from tasks.pretrain import PRETRAIN, pretrain
+from tasks.registry import registry_slot
 
 
 @flow(name="elmo-news-pretrain")
@@ -101,18 +102,19 @@ def elmo_news_pretrain(
         registry = None
         if register_model:
             t = time.perf_counter()
-            registry = register_bilm(
-                h.mlflow_uri(),
-                child,
-                Path(bilm_dir),
-                {
-                    "corpus_sha256": corpus_hash,
-                    "corpus_tokens": str(metrics["corpus_tokens"]),
-                    "val_perplexity_forward": f"{metrics['val_perplexity_forward']:.2f}",
-                    "val_perplexity_backward": f"{metrics['val_perplexity_backward']:.2f}",
-                    "profile": profile,
-                },
-            )
+            with registry_slot():  # against a server: the Prefect server's registry slot
+                registry = register_bilm(
+                    h.mlflow_uri(),
+                    child,
+                    Path(bilm_dir),
+                    {
+                        "corpus_sha256": corpus_hash,
+                        "corpus_tokens": str(metrics["corpus_tokens"]),
+                        "val_perplexity_forward": f"{metrics['val_perplexity_forward']:.2f}",
+                        "val_perplexity_backward": f"{metrics['val_perplexity_backward']:.2f}",
+                        "profile": profile,
+                    },
+                )
             tracker.link_model(parent, registry.get("model_id"))
             tracker.client.set_tag(parent, "bilm_model", registry["uri"])
             timings["register"] = time.perf_counter() - t

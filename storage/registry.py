@@ -82,6 +82,17 @@ def model_signature(label_names: list[str]) -> Any:
     return ModelSignature(inputs=Schema([ColSpec("string", "text")]), outputs=Schema(outputs))
 
 
+def _create_model(client: Any, name: str, description: str) -> None:
+    """Create a registered model; one created meanwhile by another run is not an error."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        client.create_registered_model(name, description=description)
+    except MlflowException as e:
+        if e.error_code != "RESOURCE_ALREADY_EXISTS":
+            raise
+
+
 def register_and_gate(
     uri: str,
     parent_run_id: str,
@@ -107,9 +118,7 @@ def register_and_gate(
         try:
             client.get_registered_model(MODEL_NAME)
         except MlflowException:
-            client.create_registered_model(
-                MODEL_NAME, description="elmo-news: ELMo features + BiLSTM classifier"
-            )
+            _create_model(client, MODEL_NAME, "elmo-news: ELMo features + BiLSTM classifier")
         existing = client.search_model_versions(
             f"name='{MODEL_NAME}' and tags.classifier_key='{key}'"
         )
@@ -200,9 +209,10 @@ def register_bilm(uri: str, run_id: str, bilm_dir: Path, tags: dict[str, str]) -
         try:
             client.get_registered_model(BILM_MODEL_NAME)
         except MlflowException:
-            client.create_registered_model(
+            _create_model(
+                client,
                 BILM_MODEL_NAME,
-                description="elmo-news: a biLM pretrained on unlabeled text, reused by "
+                "elmo-news: a biLM pretrained on unlabeled text, reused by "
                 "`elmo-news run --bilm models:/elmo-news-bilm/<version>`",
             )
         existing = client.search_model_versions(

@@ -20,7 +20,7 @@ from storage.paths import (
     write_json,
 )
 from storage.tracking import stage_run
-from tasks.common import STAGE_OPTS, Stage, cache_key
+from tasks.common import STAGE_OPTS, Stage, cache_key, logger, runtime_tags, task_threads
 from tasks.data import split_files, stage_id
 from tasks.evaluate import evaluate
 
@@ -71,7 +71,12 @@ def baseline(
 def _build_tracked(
     out: Path, dataset: str, config: BaselineConfig, tracking: dict[str, str] | None
 ) -> None:
-    with stage_run(tracking, "baseline-tfidf", {"strategy": "tfidf"}) as run:
+    from threadpoolctl import threadpool_limits
+
+    threads, why = task_threads()  # BLAS threads: the task's share of the cores, as torch's
+    logger().info("BLAS threads: %d (%s)", threads, why)
+    tags = {"strategy": "tfidf", **runtime_tags(threads)}
+    with stage_run(tracking, "baseline-tfidf", tags) as run, threadpool_limits(threads):
         _build(out, dataset, config)
         run.complete(out, split_files(dataset))
 

@@ -26,7 +26,15 @@ from storage.paths import (
     write_json,
 )
 from storage.tracking import stage_run
-from tasks.common import STAGE_OPTS, History, Stage, cache_key, logger, set_threads
+from tasks.common import (
+    STAGE_OPTS,
+    History,
+    Stage,
+    cache_key,
+    logger,
+    runtime_tags,
+    set_threads,
+)
 from tasks.data import SPLITS, split_files, stage_id
 from tasks.evaluate import evaluate, plot_curves
 from tasks.features import layer_store
@@ -123,14 +131,18 @@ def _build(
     device: str,
     tracking: dict[str, str] | None,
 ) -> None:
-    set_threads()
+    threads = set_threads()
     dev = pick_device(device)
     train, val, test = (layer_store(features_dir, s) for s in SPLITS)
     label_names = read_json(Path(dataset) / "labels.json")
     _, n_layers, dim = train.features.shape
     model, mix_config = new_classifier(bilm_dir, strategy, config, n_layers, dim, len(label_names))
     name = f"classifier-{strategy}"
-    tags = {"strategy": strategy, "code_version": code_version(CLASSIFIER.modules)}
+    tags = {
+        "strategy": strategy,
+        "code_version": code_version(CLASSIFIER.modules),
+        **runtime_tags(threads),
+    }
     with stage_run(tracking, name, tags) as run, stage_progress(name) as progress:
         hist = History(name, sink=run.log_metrics)
         t0 = time.perf_counter()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -10,6 +12,42 @@ from prefect import task
 from storage.datasets import read_dataset
 from storage.paths import Home, read_json
 from storage.registry import register_and_gate, resolve_bilm
+
+REGISTRY_LIMIT = "elmo-news-registry"  # a Prefect global concurrency limit of 1
+
+
+def ensure_registry_limit() -> None:
+    """Create the ``elmo-news-registry`` limit (1 slot) on the Prefect server if missing; a
+    concurrent creation by another run is fine."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
+    from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
+
+    with get_client(sync_client=True) as client:
+        try:
+            client.read_global_concurrency_limit_by_name(REGISTRY_LIMIT)
+        except ObjectNotFound:
+            try:
+                client.create_global_concurrency_limit(
+                    GlobalConcurrencyLimitCreate(name=REGISTRY_LIMIT, limit=1)
+                )
+            except ObjectAlreadyExists:
+                pass
+
+
+@contextmanager
+def registry_slot(timeout_s: float = 900) -> Iterator[None]:
+    """Hold the registry for a read-decide-write (register once per key; compare with the
+    champion, move the alias). Against a tracking server, a local file lock guarantees
+    nothing: the slot is one of the Prefect server's ``elmo-news-registry`` global concurrency
+    limit (limit 1), which every run and worker that shares the Prefect server shares. (The
+    embedded server of a lone ``elmo-news run`` is its own; a local sqlite store is also
+    serialised by its file lock.)"""
+    from prefect.concurrency.sync import concurrency
+
+    ensure_registry_limit()
+    with concurrency(REGISTRY_LIMIT, occupy=1, timeout_seconds=timeout_s, strict=True):
+        yield
 
 
 @task(name="register-model")
@@ -22,18 +60,19 @@ def register_best(
     dataset: str,
 ) -> dict[str, Any]:
     val = read_dataset(Path(dataset) / "val.parquet")
-    return register_and_gate(
-        uri,
-        parent_run_id,
-        model_run_id,
-        Path(classifier_dir).name,
-        Path(dataset).name,
-        Path(bilm_dir) / "bilm.pt",
-        Path(classifier_dir) / "model.pt",
-        val["text"].to_list(),
-        val["label"].to_numpy(),
-        read_json(Path(dataset) / "labels.json"),
-    )
+    with registry_slot():
+        return register_and_gate(
+            uri,
+            parent_run_id,
+            model_run_id,
+            Path(classifier_dir).name,
+            Path(dataset).name,
+            Path(bilm_dir) / "bilm.pt",
+            Path(classifier_dir) / "model.pt",
+            val["text"].to_list(),
+            val["label"].to_numpy(),
+            read_json(Path(dataset) / "labels.json"),
+        )
 
 
 @task(name="fetch-bilm")

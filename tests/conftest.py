@@ -80,3 +80,91 @@ def wait_http(url: str, proc: subprocess.Popen, what: str, timeout: float = 180)
             assert proc.poll() is None, f"{what} exited with {proc.returncode}"
             assert time.time() < deadline, f"{what} did not come up at {url}"
             time.sleep(0.5)
+
+
+def stop_group(proc: subprocess.Popen, timeout: float = 20) -> None:
+    """SIGTERM a server started with ``start_new_session=True`` (its whole process group),
+    SIGKILL if it does not end in ``timeout`` seconds."""
+    import signal
+
+    if proc.poll() is None:
+        try:
+            os.killpg(proc.pid, signal.SIGTERM)
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+@pytest.fixture(scope="session")
+def dask_cluster(tmp_path_factory: pytest.TempPathFactory):
+    """A real ``distributed`` scheduler and two single-threaded worker processes on
+    127.0.0.1, started once per session; yields (scheduler address, worker addresses)."""
+    import sys
+
+    bin_dir = Path(sys.executable).parent
+    logs = tmp_path_factory.mktemp("dask")
+    port = free_port()
+    address = f"tcp://127.0.0.1:{port}"
+    env = {**os.environ, "DASK_DISTRIBUTED__WORKER__DAEMON": "False"}
+    env.pop("ELMO_NEWS_THREADS", None)  # the workers' torch threads come from their share
+    procs = [
+        subprocess.Popen(
+            [
+                str(bin_dir / "dask"),
+                "scheduler",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+                "--no-dashboard",
+            ],
+            cwd=ROOT,
+            env=env,
+            start_new_session=True,
+            stdout=open(logs / "scheduler.log", "w"),
+            stderr=subprocess.STDOUT,
+        )  # fmt: skip
+    ]
+    for i in range(2):
+        procs.append(
+            subprocess.Popen(
+                [
+                    str(bin_dir / "dask"),
+                    "worker",
+                    address,
+                    "--nthreads",
+                    "1",
+                    "--nworkers",
+                    "1",
+                    "--host",
+                    "127.0.0.1",
+                    "--no-dashboard",
+                    "--memory-limit",
+                    "0",
+                    "--name",
+                    f"w{i}",
+                ],
+                cwd=ROOT,
+                env=env,
+                start_new_session=True,
+                stdout=open(logs / f"worker{i}.log", "w"),
+                stderr=subprocess.STDOUT,
+            )  # fmt: skip
+        )
+    try:
+        from distributed import Client
+
+        deadline = time.time() + 120
+        with Client(address, timeout=120) as client:
+            while len(client.scheduler_info()["workers"]) < 2:
+                for p in procs:
+                    assert p.poll() is None, (logs / "worker0.log").read_text()[-2000:]
+                assert time.time() < deadline, "the Dask workers did not register"
+                time.sleep(0.5)
+            workers = sorted(client.scheduler_info()["workers"])
+        yield address, workers
+    finally:
+        for p in reversed(procs):
+            stop_group(p)

@@ -1,0 +1,289 @@
+"""The ``elmo-news-sweep`` flow: the classifier stage fanned out over a grid of its settings and
+several seeds, on one cached biLM and one set of stored layers.
+
+One MLflow child run per point (params = the point; metrics = mean and sample std over the
+seeds, and each seed's figure at step = seed), the seeds' classifier runs nested under it. The
+run-to-run spread that single runs only hint at becomes a measured figure per point.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import statistics
+import time
+from dataclasses import fields
+from pathlib import Path
+from typing import Any
+
+from prefect import flow, get_run_logger
+from prefect.artifacts import create_markdown_artifact
+from prefect.context import get_run_context
+from prefect.task_runners import ThreadPoolTaskRunner
+from pydantic import Field, model_validator
+
+from elmo_core.config import ClassifierConfig
+from flows.fanout import fanout
+from flows.params import Profile, RunParams, Strategy, resolve_sections
+from flows.pipeline import PARALLEL, _checked, _with_storage, log_upstream, upstream
+from flows.runtime import tune_allocator
+from storage.datasets import AG_NEWS_URL
+from storage.hashing import code_version
+from storage.paths import Home, read_json, write_json
+from storage.tracking import Tracker, runs_path
+from tasks.classify import CLASSIFIER, classify
+
+# settings a sweep may not vary: the seed has --seeds; max_len changes the stored layers
+FIXED = {"seed", "max_len"}
+
+
+def grid_points(grid: dict[str, list[Any]]) -> list[dict[str, Any]]:
+    """Every combination of the grid's values, in the grid's key and value order."""
+    keys = list(grid)
+    return [dict(zip(keys, values, strict=True)) for values in itertools.product(*grid.values())]
+
+
+class SweepParams(RunParams):
+    """A run's parameters plus the grid (``classifier.<field>`` -> values) and the seeds."""
+
+    grid: dict[str, list[Any]] = Field(min_length=1)
+    seeds: int = Field(3, ge=1, le=100)
+
+    @model_validator(mode="after")
+    def _check_grid(self) -> SweepParams:
+        names = {f.name for f in fields(ClassifierConfig)}
+        for key, values in self.grid.items():
+            section, _, name = key.partition(".")
+            if section != "classifier" or name not in names:
+                raise ValueError(
+                    f"grid key {key!r}: a sweep varies classifier settings "
+                    f"(classifier.<field>, one of {sorted(names - FIXED)})"
+                )
+            if name in FIXED:
+                raise ValueError(
+                    f"grid key {key!r} cannot be swept: "
+                    + ("use --seeds" if name == "seed" else "it changes the stored layers")
+                )
+            if not values:
+                raise ValueError(f"grid key {key!r} has no values")
+            if len(set(map(repr, values))) != len(values):
+                raise ValueError(f"grid key {key!r} repeats a value: {values}")
+        for point in self.points():  # every point is a valid classifier config, before any run
+            self.classifier_config(point, 0)
+        return self
+
+    def points(self) -> list[dict[str, Any]]:
+        return grid_points(self.grid)
+
+    def classifier_config(self, point: dict[str, Any], seed_index: int) -> ClassifierConfig:
+        """The classifier settings of one point and seed: the run's (profile + overrides) with
+        the point's values, validated as a run's are; seed = the run's seed + seed_index."""
+        base = self.resolve().classifier
+        values = {k.partition(".")[2]: v for k, v in point.items()}
+        over = {**self.overrides.get("classifier", {}), **values, "seed": base.seed + seed_index}
+        try:
+            return resolve_sections(
+                self.profile, {**self.overrides, "classifier": over}, self.device
+            ).classifier
+        except ValueError as e:
+            raise ValueError(f"grid point {point}: {e}") from None
+
+
+def mean_std(xs: list[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (n - 1; nan for one value)."""
+    return statistics.fmean(xs), statistics.stdev(xs) if len(xs) > 1 else math.nan
+
+
+def sweep_markdown(rows: list[dict[str, Any]], keys: list[str], seeds: list[int]) -> str:
+    head = ["point", *keys, "strategy", "test accuracy (mean ± std)", "best val accuracy"]
+    head += [f"seed {s}" for s in seeds]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    best = max(rows, key=lambda r: r["val_accuracy_mean"])
+    for r in rows:
+        mark = " **(best val)**" if r is best else ""
+        cells = [f"{r['point_index']}{mark}", *[str(r["point"][k]) for k in keys], r["strategy"]]
+        cells += [
+            f"{r['test_accuracy_mean']:.4f} ± {r['test_accuracy_std']:.4f}",
+            f"{r['val_accuracy_mean']:.4f} ± {r['val_accuracy_std']:.4f}",
+            *[f"{a:.4f}" for a in r["test_accuracy"]],
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+@flow(name="elmo-news-sweep", task_runner=ThreadPoolTaskRunner(max_workers=PARALLEL))
+def elmo_news_sweep(
+    grid: dict[str, list[Any]],
+    seeds: int = 3,
+    profile: Profile = "smoke",
+    data: str = AG_NEWS_URL,
+    pretrain_corpus: list[str] | None = None,
+    home: str | None = None,
+    strategies: list[Strategy] | None = None,
+    device: str = "auto",
+    text_columns: list[str] | None = None,
+    label_column: str = "",
+    overrides: dict[str, dict[str, Any]] | None = None,
+    bilm: str = "",
+    task_runner: str = "",
+    dask_address: str = "",
+) -> dict[str, Any]:
+    """Sweep the classifier over ``grid`` x ``seeds`` seeds (strategies default: wsum)."""
+    params = SweepParams(
+        grid=grid,
+        seeds=seeds,
+        profile=profile,
+        data=data,
+        pretrain_corpus=pretrain_corpus or [],
+        home=home,
+        strategies=strategies or ["wsum"],
+        device=device,
+        text_columns=text_columns or [],
+        label_column=label_column,
+        overrides=overrides or {},
+        bilm=bilm,
+        task_runner=task_runner,
+        dask_address=dask_address,
+    )
+    cfg = params.resolve()
+    runner, address = params.runner()
+    h = Home(params.home_dir())
+    home_s = str(h.root)
+    log = get_run_logger()
+    log.info("allocator tuned for training: %s", tune_allocator())
+    points = params.points()
+    seed_list = [cfg.classifier.seed + i for i in range(params.seeds)]
+    tracker = Tracker(h.mlflow_uri())
+    flow_run = get_run_context().flow_run
+    parent = tracker.start_parent(
+        run_name=f"sweep-{flow_run.name}",
+        params={
+            "profile": profile,
+            "data": data,
+            "grid": params.grid,
+            "seeds": seed_list,
+            "strategies": params.strategies,
+            "bilm": bilm,
+            "task_runner": runner,
+        },
+        tags={"prefect_flow_run_id": str(flow_run.id), "profile": profile, "kind": "sweep"},
+    )
+    t_all = time.perf_counter()
+    timings: dict[str, float] = {}
+    keys = list(params.grid)
+    try:
+        n_fits = len(points) * len(params.strategies) * len(seed_list)
+        with fanout(runner, address, h.root, n_fits) as fan:
+            up = upstream(params, cfg, h, tracker, fan, timings, with_baseline=False)
+            logged = log_upstream(tracker, up, params, cfg)
+            jobs = []  # (point index, strategy, seed, args, point run id, future)
+            t = time.perf_counter()
+            for i, point in enumerate(points):
+                for s in params.strategies:
+                    point_run = tracker.client.create_run(
+                        tracker.experiment_id,
+                        run_name=f"point-{i}-{s}",
+                        tags={
+                            "mlflow.parentRunId": parent,
+                            "stage": "sweep-point",
+                            "strategy": s,
+                            "sweep_point": str(i),
+                        },
+                    ).info.run_id
+                    tracker.log_params(point_run, {**point, "strategy": s, "seeds": seed_list})
+                    target = {"uri": tracker.uri, "parent_run_id": point_run}
+                    for k in range(len(seed_list)):
+                        c = params.classifier_config(point, k)
+                        args = (up.feats, up.bilm_dir, up.dataset, s, home_s, c, device, target)
+                        future = fan.submit(_with_storage(classify, h), *args)
+                        jobs.append((i, s, seed_list[k], args, point_run, future))
+            dirs = [_checked(classify, h, j[5].result(), *j[3]) for j in jobs]
+            timings["classifiers"] = time.perf_counter() - t
+
+        rows: dict[tuple[int, str], dict[str, Any]] = {}
+        for (i, s, seed, _, point_run, _), d in zip(jobs, dirs, strict=True):
+            child = Tracker(tracker.uri, point_run)
+            tags = {
+                **logged["common"],
+                "strategy": s,
+                "seed": str(seed),
+                "code_version": code_version(CLASSIFIER.modules),
+            }
+            _, cached = child.log_stage(
+                f"classifier-{s}-seed{seed}", Path(d), tags, logged["splits"]
+            )
+            m = read_json(Path(d) / "metrics.json")
+            row = rows.setdefault(
+                (i, s),
+                {
+                    "point_index": i,
+                    "point": points[i],
+                    "strategy": s,
+                    "run_id": point_run,
+                    "seeds": [],
+                    "test_accuracy": [],
+                    "val_accuracy": [],
+                    "dirs": [],
+                    "cached": [],
+                },
+            )
+            row["seeds"].append(seed)
+            row["test_accuracy"].append(m["test_accuracy"])
+            row["val_accuracy"].append(m["best_val_accuracy"])
+            row["dirs"].append(d)
+            row["cached"].append(cached)
+        for r in rows.values():
+            r["test_accuracy_mean"], r["test_accuracy_std"] = mean_std(r["test_accuracy"])
+            r["val_accuracy_mean"], r["val_accuracy_std"] = mean_std(r["val_accuracy"])
+            for seed, acc in zip(r["seeds"], r["test_accuracy"], strict=True):
+                tracker.log_metrics(r["run_id"], {"test_accuracy": acc}, step=seed)
+            tracker.log_metrics(
+                r["run_id"],
+                {k: r[k] for k in r if k.endswith(("_mean", "_std")) and not math.isnan(r[k])},
+            )
+            tracker.finish(r["run_id"])
+            tracker.log_metrics(
+                parent,
+                {
+                    f"point{r['point_index']}.{r['strategy']}.test_accuracy_mean": r[
+                        "test_accuracy_mean"
+                    ]
+                },
+            )
+        table = list(rows.values())
+        timings["total"] = time.perf_counter() - t_all
+        tracker.log_metrics(parent, {f"wall_s.{k}": v for k, v in timings.items()})
+        md = sweep_markdown(table, keys, seed_list)
+        md += (
+            f"\n\n{len(jobs)} classifier fits ({len(points)} points x {len(params.strategies)} "
+            f"strategies x {len(seed_list)} seeds) on {runner}"
+            + (f" ({len(fan.workers)} Dask workers)" if fan.workers else "")
+            + f": {timings['classifiers']:.0f} s; std is the sample std over seeds."
+        )
+        tracker.log_text(parent, md, "summary.md")
+        create_markdown_artifact(
+            markdown=f"# elmo-news sweep ({profile})\n\n{md}",
+            key="elmo-news-sweep",
+            description="Test accuracy per grid point: mean ± std over seeds",
+        )
+        log.info("sweep\n%s", md)
+        log.info("MLflow UI: http://127.0.0.1:5000/#%s", runs_path(tracker.experiment_id, parent))
+        summary = {
+            "parent_run_id": parent,
+            "home": home_s,
+            "bilm": up.bilm_dir,
+            "features": up.feats,
+            "grid": params.grid,
+            "seeds": seed_list,
+            "points": table,
+            "timings": timings,
+            "task_runner": runner,
+            "dask_workers": fan.workers,
+            "markdown": md,
+        }
+        write_json(h.runs / "sweeps" / f"{parent}.json", summary)
+        tracker.finish(parent)
+        return summary
+    except BaseException:
+        tracker.finish(parent, "FAILED")
+        raise
