@@ -75,13 +75,12 @@ def _probe(token: str, expect: str) -> dict[str, Any]:
     return out
 
 
-def _set_share(shares: dict[str, int]) -> int:
-    from distributed import get_worker
-
+def _set_share(shares: dict[str, int], dask_worker: Any = None) -> int:
+    """Runs on each worker (``client.run`` passes the worker as ``dask_worker``)."""
     from flows.runtime import tune_allocator
 
     tune_allocator()  # as in the flow process: freed training memory stays for reuse
-    n = shares[get_worker().address]
+    n = shares[dask_worker.address]
     os.environ[WORKER_THREADS_ENV] = str(n)
     return n
 

@@ -209,9 +209,9 @@ def elmo_news_sweep(
                 "seed": str(seed),
                 "code_version": code_version(CLASSIFIER.modules),
             }
-            _, cached = child.log_stage(
-                f"classifier-{s}-seed{seed}", Path(d), tags, logged["splits"]
-            )
+            name = f"classifier-{s}-seed{seed}"
+            run_id, cached = child.log_stage(name, Path(d), tags, logged["splits"])
+            tracker.client.update_run(run_id, name=name)  # a live run has the task's name
             m = read_json(Path(d) / "metrics.json")
             row = rows.setdefault(
                 (i, s),
