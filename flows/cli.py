@@ -204,7 +204,8 @@ def run(
         str, typer.Option(help="smoke | sample | full | seed | news | elmo-original")
     ] = "smoke",
     data: Annotated[
-        str | None, typer.Option(help="dataset folder/file or URL (default: AG News)")
+        str | None,
+        typer.Option(help="dataset folder/file, URL or s3://bucket/prefix (default: AG News)"),
     ] = None,
     pretrain_corpus: Annotated[
         list[str] | None, typer.Option(help="extra unlabeled text (repeatable)")

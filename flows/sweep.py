@@ -20,7 +20,7 @@ from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
 from prefect.context import get_run_context
 from prefect.task_runners import ThreadPoolTaskRunner
-from pydantic import Field, model_validator
+from pydantic import Field, ValidationError, model_validator
 
 from elmo_core.config import ClassifierConfig
 from flows.fanout import fanout
@@ -85,6 +85,9 @@ class SweepParams(RunParams):
             return resolve_sections(
                 self.profile, {**self.overrides, "classifier": over}, self.device
             ).classifier
+        except ValidationError as e:  # one line: what the point's value broke
+            why = "; ".join(err["msg"].removeprefix("Value error, ") for err in e.errors())
+            raise ValueError(f"grid point {point}: {why}") from None
         except ValueError as e:
             raise ValueError(f"grid point {point}: {e}") from None
 
