@@ -36,18 +36,43 @@ def ensure_registry_limit() -> None:
 
 
 @contextmanager
-def registry_slot(timeout_s: float = 900) -> Iterator[None]:
+def registry_slot(timeout_s: float = 900, lease_s: float = 600) -> Iterator[None]:
     """Hold the registry for a read-decide-write (register once per key; compare with the
     champion, move the alias). Against a tracking server, a local file lock guarantees
     nothing: the slot is one of the Prefect server's ``elmo-news-registry`` global concurrency
     limit (limit 1), which every run and worker that shares the Prefect server shares. (The
     embedded server of a lone ``elmo-news run`` is its own; a local sqlite store is also
-    serialised by its file lock.)"""
-    from prefect.concurrency.sync import concurrency
+    serialised by its file lock.)
+
+    The lease (``lease_s``, far above the step's ~10 s) frees the slot if this process dies
+    holding it. A fresh client per call, on the server the current settings name: Prefect's
+    own slot service keeps the first server it talked to for the process's life."""
+    import time
+
+    import httpx
+    from prefect.client.orchestration import get_client
 
     ensure_registry_limit()
-    with concurrency(REGISTRY_LIMIT, occupy=1, timeout_seconds=timeout_s, strict=True):
+    deadline = time.monotonic() + timeout_s
+    with get_client(sync_client=True) as client:
+        while True:
+            try:
+                resp = client.increment_concurrency_slots_with_lease(
+                    [REGISTRY_LIMIT], 1, "concurrency", lease_s
+                )
+                lease_id = resp.json()["lease_id"]
+                break
+            except httpx.HTTPStatusError as e:
+                if e.response.status_code != 423 or time.monotonic() > deadline:
+                    raise
+                time.sleep(min(float(e.response.headers.get("Retry-After", 1)), 5.0))
+    try:
         yield
+    finally:
+        from uuid import UUID
+
+        with get_client(sync_client=True) as client:
+            client.release_concurrency_slots_with_lease(UUID(str(lease_id)))
 
 
 @task(name="register-model")
