@@ -99,8 +99,6 @@ def _cli_env(tmp_path: Path) -> dict[str, str]:
         (["run", "--data", str(AG), "--bilm", "models:/elmo-news-bilm/7"], "error: models:/elmo-news-bilm/7: no such model version"),
         (["run", "--data", str(AG), "--bilm", "/no/bilm"], "error: /no/bilm: biLM folder or file does not exist"),
         (["pretrain", "--corpus", "/no/news.en-*-of-00100"], "error: /no/news.en-*-of-00100: pretrain corpus glob matches no files"),
-        (["run", "--data", str(AG), "--task-runner", "processes"], "error: task_runner: Input should be '', 'thread' or 'dask'"),
-        (["sweep", "--data", str(AG), "--grid", "classifier.seed=1,2"], "error: grid key 'classifier.seed' cannot be swept: use --seeds"),
     ],
 )  # fmt: skip
 def test_a_user_error_is_one_line_on_stderr_and_a_nonzero_exit(args, needle, tmp_path):

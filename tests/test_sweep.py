@@ -92,3 +92,16 @@ def test_table_marks_the_best_validation_point():
     assert md[0].startswith("| point | classifier.lr | strategy | test accuracy (mean ± std)")
     assert "**(best val)**" in md[3] and "0.8900 ± 0.0010" in md[3]
     assert "**(best val)**" not in md[2]
+
+
+def test_run_parameters_name_a_bad_runner():
+    from flows.params import RunParams
+
+    with pytest.raises(ValueError, match="task_runner"):
+        RunParams(data=str(AG), task_runner="processes")
+    with pytest.raises(ValueError, match="tcp://HOST:PORT"):
+        RunParams(data=str(AG), dask_address="127.0.0.1:8786")
+    assert RunParams(data=str(AG), dask_address="tcp://127.0.0.1:8786").runner() == (
+        "dask",
+        "tcp://127.0.0.1:8786",
+    )
