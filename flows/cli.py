@@ -182,6 +182,25 @@ def _server_url() -> str:
     return SubprocessASGIServer().address
 
 
+def check_run_inputs(data: str | None, corpora: list[str], bilm: str, home: str | None) -> None:
+    """``run`` and ``sweep``: the data, corpora and biLM exist (a ``models:/`` biLM in the
+    home's registry) before anything starts; a miss exits as a user error."""
+    with user_errors():
+        for what, path in [
+            ("data", data or "https://"),
+            *[("pretrain corpus", c) for c in corpora],
+        ]:
+            check_readable(what, path)
+        if bilm and not bilm.startswith("models:/"):
+            check_readable("biLM", bilm)
+    if bilm.startswith("models:/"):
+        _tracking(home)
+        from storage.registry import check_model_uri
+
+        with user_errors():
+            check_model_uri(bilm)
+
+
 def parse_overrides(items: list[str]) -> dict[str, dict[str, Any]]:
     """``section.field=value`` (value parsed as JSON when it can be) -> nested dict."""
     out: dict[str, dict[str, Any]] = {}
@@ -248,22 +267,9 @@ def run(
 ) -> None:
     """Run the whole pipeline once (ephemeral Prefect, local MLflow store, local Parquet store)."""
     prefect_defaults()
-    with user_errors():
-        # what needs no heavy import is checked before anything starts
+    with user_errors():  # what needs no heavy import is checked before anything starts
         overrides = parse_overrides(set_ or [])
-        for what, path in [
-            ("data", data or "https://"),
-            *[("pretrain corpus", c) for c in pretrain_corpus or []],
-        ]:
-            check_readable(what, path)
-        if bilm and not bilm.startswith("models:/"):
-            check_readable("biLM", bilm)
-    if bilm.startswith("models:/"):
-        _tracking(home)
-        from storage.registry import check_model_uri
-
-        with user_errors():
-            check_model_uri(bilm)
+    check_run_inputs(data, pretrain_corpus or [], bilm, home)
     # boots in its own process while the parameters and the pipeline's modules import
     server = prestart_ephemeral_server()
     from flows.params import RunParams
@@ -367,19 +373,7 @@ def sweep(
     with user_errors():
         overrides = parse_overrides(set_ or [])
         points = parse_grid(grid)
-        for what, path in [
-            ("data", data or "https://"),
-            *[("pretrain corpus", c) for c in pretrain_corpus or []],
-        ]:
-            check_readable(what, path)
-        if bilm and not bilm.startswith("models:/"):
-            check_readable("biLM", bilm)
-    if bilm.startswith("models:/"):
-        _tracking(home)
-        from storage.registry import check_model_uri
-
-        with user_errors():
-            check_model_uri(bilm)
+    check_run_inputs(data, pretrain_corpus or [], bilm, home)
     server = prestart_ephemeral_server()
     from flows.sweep import SweepParams
     from storage.datasets import AG_NEWS_URL
