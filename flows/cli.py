@@ -217,53 +217,63 @@ def parse_overrides(items: list[str]) -> dict[str, dict[str, Any]]:
     return out
 
 
+# options that run, sweep and pretrain share, declared once
+ProfileOpt = Annotated[
+    str, typer.Option(help="smoke | sample | full | seed | news | elmo-original")
+]
+DataOpt = Annotated[
+    str | None,
+    typer.Option(help="dataset folder/file, URL or s3://bucket/prefix (default: AG News)"),
+]
+CorpusOpt = Annotated[list[str] | None, typer.Option(help="extra unlabeled text (repeatable)")]
+HomeOpt = Annotated[
+    str | None, typer.Option(help="home folder (default $ELMO_NEWS_HOME or .elmo-news)")
+]
+DeviceOpt = Annotated[str, typer.Option(help="auto | cpu | cuda")]
+TextColumnOpt = Annotated[
+    list[str] | None, typer.Option(help="your data: text column (repeatable)")
+]
+LabelColumnOpt = Annotated[str, typer.Option(help="your data: label column")]
+SetOpt = Annotated[list[str] | None, typer.Option("--set", help="override: section.field=value")]
+BilmOpt = Annotated[
+    str,
+    typer.Option(
+        help="reuse a pretrained biLM: models:/elmo-news-bilm/N, models:/elmo-news-bilm@ALIAS "
+        "or a biLM stage folder (skips vocabulary and pretraining)"
+    ),
+]
+TaskRunnerOpt = Annotated[
+    str,
+    typer.Option(
+        help="where the classifiers and the baseline run: thread | dask "
+        "(default $ELMO_NEWS_TASK_RUNNER, else thread)"
+    ),
+]
+DaskAddressOpt = Annotated[
+    str,
+    typer.Option(
+        help="Dask scheduler tcp://HOST:PORT (implies dask; default: a local cluster "
+        "sized to the machine); every worker must see the home folder at the same path"
+    ),
+]
+
+
 @app.command()
 def run(
-    profile: Annotated[
-        str, typer.Option(help="smoke | sample | full | seed | news | elmo-original")
-    ] = "smoke",
-    data: Annotated[
-        str | None,
-        typer.Option(help="dataset folder/file, URL or s3://bucket/prefix (default: AG News)"),
-    ] = None,
-    pretrain_corpus: Annotated[
-        list[str] | None, typer.Option(help="extra unlabeled text (repeatable)")
-    ] = None,
-    home: Annotated[
-        str | None, typer.Option(help="home folder (default $ELMO_NEWS_HOME or .elmo-news)")
-    ] = None,
+    profile: ProfileOpt = "smoke",
+    data: DataOpt = None,
+    pretrain_corpus: CorpusOpt = None,
+    home: HomeOpt = None,
     strategy: Annotated[
         list[str] | None, typer.Option(help="sum | wsum | function (repeatable)")
     ] = None,
-    device: Annotated[str, typer.Option(help="auto | cpu | cuda")] = "auto",
-    text_column: Annotated[
-        list[str] | None, typer.Option(help="your data: text column (repeatable)")
-    ] = None,
-    label_column: Annotated[str, typer.Option(help="your data: label column")] = "",
-    set_: Annotated[
-        list[str] | None, typer.Option("--set", help="override: section.field=value")
-    ] = None,
-    bilm: Annotated[
-        str,
-        typer.Option(
-            help="reuse a pretrained biLM: models:/elmo-news-bilm/N, models:/elmo-news-bilm@ALIAS "
-            "or a biLM stage folder (skips vocabulary and pretraining)"
-        ),
-    ] = "",
-    task_runner: Annotated[
-        str,
-        typer.Option(
-            help="where the classifiers and the baseline run: thread | dask "
-            "(default $ELMO_NEWS_TASK_RUNNER, else thread)"
-        ),
-    ] = "",
-    dask_address: Annotated[
-        str,
-        typer.Option(
-            help="Dask scheduler tcp://HOST:PORT (implies dask; default: a local cluster "
-            "sized to the machine); every worker must see the home folder at the same path"
-        ),
-    ] = "",
+    device: DeviceOpt = "auto",
+    text_column: TextColumnOpt = None,
+    label_column: LabelColumnOpt = "",
+    set_: SetOpt = None,
+    bilm: BilmOpt = "",
+    task_runner: TaskRunnerOpt = "",
+    dask_address: DaskAddressOpt = "",
 ) -> None:
     """Run the whole pipeline once (ephemeral Prefect, local MLflow store, local Parquet store)."""
     prefect_defaults()
@@ -340,32 +350,20 @@ def sweep(
         ),
     ],
     seeds: Annotated[int, typer.Option(help="seeds per point (the profile's seed + 0..n-1)")] = 3,
-    profile: Annotated[
-        str, typer.Option(help="smoke | sample | full | seed | news | elmo-original")
-    ] = "smoke",
-    data: Annotated[
-        str | None, typer.Option(help="dataset folder/file or URL (default: AG News)")
-    ] = None,
-    pretrain_corpus: Annotated[
-        list[str] | None, typer.Option(help="extra unlabeled text (repeatable)")
-    ] = None,
-    home: Annotated[
-        str | None, typer.Option(help="home folder (default $ELMO_NEWS_HOME or .elmo-news)")
-    ] = None,
+    profile: ProfileOpt = "smoke",
+    data: DataOpt = None,
+    pretrain_corpus: CorpusOpt = None,
+    home: HomeOpt = None,
     strategy: Annotated[
         list[str] | None, typer.Option(help="sum | wsum | function (repeatable; default wsum)")
     ] = None,
-    device: Annotated[str, typer.Option(help="auto | cpu | cuda")] = "auto",
-    text_column: Annotated[
-        list[str] | None, typer.Option(help="your data: text column (repeatable)")
-    ] = None,
-    label_column: Annotated[str, typer.Option(help="your data: label column")] = "",
-    set_: Annotated[
-        list[str] | None, typer.Option("--set", help="override: section.field=value")
-    ] = None,
-    bilm: Annotated[str, typer.Option(help="reuse a pretrained biLM (as `run --bilm`)")] = "",
-    task_runner: Annotated[str, typer.Option(help="thread | dask (as `run`)")] = "",
-    dask_address: Annotated[str, typer.Option(help="Dask scheduler tcp://HOST:PORT")] = "",
+    device: DeviceOpt = "auto",
+    text_column: TextColumnOpt = None,
+    label_column: LabelColumnOpt = "",
+    set_: SetOpt = None,
+    bilm: BilmOpt = "",
+    task_runner: TaskRunnerOpt = "",
+    dask_address: DaskAddressOpt = "",
 ) -> None:
     """Fan the classifier out over a grid x seeds on the same cached biLM and layers; prints
     mean ± std test accuracy per point."""
@@ -414,16 +412,10 @@ def pretrain_cmd(
         list[str],
         typer.Option(help="unlabeled text: file, folder or glob (repeatable); text/CSV/Parquet"),
     ],
-    profile: Annotated[
-        str, typer.Option(help="smoke | sample | full | seed | news | elmo-original")
-    ] = "smoke",
-    home: Annotated[
-        str | None, typer.Option(help="home folder (default $ELMO_NEWS_HOME or .elmo-news)")
-    ] = None,
-    device: Annotated[str, typer.Option(help="auto | cpu | cuda")] = "auto",
-    set_: Annotated[
-        list[str] | None, typer.Option("--set", help="override: section.field=value")
-    ] = None,
+    profile: ProfileOpt = "smoke",
+    home: HomeOpt = None,
+    device: DeviceOpt = "auto",
+    set_: SetOpt = None,
     nproc_per_node: Annotated[
         int, typer.Option(help="data-parallel ranks on this machine (torchrun; 1 = in process)")
     ] = 1,

@@ -16,13 +16,12 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 from prefect.utilities.callables import get_call_parameters
 
 from tasks.common import WORKER_THREADS_ENV, logger, visible_cores
 
-TaskRunnerName = Literal["thread", "dask"]
 RUNNER_ENV = "ELMO_NEWS_TASK_RUNNER"
 ADDRESS_ENV = "ELMO_NEWS_DASK_ADDRESS"
 

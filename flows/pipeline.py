@@ -73,7 +73,6 @@ def summary_markdown(rows: list[dict[str, Any]], timings: dict[str, float]) -> s
 class Upstream:
     """What the fanned-out stages read: stage folders up to the stored layers."""
 
-    source: str
     data_hash: str
     dataset: str
     vocab: str | None
@@ -144,15 +143,16 @@ def upstream(
     t = time.perf_counter()
     feats = _stage(features, h, bilm_dir, dataset, home_s, cfg.classifier.max_len, device)
     timings["features"] = time.perf_counter() - t
-    return Upstream(source, data_hash, dataset, vocab, bilm_dir, feats, base_future)
+    return Upstream(data_hash, dataset, vocab, bilm_dir, feats, base_future)
 
 
 def log_upstream(tracker: Tracker, up: Upstream, params: RunParams, cfg: Resolved) -> dict:
     """The ingest (and pretraining / adaptation) child runs of the parent; returns the
-    tags every child run shares and the split files."""
+    tags every child run shares, the split files and the ingest's row counts."""
     common = {"data_sha256": up.data_hash}
     splits = split_files(up.dataset)
-    tracker.log_metrics(tracker.parent_run_id, read_json(Path(up.dataset) / "metrics.json"))
+    stats = read_json(Path(up.dataset) / "metrics.json")
+    tracker.log_metrics(tracker.parent_run_id, stats)
     tracker.log_stage("ingest", Path(up.dataset), common, splits)
     if not params.bilm:
         tracker.log_stage(
@@ -168,7 +168,7 @@ def log_upstream(tracker: Tracker, up: Upstream, params: RunParams, cfg: Resolve
             {**common, "code_version": code_version(ADAPT.modules)},
             {"train": splits["train"]},
         )
-    return {"common": common, "splits": splits}
+    return {"common": common, "splits": splits, "stats": stats}
 
 
 @flow(name="elmo-news", task_runner=ThreadPoolTaskRunner(max_workers=PARALLEL))
@@ -244,8 +244,7 @@ def elmo_news(
             base_dir = _checked(baseline, h, up.base_future.result(), *base_args)
 
         logged = log_upstream(tracker, up, params, cfg)
-        common, splits = logged["common"], logged["splits"]
-        stats = read_json(Path(dataset) / "metrics.json")
+        common, splits, stats = logged["common"], logged["splits"], logged["stats"]
         rows = []
         child_ids: dict[str, str] = {}
         for s, d in clf_dirs.items():

@@ -16,23 +16,21 @@ from storage.registry import register_and_gate, resolve_bilm
 REGISTRY_LIMIT = "elmo-news-registry"  # a Prefect global concurrency limit of 1
 
 
-def ensure_registry_limit() -> None:
+def ensure_registry_limit(client: Any) -> None:
     """Create the ``elmo-news-registry`` limit (1 slot) on the Prefect server if missing; a
     concurrent creation by another run is fine."""
-    from prefect.client.orchestration import get_client
     from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
     from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
 
-    with get_client(sync_client=True) as client:
+    try:
+        client.read_global_concurrency_limit_by_name(REGISTRY_LIMIT)
+    except ObjectNotFound:
         try:
-            client.read_global_concurrency_limit_by_name(REGISTRY_LIMIT)
-        except ObjectNotFound:
-            try:
-                client.create_global_concurrency_limit(
-                    GlobalConcurrencyLimitCreate(name=REGISTRY_LIMIT, limit=1)
-                )
-            except ObjectAlreadyExists:
-                pass
+            client.create_global_concurrency_limit(
+                GlobalConcurrencyLimitCreate(name=REGISTRY_LIMIT, limit=1)
+            )
+        except ObjectAlreadyExists:
+            pass
 
 
 @contextmanager
@@ -52,9 +50,9 @@ def registry_slot(timeout_s: float = 900, lease_s: float = 600) -> Iterator[None
     import httpx
     from prefect.client.orchestration import get_client
 
-    ensure_registry_limit()
     deadline = time.monotonic() + timeout_s
     with get_client(sync_client=True) as client:
+        ensure_registry_limit(client)
         while True:
             try:
                 resp = client.increment_concurrency_slots_with_lease(
