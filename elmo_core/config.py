@@ -172,7 +172,7 @@ class ClassifierConfig:
 
 @dataclass(frozen=True)
 class MixConfig:
-    strategy: str  # key of elmo_core.mix.STRATEGIES: sum | wsum | function
+    strategy: str  # key of elmo_core.mix.STRATEGIES: sum | wsum | function | static (ablation)
     num_layers: int  # L: layers returned by the biLM (embedding + LSTM layers)
     dim: int  # D: width of each layer (2H)
     seed: int = 0  # draws the fixed random weights of `sum`

@@ -61,6 +61,19 @@ class FunctionMix(nn.Module):
         return torch.tanh(self.linear(flat))
 
 
+class LayerSelect(nn.Module):
+    """One layer of the biLM, unchanged: with layer 0 (the biLM's context-independent token
+    vectors) it is the static-word-vector ablation that every run trains beside the strategies."""
+
+    def __init__(self, index: int) -> None:
+        super().__init__()
+        self.index = index
+
+    def forward(self, layers: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """layers (L, B, T, D), mask (B, T) unused -> (B, T, D)."""
+        return layers[self.index]
+
+
 def _uniform_logits(config: MixConfig) -> torch.Tensor:
     return torch.zeros(config.num_layers)
 
@@ -70,6 +83,9 @@ def _random_logits(config: MixConfig) -> torch.Tensor:
     g = torch.Generator().manual_seed(config.seed)
     w = torch.rand(config.num_layers, generator=g, dtype=torch.float64) + 1e-3
     return torch.log(w / w.sum()).float()
+
+
+ABLATION = "static"  # the strategy name of the static-word-vector ablation
 
 
 @dataclass(frozen=True)
@@ -93,7 +109,14 @@ STRATEGIES: dict[str, Strategy] = {
         # layer-average start is scrambled within an epoch, so this mix learns 10x slower
         lr_scale=0.1,
     ),
+    # not a layer combination: the ablation that measures what the contextual layers add
+    ABLATION: Strategy(
+        "layer 0 only: the biLM's static word vectors, no contextual layers (ablation)",
+        module=lambda c: LayerSelect(0),
+    ),
 }
+# the strategies a user chooses among (the ablation always runs beside them)
+MIX_STRATEGIES = tuple(k for k in STRATEGIES if k != ABLATION)
 
 
 def build_mix(config: MixConfig) -> nn.Module:

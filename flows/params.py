@@ -17,7 +17,7 @@ from elmo_core.config import (
     PretrainConfig,
     VocabConfig,
 )
-from elmo_core.mix import STRATEGIES
+from elmo_core.mix import MIX_STRATEGIES
 from elmo_core.training import pick_device, resolve_precision
 from flows.fanout import resolve_runner
 from storage.datasets import AG_NEWS_URL
@@ -27,7 +27,7 @@ from tasks.data import IngestConfig
 
 Profile = Literal["smoke", "sample", "full", "seed", "news", "elmo-original"]
 Strategy = Literal["sum", "wsum", "function"]
-assert set(Strategy.__args__) == set(STRATEGIES)  # type: ignore[attr-defined]
+assert Strategy.__args__ == MIX_STRATEGIES  # type: ignore[attr-defined]
 
 
 @dataclass(frozen=True)

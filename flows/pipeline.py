@@ -14,6 +14,7 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.context import get_run_context
 from prefect.task_runners import ThreadPoolTaskRunner
 
+from elmo_core.mix import ABLATION
 from flows.fanout import FanOut, fanout
 from flows.params import Profile, Resolved, RunParams, Strategy
 from flows.runtime import tune_allocator
@@ -53,16 +54,35 @@ def _stage(t: Any, home: Home, *args: Any) -> str:
     return _checked(t, home, _with_storage(t, home)(*args), *args)
 
 
+def elmo_gains(rows: list[dict[str, Any]]) -> dict[str, float]:
+    """``elmo_gain_<strategy>``: each strategy's test accuracy minus the static ablation's (in
+    accuracy units; x100 = points), i.e. what the biLM's contextual layers add."""
+    acc = {r["name"]: r["metrics"]["test_accuracy"] for r in rows}
+    static = acc.get(f"classifier-{ABLATION}")
+    if static is None:
+        return {}
+    return {
+        f"elmo_gain_{name.removeprefix('classifier-')}": a - static
+        for name, a in acc.items()
+        if name.startswith("classifier-") and name != f"classifier-{ABLATION}"
+    }
+
+
 def summary_markdown(rows: list[dict[str, Any]], timings: dict[str, float]) -> str:
+    gains = elmo_gains(rows)
     lines = [
-        "| model | test accuracy | macro F1 | weighted F1 | best val accuracy | cached |",
-        "|---|---|---|---|---|---|",
+        "| model | test accuracy | gain over static (pt) | macro F1 | weighted F1 "
+        "| best val accuracy | cached |",
+        "|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         m = r["metrics"]
+        g = gains.get(f"elmo_gain_{r['name'].removeprefix('classifier-')}")
+        gain = f"{100 * g:+.2f}" if g is not None else ""
         lines.append(
-            f"| {r['name']} | {m['test_accuracy']:.4f} | {m['test_macro_f1']:.4f} | "
-            f"{m['test_weighted_f1']:.4f} | {m.get('best_val_accuracy', float('nan')):.4f} | {r['cached']} |"
+            f"| {r['name']} | {m['test_accuracy']:.4f} | {gain} | {m['test_macro_f1']:.4f} | "
+            f"{m['test_weighted_f1']:.4f} | {m.get('best_val_accuracy', float('nan')):.4f} "
+            f"| {r['cached']} |"
         )
     lines += ["", "| stage | wall time (s) |", "|---|---|"]
     lines += [f"| {k} | {v:.1f} |" for k, v in timings.items()]
@@ -226,14 +246,16 @@ def elmo_news(
     t_all = time.perf_counter()
     timings: dict[str, float] = {}
     try:
-        with fanout(runner, address, h.root, len(params.strategies) + 1) as fan:
+        # the strategies, then the static-word-vector ablation that measures their gain
+        trained = [*params.strategies, ABLATION]
+        with fanout(runner, address, h.root, len(trained) + 1) as fan:
             up = upstream(params, cfg, h, tracker, fan, timings)
             dataset, bilm_dir, feats, vocab = up.dataset, up.bilm_dir, up.feats, up.vocab
             target = tracker.target()
             t = time.perf_counter()
             clf_args = {
                 s: (feats, bilm_dir, dataset, s, home_s, cfg.classifier, device, target)
-                for s in params.strategies
+                for s in trained
             }
             futures = {s: fan.submit(_with_storage(classify, h), *a) for s, a in clf_args.items()}
             clf_dirs = {
@@ -264,6 +286,8 @@ def elmo_news(
                     f"{r['name']}.test_macro_f1": r["metrics"]["test_macro_f1"],
                 },
             )
+        gains = elmo_gains(rows)
+        tracker.log_metrics(parent, gains)
         registry = None
         if register_model:
             best = max(
@@ -288,7 +312,8 @@ def elmo_news(
         create_markdown_artifact(
             markdown=f"# elmo-news ({profile})\n\n{md}",
             key="elmo-news-summary",
-            description="Per-strategy test metrics and the TF-IDF baseline",
+            description="Per-strategy test metrics, their gain over the static ablation, "
+            "and the TF-IDF baseline",
         )
         log.info("summary\n%s", md)
         log.info(
@@ -305,6 +330,7 @@ def elmo_news(
             "bilm": bilm_dir,
             "features": feats,
             "models": {r["name"]: {"dir": r["dir"], **r["metrics"]} for r in rows},
+            "elmo_gains": gains,
             "timings": timings,
             "rows": stats,
             "registry": registry,

@@ -17,7 +17,13 @@ from storage.tracking import find_runs
 from tests.test_flow_e2e import _task_states
 
 pytestmark = pytest.mark.e2e
-MODELS = ["classifier-sum", "classifier-wsum", "classifier-function", "baseline-tfidf"]
+MODELS = [
+    "classifier-sum",
+    "classifier-wsum",
+    "classifier-function",
+    "classifier-static",
+    "baseline-tfidf",
+]
 
 
 def _smoke(ag_slice: Path, home: Path, **kw):
@@ -55,7 +61,7 @@ def test_classifiers_run_on_the_cluster_workers(runs, dask_cluster):
     # two single-threaded workers on this machine's cores: one torch thread per task
     assert set(summary["dask_workers"]) == set(workers)
     assert set(summary["dask_workers"].values()) == {max(1, _cores() // 2)}
-    assert states["train-classifier"] == ["Completed"] * 3
+    assert states["train-classifier"] == ["Completed"] * 4
     uri = f"sqlite:///{runs['root'] / 'mlflow.db'}"
     children = find_runs(uri, f"tags.mlflow.parentRunId = '{summary['parent_run_id']}'")
     by_name = {c.info.run_name: c.data.tags for c in children}

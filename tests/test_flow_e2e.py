@@ -21,6 +21,7 @@ CHILDREN = {
     "classifier-sum",
     "classifier-wsum",
     "classifier-function",
+    "classifier-static",
     "baseline-tfidf",
 }
 FINAL = {"test_accuracy", "test_macro_f1", "test_weighted_f1", "test_precision", "test_recall"}
@@ -106,7 +107,7 @@ def test_flow_end_to_end(harness, env, ag_slice):
     home, uri = env
     first, states1 = _run(harness, ag_slice, home)
     assert all(s == "Completed" for name in HEAVY for s in states1[name]), states1
-    assert len(states1["train-classifier"]) == 3
+    assert len(states1["train-classifier"]) == 4  # 3 strategies + the static ablation
 
     # MLflow: one parent with every child, final metrics, per-epoch history, artifacts
     parent = find_runs(uri, f"attributes.run_id = '{first['parent_run_id']}'")[0]
@@ -117,7 +118,20 @@ def test_flow_end_to_end(harness, env, ag_slice):
     by_name = {c.info.run_name: c for c in children}
     assert set(by_name) == CHILDREN
     first_sha = by_name["ingest"].data.tags["data_sha256"]
-    for name in ("classifier-sum", "classifier-wsum", "classifier-function", "baseline-tfidf"):
+    static_acc = by_name["classifier-static"].data.metrics["test_accuracy"]
+    for s in ("sum", "wsum", "function"):  # each strategy's gain over the static ablation
+        acc = by_name[f"classifier-{s}"].data.metrics["test_accuracy"]
+        assert parent.data.metrics[f"elmo_gain_{s}"] == pytest.approx(acc - static_acc)
+        assert first["elmo_gains"][f"elmo_gain_{s}"] == pytest.approx(acc - static_acc)
+    assert "elmo_gain_static" not in parent.data.metrics
+    assert by_name["classifier-static"].data.tags["strategy"] == "static"
+    for name in (
+        "classifier-sum",
+        "classifier-wsum",
+        "classifier-function",
+        "classifier-static",
+        "baseline-tfidf",
+    ):
         run = by_name[name]
         assert FINAL <= set(run.data.metrics), name
         assert 0.0 <= run.data.metrics["test_accuracy"] <= 1.0
@@ -209,7 +223,7 @@ def test_flow_end_to_end(harness, env, ag_slice):
         "baseline-tfidf",
     ):
         assert states3[name] == ["Cached"], (name, states3)
-    assert states3["train-classifier"] == ["Completed"] * 3
+    assert states3["train-classifier"] == ["Completed"] * 4
 
 
 def test_bad_input_file_fails_with_a_clear_error(harness, env, tmp_path):
@@ -239,7 +253,7 @@ def test_invalidation_matrix_and_corrupt_outputs(harness, env, ag_slice, tmp_pat
         assert states[name] == ["Cached"], (name, states)
     for name in ("pretrain-bilm", "extract-layers"):
         assert states[name] == ["Completed"], (name, states)
-    assert states["train-classifier"] == ["Completed"] * 3
+    assert states["train-classifier"] == ["Completed"] * 4
 
     # a truncated Parquet file and a damaged checkpoint: detected, rebuilt, results unchanged
     train_parquet = Path(first["dataset"]) / "train.parquet"

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from elmo_core.config import MixConfig
-from elmo_core.mix import STRATEGIES, FunctionMix, ScalarMix, build_mix
+from elmo_core.mix import MIX_STRATEGIES, STRATEGIES, FunctionMix, ScalarMix, build_mix
 
 
 def _layers(seed: int = 0) -> torch.Tensor:
@@ -66,7 +66,8 @@ def test_function_mix_starts_near_tanh_of_the_layer_average():
 
 
 def test_strategies_are_data():
-    assert set(STRATEGIES) == {"sum", "wsum", "function"}
+    assert set(STRATEGIES) == {"sum", "wsum", "function", "static"}
+    assert MIX_STRATEGIES == ("sum", "wsum", "function")
     for spec in STRATEGIES.values():
         assert (spec.init_logits is None) != (spec.module is None)
 
@@ -74,3 +75,14 @@ def test_strategies_are_data():
 def test_unknown_strategy_is_a_value_error():
     with pytest.raises(ValueError, match="'max'"):
         build_mix(MixConfig("max", 3, 4))
+
+
+def test_static_ablation_reads_layer_zero_only():
+    layers = _layers()
+    mix = build_mix(MixConfig("static", 3, 4))
+    assert list(mix.parameters()) == []  # nothing to learn: no contextual layers
+    out = mix(layers)
+    assert torch.equal(out, layers[0])
+    changed = layers.clone()
+    changed[1:] += 1.0  # the contextual layers do not reach the output
+    assert torch.equal(mix(changed), out)
