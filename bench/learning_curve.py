@@ -1,5 +1,6 @@
-"""Test accuracy against the number of labelled training documents: one ELMo strategy and the
-TF-IDF baseline, each trained on stratified subsets of a finished run's train split, evaluated on
+"""Test accuracy against the number of labelled training documents: one ELMo strategy, the
+static-word-vector ablation (``classifier-static``: the biLM's layer 0 only) and the TF-IDF
+baseline, each trained on stratified subsets of a finished run's train split, evaluated on
 the whole test split.
 
 It reuses a finished run's stages (biLM, stored layers, classifier settings) from its home
@@ -29,6 +30,7 @@ import numpy as np  # noqa: E402
 
 from elmo_core.classifier_training import predict_proba, train_classifier  # noqa: E402
 from elmo_core.config import ClassifierConfig  # noqa: E402
+from elmo_core.mix import ABLATION  # noqa: E402
 from elmo_core.training import LayerStore  # noqa: E402
 from storage.datasets import read_dataset  # noqa: E402
 from storage.paths import Home, read_json  # noqa: E402
@@ -67,8 +69,10 @@ def subset_store(store: LayerStore, idx: np.ndarray) -> LayerStore:
     lens = store.offsets[idx + 1] - store.offsets[idx]
     offsets = np.concatenate([[0], np.cumsum(lens)]).astype(np.int64)
     rows = np.concatenate([np.arange(store.offsets[i], store.offsets[i + 1]) for i in idx])
-    return LayerStore(
-        features=np.ascontiguousarray(store.features[rows]),
+    return LayerStore(  # a document's rows are one contiguous range (a RowFile reads ranges)
+        features=np.concatenate(
+            [store.features[store.offsets[i] : store.offsets[i + 1]] for i in idx]
+        ),
         offsets=offsets,
         labels=store.labels[idx],
         tokens=None if store.tokens is None else store.tokens[rows],
@@ -106,13 +110,17 @@ def main() -> None:
     for fraction in sorted(args.fractions):
         idx = stratified_subset(train.labels, fraction, args.seed)
         sub = subset_store(train, idx)
-        model, _ = new_classifier(
-            run["bilm"], args.strategy, config, n_layers, dim, len(label_names)
-        )
-        t0 = time.perf_counter()
-        res = train_classifier(model, sub, val, config, device=torch.device("cpu"))
-        elmo_acc = float((predict_proba(model, test).argmax(1) == test.labels).mean())
-        elmo_s = time.perf_counter() - t0
+        fits = {}
+        for strategy in (args.strategy, ABLATION):
+            model, _ = new_classifier(
+                run["bilm"], strategy, config, n_layers, dim, len(label_names)
+            )
+            t0 = time.perf_counter()
+            res = train_classifier(model, sub, val, config, device=torch.device("cpu"))
+            acc = float((predict_proba(model, test).argmax(1) == test.labels).mean())
+            fits[strategy] = (acc, res, time.perf_counter() - t0)
+        elmo_acc, res, elmo_s = fits[args.strategy]
+        static_acc, static_res, _ = fits[ABLATION]
         vec, clf = fit_baseline([texts["train"][i] for i in idx], sub.labels, BaselineConfig())
         base_acc = float((clf.predict(vec.transform(texts["test"])) == test.labels).mean())
         point = {
@@ -122,6 +130,9 @@ def main() -> None:
             "elmo_best_val_accuracy": res.best_val_accuracy,
             "elmo_best_epoch": res.best_epoch,
             "elmo_wall_s": elmo_s,
+            "static_test_accuracy": static_acc,
+            "static_best_val_accuracy": static_res.best_val_accuracy,
+            "elmo_gain": elmo_acc - static_acc,
             "baseline_test_accuracy": base_acc,
         }
         points.append(point)

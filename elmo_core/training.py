@@ -11,6 +11,7 @@ file when one is given and present, so a killed run continues where it stopped.
 from __future__ import annotations
 
 import math
+import os
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import nullcontext
@@ -449,39 +450,139 @@ def doc_lengths(docs: Sequence[Sequence[int]], max_len: int) -> np.ndarray:
     return np.array([min(max(len(d), 1), max_len) for d in docs], dtype=np.int64)
 
 
+def window_pieces(length: int, window: int, context: int) -> list[tuple[int, int, int, int]]:
+    """How a document of ``length`` tokens is cut for the biLM: (start, stop, keep_from, keep_to)
+    per piece; the biLM reads tokens [start, stop) and the rows [keep_from, keep_to) of the
+    document are taken from it. Pieces read at most ``window`` tokens; every kept token has
+    ``context`` tokens of left and right context inside its piece (fewer only at the document's
+    own edges), so no token sits at an artificial window edge. window = 0 reads documents whole.
+    """
+    if window == 0 or length <= window:
+        return [(0, length, 0, length)]
+    core = window - 2 * context
+    if core < 1:
+        raise ValueError(f"window {window} must exceed 2 * context ({2 * context})")
+    out = []
+    for lo in range(0, length, core):
+        hi = min(length, lo + core)
+        out.append((max(0, lo - context), min(length, hi + context), lo, hi))
+    return out
+
+
 @torch.no_grad()
 def extract_layers(
     model: BiLM,
     docs: Sequence[Sequence[int]],
-    out: np.ndarray,
+    out: Any,
     offsets: np.ndarray,
     batch_size: int = 64,
     device: torch.device | None = None,
     progress: ProgressFn = no_progress,
+    window: int = 0,
+    context: int = 0,
 ) -> None:
     """Run the frozen biLM over documents and write their layers into ``out``.
 
-    out: (N_tok, L+1, 2H) float16, document i at rows offsets[i]:offsets[i+1] (from doc_lengths).
-    Documents are batched by length so padding stays small.
+    out: (N_tok, L+1, 2H) float16 rows (an array, a memmap or a ``RowFile``), document i at rows
+    offsets[i]:offsets[i+1] (from doc_lengths). Long documents are read in overlapping pieces
+    (``window_pieces``); pieces are batched by length so padding stays small, and a batch
+    holds at most ``batch_size * max(window, 64)`` tokens so long documents stay bounded in
+    memory.
     """
     device = device or pick_device()
     model.to(device).eval()
     lengths = np.diff(offsets)
-    order = np.argsort(lengths, kind="stable")
-    for i in range(0, len(order), batch_size):
-        idx = order[i : i + batch_size]
-        t = int(lengths[idx].max())
-        tokens = torch.zeros(len(idx), t, dtype=torch.long)  # (B, T)
-        for r, d in enumerate(idx):
-            ids = list(docs[d])[: lengths[d]] or [1]
+    pieces = [  # (doc, start, stop, keep_from, keep_to)
+        (d, *p)
+        for d in range(len(lengths))
+        for p in window_pieces(int(lengths[d]), window, context)
+    ]
+    pieces.sort(key=lambda p: p[2] - p[1])  # stable: by piece length
+    budget = batch_size * max(window, 64)
+    batches: list[list[tuple[int, int, int, int, int]]] = [[]]
+    for p in pieces:
+        t = p[2] - p[1]
+        if batches[-1] and (len(batches[-1]) >= batch_size or (len(batches[-1]) + 1) * t > budget):
+            batches.append([])
+        batches[-1].append(p)
+    done_docs = 0
+    for batch in batches:
+        t = max(p[2] - p[1] for p in batch)
+        tokens = torch.zeros(len(batch), t, dtype=torch.long)  # (B, T)
+        for r, (d, start, stop, _, _) in enumerate(batch):
+            ids = list(docs[d])[start:stop] or [1]  # an empty document: one <unk>
             tokens[r, : len(ids)] = torch.tensor(ids)
         mask = tokens != 0  # (B, T)
         with autocast(device, "fp32"):  # stored features do not depend on the machine's bf16
             layers = model(tokens.to(device), mask.to(device)).layers  # (L+1, B, T, 2H)
         layers = layers.permute(1, 2, 0, 3).to("cpu", torch.float16).numpy()  # (B, T, L+1, 2H)
-        for r, d in enumerate(idx):
-            out[offsets[d] : offsets[d + 1]] = layers[r, : lengths[d]]
-        progress(min(i + batch_size, len(order)), len(order), {})
+        for r, (d, start, _, lo, hi) in enumerate(batch):
+            out[offsets[d] + lo : offsets[d] + hi] = layers[r, lo - start : hi - start]
+            done_docs += hi == lengths[d]
+        progress(min(done_docs, len(lengths)), len(lengths), {})
+
+
+class RowFile:
+    """A (N, ...) float16 ``.npy`` file read and written by row ranges with pread / pwrite.
+
+    The stored layers of a large dataset are many GB: a memory map of them counts every page
+    it touched in the process's resident memory, these reads go through the page cache only,
+    so the classifier's memory stays bounded by its batches."""
+
+    def __init__(self, path: Path, shape: tuple[int, ...] | None = None) -> None:
+        self.path = Path(path)
+        if shape is not None:  # create: header, then the file extended to its full size
+            self.shape = tuple(int(x) for x in shape)
+            self.dtype = np.dtype(np.float16)
+            with open(self.path, "wb") as f:
+                np.lib.format.write_array_header_1_0(
+                    f,
+                    {"descr": np.lib.format.dtype_to_descr(self.dtype), "fortran_order": False,
+                     "shape": self.shape},
+                )  # fmt: skip
+                self.header = f.tell()
+                f.truncate(self.header + int(np.prod(self.shape)) * self.dtype.itemsize)
+            self._fd = os.open(self.path, os.O_RDWR)
+        else:
+            # the header only: a map that is never read adds nothing to resident memory
+            m = np.load(self.path, mmap_mode="r")
+            if not m.flags.c_contiguous:
+                raise ValueError(f"{self.path}: Fortran-ordered arrays are not supported")
+            self.shape, self.dtype, self.header = tuple(m.shape), m.dtype, int(m.offset)
+            del m
+            self._fd = os.open(self.path, os.O_RDONLY)
+        self.row_bytes = int(np.prod(self.shape[1:])) * self.dtype.itemsize
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def _range(self, key: slice) -> tuple[int, int]:
+        if not isinstance(key, slice) or key.step not in (None, 1):
+            raise TypeError(f"RowFile takes contiguous row slices, got {key!r}")
+        lo, hi, _ = key.indices(self.shape[0])
+        return lo, max(lo, hi)
+
+    def __getitem__(self, key: slice) -> np.ndarray:
+        lo, hi = self._range(key)
+        raw = os.pread(self._fd, (hi - lo) * self.row_bytes, self.header + lo * self.row_bytes)
+        return np.frombuffer(raw, dtype=self.dtype).reshape(hi - lo, *self.shape[1:])
+
+    def __setitem__(self, key: slice, value: np.ndarray) -> None:
+        lo, hi = self._range(key)
+        data = np.ascontiguousarray(value, dtype=self.dtype)
+        if data.shape != (hi - lo, *self.shape[1:]):
+            raise ValueError(
+                f"rows {lo}:{hi} take shape {(hi - lo, *self.shape[1:])}, got {data.shape}"
+            )
+        os.pwrite(self._fd, data.tobytes(), self.header + lo * self.row_bytes)
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+    def __del__(self) -> None:
+        self.close()
 
 
 # --------------------------------------------------------------------------- classifier
@@ -491,7 +592,7 @@ def extract_layers(
 class LayerStore:
     """Precomputed biLM layers of a document set, flat over tokens (no padding stored)."""
 
-    features: np.ndarray  # (N_tok, L, D) float16, may be a memmap
+    features: Any  # (N_tok, L, D) float16: an array, a memmap or a RowFile
     offsets: np.ndarray  # (N+1,) int64 row offsets per document
     labels: np.ndarray  # (N,) int64 class ids (or -1 when unknown)
     tokens: np.ndarray | None = None  # (N_tok,) int32 vocabulary ids of the same tokens
@@ -543,12 +644,14 @@ def layer_store_for(
     max_len: int,
     labels: np.ndarray | None = None,
     device: torch.device | None = None,
+    window: int = 0,
+    context: int = 0,
 ) -> LayerStore:
     """In-memory LayerStore of documents (ids): the same float16 layers, batching and truncation
     as the pipeline's layer-extraction stage, so predictions reproduce the evaluated ones."""
     offsets = np.concatenate([[0], np.cumsum(doc_lengths(docs, max_len))]).astype(np.int64)
     out = np.zeros((int(offsets[-1]), model.num_output_layers, model.output_dim), dtype=np.float16)
-    extract_layers(model, docs, out, offsets, device=device)
+    extract_layers(model, docs, out, offsets, device=device, window=window, context=context)
     tokens = np.zeros(int(offsets[-1]), dtype=np.int32)
     for i, d in enumerate(docs):
         ids = list(d)[: offsets[i + 1] - offsets[i]] or [1]

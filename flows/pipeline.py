@@ -161,18 +161,28 @@ def upstream(
         bilm_dir = _stage(pretrain, h, *bilm_args)
     timings["pretrain"] = time.perf_counter() - t
     t = time.perf_counter()
-    feats = _stage(features, h, bilm_dir, dataset, home_s, cfg.classifier.max_len, device)
+    c = cfg.classifier
+    feats = _stage(features, h, bilm_dir, dataset, home_s, c.max_len, c.window, c.context, device)
     timings["features"] = time.perf_counter() - t
     return Upstream(data_hash, dataset, vocab, bilm_dir, feats, base_future)
 
 
 def log_upstream(tracker: Tracker, up: Upstream, params: RunParams, cfg: Resolved) -> dict:
     """The ingest (and pretraining / adaptation) child runs of the parent; returns the
-    tags every child run shares, the split files and the ingest's row counts."""
+    tags every child run shares, the split files, the ingest's row counts and what the
+    ``max_len`` cap cut."""
     common = {"data_sha256": up.data_hash}
     splits = split_files(up.dataset)
     stats = read_json(Path(up.dataset) / "metrics.json")
     tracker.log_metrics(tracker.parent_run_id, stats)
+    # what max_len cut: documents and tokens per split, and the document lengths
+    cut = {
+        k: v
+        for k, v in read_json(Path(up.feats) / "metrics.json").items()
+        if k.startswith(("docs_cut_", "tokens_cut", "doc_tokens_"))
+    }
+    tracker.log_metrics(tracker.parent_run_id, cut)
+    stats = {**stats, **cut}
     tracker.log_stage("ingest", Path(up.dataset), common, splits)
     if not params.bilm:
         tracker.log_stage(

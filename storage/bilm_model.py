@@ -20,7 +20,8 @@ from elmo_core.checkpoint import load_bilm
 from elmo_core.text import tokenize
 from elmo_core.training import layer_store_for, pick_device
 
-MAX_LEN = 512  # tokens per document the embedding reads
+MAX_LEN = 1024  # tokens per document the embedding reads
+WINDOW, CONTEXT = 128, 32  # the biLM's pieces of long documents (ClassifierConfig's defaults)
 
 
 class BiLMEmbedder(mlflow.pyfunc.PythonModel):
@@ -32,7 +33,9 @@ class BiLMEmbedder(mlflow.pyfunc.PythonModel):
         self, context: Any, model_input: pd.DataFrame, params: dict | None = None
     ) -> pd.DataFrame:
         docs = [self.vocab.encode(tokenize(str(t))) for t in model_input["text"].tolist()]
-        store = layer_store_for(self.bilm, docs, MAX_LEN, device=self.device)
+        store = layer_store_for(
+            self.bilm, docs, MAX_LEN, device=self.device, window=WINDOW, context=CONTEXT
+        )
         out, lens = [], np.diff(store.offsets)
         for i in range(len(docs)):
             rows = np.asarray(store.features[store.offsets[i] : store.offsets[i + 1]], np.float64)

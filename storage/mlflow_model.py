@@ -27,7 +27,10 @@ class ELMoNewsModel(mlflow.pyfunc.PythonModel):
 
     def predict_tokens(self, tokens: list[list[str]]) -> np.ndarray:
         docs = [self.vocab.encode(t) for t in tokens]
-        store = layer_store_for(self.bilm, docs, self.classifier.config.max_len, device=self.device)
+        c = self.classifier.config  # the stage's own cap and biLM windows: the evaluated layers
+        store = layer_store_for(
+            self.bilm, docs, c.max_len, device=self.device, window=c.window, context=c.context
+        )
         return predict_proba(self.classifier, store, self.device)
 
     def predict(

@@ -9,7 +9,13 @@ import numpy as np
 from prefect import task
 
 from elmo_core.checkpoint import load_bilm
-from elmo_core.training import LayerStore, doc_lengths, extract_layers, pick_device
+from elmo_core.training import (
+    LayerStore,
+    RowFile,
+    doc_lengths,
+    extract_layers,
+    pick_device,
+)
 from storage.datasets import read_dataset
 from storage.paths import Home, build_stage, write_json
 from tasks.common import STAGE_OPTS, Stage, cache_key, set_threads
@@ -25,11 +31,14 @@ def _features_key(
     dataset: str,
     home: str,
     max_len: int,
+    window: int = 0,
+    context: int = 0,
     device: str = "auto",
     tracking: dict[str, str] | None = None,
 ) -> str:
     return FEATURES.key(
-        {"bilm": stage_id(bilm_dir), "dataset": stage_id(dataset)}, {"max_len": max_len}
+        {"bilm": stage_id(bilm_dir), "dataset": stage_id(dataset)},
+        {"max_len": max_len, "window": window, "context": context},
     )
 
 
@@ -39,36 +48,61 @@ def features(
     dataset: str,
     home: str,
     max_len: int,
+    window: int = 0,
+    context: int = 0,
     device: str = "auto",
     tracking: dict[str, str] | None = None,
 ) -> str:
-    """Run the frozen biLM once over every split; layers stored flat as float16 .npy files.
+    """Run the frozen biLM once over every split, whole documents up to ``max_len`` tokens,
+    long ones in overlapping pieces (``window``, ``context``); layers stored flat as float16
+    .npy files, and how many documents ``max_len`` cut, by how much, in metrics.json.
     (``tracking`` is accepted like every stage's; this stage has no MLflow run of its own.)"""
-    out = Home(home).stage_dir("features", _features_key(bilm_dir, dataset, home, max_len))
-    return build_stage(out, lambda d: _build(bilm_dir, dataset, d, max_len, device))
+    key = _features_key(bilm_dir, dataset, home, max_len, window, context)
+    out = Home(home).stage_dir("features", key)
+    return build_stage(
+        out, lambda d: _build(bilm_dir, dataset, d, max_len, window, context, device)
+    )
 
 
-def _build(bilm_dir: str, dataset: str, out: Path, max_len: int, device: str) -> None:
+def _build(
+    bilm_dir: str, dataset: str, out: Path, max_len: int, window: int, context: int, device: str
+) -> None:
     set_threads()
     model, vocab = load_bilm(Path(bilm_dir) / "bilm.pt")
     t0 = time.perf_counter()
     n_tokens = 0
+    metrics: dict[str, float] = {}
     for split in SPLITS:
         df = read_dataset(Path(dataset) / f"{split}.parquet")
         docs = [vocab.encode(t) for t in df["tokens"].to_list()]
+        full = np.array([len(d) for d in docs], dtype=np.int64)
         offsets = np.concatenate([[0], np.cumsum(doc_lengths(docs, max_len))]).astype(np.int64)
+        cut = np.maximum(full - max_len, 0)
+        metrics.update(
+            {
+                f"docs_cut_{split}": int((cut > 0).sum()),
+                f"tokens_cut_{split}": int(cut.sum()),
+                f"tokens_cut_fraction_{split}": float(cut.sum() / max(int(full.sum()), 1)),
+                f"doc_tokens_max_{split}": int(full.max(initial=0)),
+                f"doc_tokens_mean_{split}": float(full.mean()) if len(full) else 0.0,
+            }
+        )
         tmp = out / f".layers_{split}.npy.tmp"
         tmp.parent.mkdir(parents=True, exist_ok=True)
-        arr = np.lib.format.open_memmap(
-            tmp,
-            mode="w+",
-            dtype=np.float16,
-            shape=(int(offsets[-1]), model.num_output_layers, model.output_dim),
-        )
+        # written with pwrite, not a memory map: resident memory stays one batch of layers
+        arr = RowFile(tmp, (int(offsets[-1]), model.num_output_layers, model.output_dim))
         with stage_progress(f"layers {split}", unit="documents") as progress:
-            extract_layers(model, docs, arr, offsets, device=pick_device(device), progress=progress)
-        arr.flush()
-        del arr
+            extract_layers(
+                model,
+                docs,
+                arr,
+                offsets,
+                device=pick_device(device),
+                progress=progress,
+                window=window,
+                context=context,
+            )
+        arr.close()
         tmp.replace(out / f"layers_{split}.npy")
         tokens = np.zeros(int(offsets[-1]), dtype=np.int32)  # (N_tok,) ids of the stored rows
         for i, d in enumerate(docs):
@@ -78,15 +112,14 @@ def _build(bilm_dir: str, dataset: str, out: Path, max_len: int, device: str) ->
         np.save(out / f"offsets_{split}.npy", offsets)
         np.save(out / f"labels_{split}.npy", df["label"].to_numpy().astype(np.int64))
         n_tokens += int(offsets[-1])
-    write_json(
-        out / "metrics.json", {"feature_tokens": n_tokens, "wall_s": time.perf_counter() - t0}
-    )
+    metrics.update({"feature_tokens": n_tokens, "wall_s": time.perf_counter() - t0})
+    write_json(out / "metrics.json", metrics)
 
 
 def layer_store(features_dir: str, split: str) -> LayerStore:
     d = Path(features_dir)
     return LayerStore(
-        features=np.load(d / f"layers_{split}.npy", mmap_mode="r"),
+        features=RowFile(d / f"layers_{split}.npy"),  # read by row ranges: bounded memory
         offsets=np.load(d / f"offsets_{split}.npy"),
         labels=np.load(d / f"labels_{split}.npy"),
         tokens=np.load(d / f"tokens_{split}.npy"),

@@ -12,6 +12,7 @@ import pyarrow as pa
 import torch
 from prefect import flow, task
 
+from elmo_core.training import layer_store_for
 from storage.datasets import DataError, read_ag_csv, write_parquet
 
 
@@ -95,13 +96,22 @@ def embed_file(model_uri: str, input_path: str, output_path: str, all_layers: bo
         tokenize(t)[: wrapper.classifier.config.max_len] or ["<unk>"] for t in df["text"].to_list()
     ]
     rows, positions, words, vectors = [], [], [], []
-    bilm, mix = wrapper.bilm.eval(), wrapper.classifier.mix.eval()
+    c = wrapper.classifier.config
+    mix = wrapper.classifier.mix.eval()
+    # the layers as the classifier saw them: the same cap, the same windows over long documents
+    store = layer_store_for(
+        wrapper.bilm.eval(),
+        [wrapper.vocab.encode(t) for t in toks],
+        c.max_len,
+        window=c.window,
+        context=c.context,
+    )
     with torch.no_grad():
         for i, t in enumerate(toks):
-            ids = torch.tensor([wrapper.vocab.encode(t)])  # (1, T)
-            layers = bilm(ids, torch.ones_like(ids, dtype=torch.bool)).layers  # (L+1, 1, T, 2H)
+            doc = store.features[store.offsets[i] : store.offsets[i + 1]]  # (T, L+1, 2H)
+            layers = torch.from_numpy(doc.astype(np.float32)).permute(1, 0, 2)  # (L+1, T, 2H)
             vec = (
-                layers[:, 0].permute(1, 0, 2) if all_layers else mix(layers, None)[0]
+                layers.permute(1, 0, 2) if all_layers else mix(layers.unsqueeze(1), None)[0]
             )  # (T, L+1, 2H) | (T, D)
             for j, w in enumerate(t):
                 rows.append(int(df["row"][i]))

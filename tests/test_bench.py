@@ -50,3 +50,35 @@ def test_subset_is_stratified_seeded_and_whole_documents():
 def test_subset_fraction_out_of_range_is_refused(fraction):
     with pytest.raises(ValueError, match=str(fraction)):
         learning_curve.stratified_subset(np.arange(8) % 2, fraction, seed=0)
+
+
+def _bench(name: str):
+    spec = importlib.util.spec_from_file_location(
+        name, Path(__file__).resolve().parents[1] / "bench" / f"{name}.py"
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_r8_is_the_modapte_single_topic_split_and_pretraining_never_sees_test(tmp_path):
+    import polars as pl
+
+    from tests.conftest import REUTERS
+
+    r8 = _bench("r8")
+    counts = r8.build_r8(REUTERS, tmp_path)
+    # the literature's 5,485 / 2,189, less the articles without any text
+    assert counts["classes"] == 8
+    assert 5400 <= counts["train_docs"] <= 5485 and 2150 <= counts["test_docs"] <= 2189
+    train = pl.read_csv(tmp_path / "train.csv")
+    test = pl.read_csv(tmp_path / "test.csv")
+    assert set(train["topic"]) == set(test["topic"]) == {
+        "earn", "acq", "crude", "trade", "money-fx", "interest", "ship", "grain"
+    }  # fmt: skip
+    corpus = set(pl.read_parquet(tmp_path / "pretrain.parquet")["text"])
+    titles, bodies = test["title"].fill_null(""), test["body"].fill_null("")
+    test_texts = {f"{t}\n{b}".strip() for t, b in zip(titles, bodies, strict=True)}
+    assert corpus and not corpus & test_texts  # no TEST article in the pretraining text
+    some_train = f"{train['title'][0]}\n{train['body'][0]}".strip()
+    assert some_train in corpus

@@ -114,6 +114,10 @@ def test_flow_end_to_end(harness, env, ag_slice):
     for key in ("rows_in_train", "rows_accepted_train", "rows_quarantined_train", "rows_in_test"):
         assert key in parent.data.metrics
     assert parent.data.metrics["rows_in_train"] == 480
+    # the smoke profile caps documents at 32 tokens: what was cut is counted, per split
+    assert parent.data.metrics["docs_cut_train"] > 0
+    assert parent.data.metrics["tokens_cut_train"] >= parent.data.metrics["docs_cut_train"]
+    assert parent.data.metrics["doc_tokens_max_train"] > 32
     children = find_runs(uri, f"tags.mlflow.parentRunId = '{first['parent_run_id']}'")
     by_name = {c.info.run_name: c for c in children}
     assert set(by_name) == CHILDREN

@@ -28,6 +28,7 @@ from elmo_core.mix import build_mix
 from elmo_core.optim import LazyAdam
 from elmo_core.training import (
     LayerStore,
+    RowFile,
     autocast,
     bf16_native,
     doc_lengths,
@@ -35,6 +36,7 @@ from elmo_core.training import (
     make_windows,
     pretrain_bilm,
     resolve_precision,
+    window_pieces,
 )
 from elmo_core.vocab import Vocab
 
@@ -238,6 +240,61 @@ def test_extract_layers_writes_each_document_in_place():
     alone = m(torch.tensor([[9, 10, 11, 12]]), torch.ones(1, 4, dtype=torch.bool)).layers
     got = torch.from_numpy(out[offsets[3] : offsets[4]].astype(np.float32)).permute(1, 0, 2)
     assert torch.allclose(got, alone[:, 0], atol=2e-3)
+
+
+@pytest.mark.parametrize("length,window,context", [(1, 8, 2), (8, 8, 2), (9, 8, 2), (50, 12, 3)])
+def test_window_pieces_keep_every_token_once_with_its_context(length, window, context):
+    pieces = window_pieces(length, window, context)
+    kept = [t for _, _, lo, hi in pieces for t in range(lo, hi)]
+    assert kept == list(range(length))  # every token once, in order
+    for start, stop, lo, hi in pieces:
+        assert stop - start <= window and start <= lo < hi <= stop
+        assert lo - start == min(context, lo)  # left context, fewer only at the start
+        assert stop - hi == min(context, length - hi)  # right context, fewer only at the end
+    if length <= window:
+        assert pieces == [(0, length, 0, length)]
+
+
+def test_window_pieces_refuse_a_window_without_room_for_its_context():
+    with pytest.raises(ValueError, match="window 8 must exceed"):
+        window_pieces(20, 8, 4)
+    with pytest.raises(ValueError, match="window must be 0 or > 2 \\* context"):
+        ClassifierConfig(window=8, context=4)
+
+
+def test_windowed_extraction_places_each_piece_and_keeps_its_context(tmp_path):
+    """A long document read in pieces: layer 0 (context-free) equals the whole-document run at
+    every token, so each kept row lands in place; a contextual layer equals a run over the
+    piece the token's window read, i.e. it had its left and right context."""
+    m = _bilm().eval()
+    rng = np.random.default_rng(0)
+    docs = [rng.integers(4, 40, 37).tolist(), [5, 6], rng.integers(4, 40, 20).tolist()]
+    offsets = np.concatenate([[0], np.cumsum(doc_lengths(docs, max_len=64))])
+    out = RowFile(tmp_path / "layers.npy", (int(offsets[-1]), 3, 16))
+    extract_layers(m, docs, out, offsets, batch_size=2, device=CPU, window=12, context=3)
+    out.close()
+    got = RowFile(tmp_path / "layers.npy")
+    assert got.shape == (offsets[-1], 3, 16) and len(got) == offsets[-1]
+    doc = torch.tensor([docs[0]])
+    whole = m(doc, torch.ones_like(doc, dtype=torch.bool)).layers[:, 0]  # (L+1, T, 2H)
+    rows = torch.from_numpy(got[0:37].astype(np.float32)).permute(1, 0, 2)  # (L+1, T, 2H)
+    assert torch.allclose(rows[0], whole[0], atol=2e-3)
+    for start, stop, lo, hi in window_pieces(37, 12, 3):
+        piece = doc[:, start:stop]
+        ref = m(piece, torch.ones_like(piece, dtype=torch.bool)).layers[:, 0]
+        assert torch.allclose(rows[:, lo:hi], ref[:, lo - start : hi - start], atol=2e-3)
+    assert not torch.allclose(rows[1], whole[1], atol=2e-3)  # pieces, not the whole document
+    assert np.array_equal(np.load(tmp_path / "layers.npy"), got[0 : len(got)])  # a real .npy
+
+
+def test_row_file_reads_and_writes_row_ranges_only(tmp_path):
+    f = RowFile(tmp_path / "x.npy", (5, 2, 3))
+    f[1:3] = np.ones((2, 2, 3))
+    with pytest.raises(ValueError, match="rows 0:2 take shape"):
+        f[0:2] = np.ones((3, 2, 3))
+    with pytest.raises(TypeError, match="contiguous row slices"):
+        f[[0, 2]]
+    assert f[0:5].sum() == 12 and f[1:2].shape == (1, 2, 3)
 
 
 def test_checkpoints_round_trip(tmp_path):

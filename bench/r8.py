@@ -1,0 +1,151 @@
+"""R8 (Reuters-21578, ModApte): the labelled long-document benchmark, through the generic CSV
+ingestion, the biLM pretrained on Reuters text without the TEST documents.
+
+R8: ModApte split (``lewissplit`` TRAIN / TEST), documents with exactly one topic among the 10
+most frequent topics, the 8 most frequent of those classes (earn, acq, crude, trade, money-fx,
+interest, ship, grain); train 5,485 / test 2,189 in the literature. The pretraining text is the
+title + body of every article whose split is not TEST (TRAIN and NOT-USED), so the biLM never
+reads a test document. Then ``elmo-news run`` on it (every strategy, the static ablation, the
+TF-IDF baseline), in this process; the report has the summary, how many documents ``max_len``
+cut, the stored layers' size on disk, wall time and peak RSS.
+
+    .venv/bin/python bench/r8.py --home /tmp/r8-home [--profile sample] [--set classifier.x=...]
+
+Last line: ``r8_min_strategy_minus_tfidf=<points>``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import polars as pl  # noqa: E402
+
+REUTERS = (
+    Path(__file__).resolve().parents[2] / "shared" / "data" / "reuters21578" / "reuters21578.csv"
+)
+RESULTS = Path(__file__).parent / "results" / "r8.json"
+
+
+def build_r8(reuters: Path, out: Path) -> dict[str, int]:
+    """``out``/train.csv, test.csv (title, body, topic) and pretrain.parquet (text, non-TEST
+    articles); returns the row counts."""
+    df = pl.read_csv(reuters, infer_schema=False).with_columns(
+        pl.col("title").fill_null(""),
+        pl.col("body").fill_null(""),
+        pl.col("topics")
+        .fill_null("")
+        .str.split(";")
+        .list.eval(pl.element().filter(pl.element() != ""))
+        .alias("t"),
+    )
+    modapte = df.filter(pl.col("lewissplit").is_in(["TRAIN", "TEST"]))
+    top10 = (
+        modapte.explode("t").drop_nulls("t").group_by("t").len().sort(["len", "t"], descending=True)
+    )["t"].to_list()[:10]
+    single = modapte.filter(pl.col("t").list.len() == 1).with_columns(
+        pl.col("t").list.first().alias("topic")
+    )
+    single = single.filter(
+        pl.col("topic").is_in(top10) & ((pl.col("title") + pl.col("body")).str.strip_chars() != "")
+    )
+    classes = (single.group_by("topic").len().sort(["len", "topic"], descending=True))[
+        "topic"
+    ].to_list()[:8]
+    r8 = single.filter(pl.col("topic").is_in(classes))
+    out.mkdir(parents=True, exist_ok=True)
+    counts = {}
+    for split in ("train", "test"):
+        part = r8.filter(pl.col("lewissplit") == split.upper()).select("title", "body", "topic")
+        part.write_csv(out / f"{split}.csv", quote_style="always")
+        counts[f"{split}_docs"] = part.height
+    corpus = df.filter(pl.col("lewissplit") != "TEST").select(
+        (pl.col("title") + "\n" + pl.col("body")).str.strip_chars().alias("text")
+    )
+    corpus = corpus.filter(pl.col("text") != "")
+    corpus.write_parquet(out / "pretrain.parquet")
+    counts["pretrain_docs"] = corpus.height
+    counts["classes"] = len(classes)
+    return counts
+
+
+def _dir_bytes(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--home", required=True, help="the run's home (stages, MLflow store)")
+    ap.add_argument("--profile", default="sample")
+    ap.add_argument("--reuters", default=str(REUTERS))
+    ap.add_argument("--set", dest="sets", action="append", default=[], help="section.field=value")
+    ap.add_argument("--out", default=str(RESULTS))
+    args = ap.parse_args()
+    import torch
+
+    from bench.learning_curve import cpu_model
+    from flows.cli import parse_overrides
+    from flows.pipeline import elmo_news
+
+    home = Path(args.home)
+    data = home / "r8"
+    counts = build_r8(Path(args.reuters), data)
+    print(json.dumps(counts), flush=True)
+    t0 = time.perf_counter()
+    summary = elmo_news(
+        profile=args.profile,
+        data=str(data),
+        pretrain_corpus=[str(data / "pretrain.parquet")],
+        home=str(home),
+        text_columns=["title", "body"],
+        label_column="topic",
+        overrides=parse_overrides(args.sets),
+        register_model=False,
+    )
+    wall = time.perf_counter() - t0
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    models = {k: v["test_accuracy"] for k, v in summary["models"].items()}
+    tfidf = models["baseline-tfidf"]
+    strategies = {
+        k: v for k, v in models.items() if k.startswith("classifier-") and k != "classifier-static"
+    }
+    report = {
+        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        "machine": {
+            "cpu": cpu_model(),
+            "cpus": os.cpu_count(),
+            "torch": torch.__version__,
+            "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        },
+        "profile": args.profile,
+        "overrides": args.sets,
+        "counts": counts,
+        "test_accuracy": models,
+        "test_macro_f1": {k: v["test_macro_f1"] for k, v in summary["models"].items()},
+        "elmo_gains": summary["elmo_gains"],
+        "truncation": {
+            k: v
+            for k, v in summary["rows"].items()
+            if k.startswith(("docs_cut", "tokens_cut", "doc_tokens"))
+        },
+        "layers_disk_bytes": _dir_bytes(Path(summary["features"])),
+        "timings_s": summary["timings"],
+        "wall_s": wall,
+        "peak_rss_bytes": peak,
+    }
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(report, indent=2))
+    print(json.dumps(report, indent=2))
+    gap = min(100 * (a - tfidf) for a in strategies.values())
+    print(f"r8_min_strategy_minus_tfidf={gap:.2f}")
+
+
+if __name__ == "__main__":
+    main()
