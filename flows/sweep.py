@@ -33,8 +33,9 @@ from storage.paths import Home, read_json, write_json
 from storage.tracking import Tracker, runs_path
 from tasks.classify import CLASSIFIER, classify
 
-# settings a sweep may not vary: the seed has --seeds; max_len changes the stored layers
-FIXED = {"seed", "max_len"}
+# settings a sweep may not vary: the seed has --seeds; max_len, window and context change the
+# stored layers
+FIXED = {"seed", "max_len", "window", "context"}
 
 
 def grid_points(grid: dict[str, list[Any]]) -> list[dict[str, Any]]:
