@@ -11,7 +11,7 @@ batch better).
     .venv/bin/python bench/window_context.py --bilm HOME/stages/bilm/<key> \\
         --docs /tmp/r8-home/r8/test.csv [--min-tokens 200] [--max-docs 300]
 
-Last line: ``deviation_at_default=<mean relative deviation at window 128, context 32>``.
+Last line: ``deviation_at_default=<mean relative deviation at window 256, context 32>``.
 """
 
 from __future__ import annotations
@@ -104,7 +104,7 @@ def main() -> None:
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(report, indent=2))
     print(json.dumps({k: v for k, v in report.items() if k != "rows"}, indent=2))
-    default = next((r for r in rows if (r["window"], r["context"]) == (128, 32)), None)
+    default = next((r for r in rows if (r["window"], r["context"]) == (256, 32)), None)
     print(f"deviation_at_default={default['mean_rel_deviation'] if default else float('nan'):.4f}")
 
 

@@ -146,7 +146,7 @@ class ClassifierConfig:
     max_len: int = 1024
     # the biLM reads documents longer than this in overlapping pieces of at most this many
     # tokens (0 = whole); each kept token has `context` tokens of context on both sides
-    window: int = 128
+    window: int = 256
     context: int = 32
     seed: int = 7  # init, batch order, the `sum` strategy's random weights
     checkpoint_every: int = 200  # steps between mid-epoch checkpoints

@@ -21,7 +21,7 @@ from elmo_core.text import tokenize
 from elmo_core.training import layer_store_for, pick_device
 
 MAX_LEN = 1024  # tokens per document the embedding reads
-WINDOW, CONTEXT = 128, 32  # the biLM's pieces of long documents (ClassifierConfig's defaults)
+WINDOW, CONTEXT = 256, 32  # the biLM's pieces of long documents (ClassifierConfig's defaults)
 
 
 class BiLMEmbedder(mlflow.pyfunc.PythonModel):
