@@ -51,6 +51,19 @@ def cpu_model() -> str:
     return platform.processor()
 
 
+def machine_info() -> dict:
+    """What a bench report names as its machine: CPU, cores, torch and its CPU kernel level."""
+    import torch
+
+    return {
+        "platform": platform.platform(),
+        "cpu": cpu_model(),
+        "cpus": os.cpu_count(),
+        "torch": torch.__version__,
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+    }
+
+
 def stratified_subset(labels: np.ndarray, fraction: float, seed: int) -> np.ndarray:
     """Sorted document indices: ``fraction`` of each class (at least one), seeded."""
     if not 0.0 < fraction <= 1.0:
@@ -138,13 +151,7 @@ def main() -> None:
         points.append(point)
         print(json.dumps(point), flush=True)
     report: dict = {
-        "machine": {
-            "platform": platform.platform(),
-            "cpu": cpu_model(),
-            "cpus": os.cpu_count(),
-            "torch": torch.__version__,
-            "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-        },
+        "machine": machine_info(),
         "command": " ".join(sys.argv),
         "run": run["parent_run_id"],
         "strategy": args.strategy,

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import resource
 import sys
 import time
@@ -89,9 +88,8 @@ def main() -> None:
     ap.add_argument("--set", dest="sets", action="append", default=[], help="section.field=value")
     ap.add_argument("--out", default=str(RESULTS))
     args = ap.parse_args()
-    import torch
 
-    from bench.learning_curve import cpu_model
+    from bench.learning_curve import machine_info
     from flows.cli import parse_overrides
     from flows.pipeline import elmo_news
 
@@ -119,12 +117,7 @@ def main() -> None:
     }
     report = {
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
-        "machine": {
-            "cpu": cpu_model(),
-            "cpus": os.cpu_count(),
-            "torch": torch.__version__,
-            "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-        },
+        "machine": machine_info(),
         "profile": args.profile,
         "overrides": args.sets,
         "counts": counts,

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -29,7 +28,7 @@ import numpy as np  # noqa: E402
 import polars as pl  # noqa: E402
 import torch  # noqa: E402
 
-from bench.learning_curve import cpu_model  # noqa: E402
+from bench.learning_curve import machine_info  # noqa: E402
 from elmo_core.checkpoint import load_bilm  # noqa: E402
 from elmo_core.text import tokenize  # noqa: E402
 from elmo_core.training import doc_lengths, extract_layers  # noqa: E402
@@ -89,12 +88,7 @@ def main() -> None:
             print(json.dumps(row), flush=True)
     report = {
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
-        "machine": {
-            "cpu": cpu_model(),
-            "cpus": os.cpu_count(),
-            "torch": torch.__version__,
-            "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-        },
+        "machine": machine_info(),
         "docs": len(docs),
         "tokens": n_tok,
         "doc_tokens_mean": n_tok / max(len(docs), 1),
