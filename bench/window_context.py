@@ -5,8 +5,7 @@ Whole-document reading is the reference (it is what the LSTMs compute over the f
 piece read starts its LSTM states from zero at the piece's start, so tokens near a cut see
 less history. Reported per (window, context): the mean relative L2 deviation of the contextual
 layers from the whole-document read, its 99th percentile, the share of tokens whose deviation
-exceeds 5 %, and the extraction speed (whole documents run one long sequence per row; pieces
-batch better).
+exceeds 5 %, and the extraction speed of each setting against whole reads.
 
     .venv/bin/python bench/window_context.py --bilm HOME/stages/bilm/<key> \\
         --docs /tmp/r8-home/r8/test.csv [--min-tokens 200] [--max-docs 300]

@@ -17,11 +17,12 @@ import numpy as np
 import pandas as pd
 
 from elmo_core.checkpoint import load_bilm
+from elmo_core.config import ClassifierConfig
 from elmo_core.text import tokenize
 from elmo_core.training import layer_store_for, pick_device
 
-MAX_LEN = 1024  # tokens per document the embedding reads
-WINDOW, CONTEXT = 256, 32  # the biLM's pieces of long documents (ClassifierConfig's defaults)
+# how the embedding reads documents: the classifier's defaults (cap, biLM pieces of long ones)
+READ = ClassifierConfig()
 
 
 class BiLMEmbedder(mlflow.pyfunc.PythonModel):
@@ -34,8 +35,9 @@ class BiLMEmbedder(mlflow.pyfunc.PythonModel):
     ) -> pd.DataFrame:
         docs = [self.vocab.encode(tokenize(str(t))) for t in model_input["text"].tolist()]
         store = layer_store_for(
-            self.bilm, docs, MAX_LEN, device=self.device, window=WINDOW, context=CONTEXT
-        )
+            self.bilm, docs, READ.max_len, device=self.device, window=READ.window,
+            context=READ.context,
+        )  # fmt: skip
         out, lens = [], np.diff(store.offsets)
         for i in range(len(docs)):
             rows = np.asarray(store.features[store.offsets[i] : store.offsets[i + 1]], np.float64)
