@@ -1,6 +1,6 @@
-"""The bidirectional language model of ELMo (Peters et al. 2018), word-level.
+"""The bidirectional language model of ELMo (Peters et al. 2018).
 
-token embedding -> L-layer forward LSTM LM and L-layer backward LSTM LM (separate stacks, residual
+token encoder (a word embedding table, or ELMo's character CNN) -> L-layer forward LSTM LM and L-layer backward LSTM LM (separate stacks, residual
 connections after the first layer) -> one output softmax shared by both directions, sampled during
 training so a large vocabulary stays cheap. Letters: B batch, T time, L layers, E/H/D dims, V vocab,
 N flattened tokens, C softmax candidates.
@@ -8,6 +8,7 @@ N flattened tokens, C softmax candidates.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -260,6 +261,73 @@ class SampledSoftmax(nn.Module):
         return torch.cat(out) if out else h.new_zeros(0)
 
 
+# --------------------------------------------------------------------------- character encoder
+
+CHAR_PAD, CHAR_BOW, CHAR_EOW = 0, 1, 2  # character ids; UTF-8 byte b is id b + 3
+NUM_CHARS = 256 + 3
+
+
+def char_ids(words: Sequence[str], max_chars: int) -> torch.Tensor:
+    """Words -> (N, max_chars) long: [BOW, UTF-8 bytes + 3, EOW, PAD...], long words cut
+    (their EOW kept), as ELMo's character ids. Deterministic: no character vocabulary."""
+    out = torch.zeros(len(words), max_chars, dtype=torch.long)
+    for i, w in enumerate(words):
+        b = list(w.encode("utf-8", "replace")[: max_chars - 2])
+        out[i, : len(b) + 2] = torch.tensor([CHAR_BOW, *(x + 3 for x in b), CHAR_EOW])
+    return out
+
+
+class Highway(nn.Module):
+    """y = g * relu(W x) + (1 - g) * x, g = sigmoid(W_g x) (Srivastava et al. 2015); the gate
+    bias starts negative so each layer starts close to the identity (as ELMo's)."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.linear = nn.Linear(dim, 2 * dim)
+        with torch.no_grad():
+            self.linear.bias[dim:].fill_(-2.0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x (N, D) -> (N, D)."""
+        h, g = self.linear(x).chunk(2, dim=-1)  # (N, D) each
+        g = torch.sigmoid(g)
+        return g * F.relu(h) + (1 - g) * x
+
+
+class CharEncoder(nn.Module):
+    """ELMo's token encoder: character embeddings -> 1-D convolutions of widths 1..K -> max
+    over positions -> relu -> highway layers -> linear projection to E.
+
+    The padding character embeds to zero, and a batch's character tensor is cut to its longest
+    word plus K - 1 padding positions: every word then has windows that end in padding, so its
+    max-pool (and its vector) does not depend on which other words share its batch."""
+
+    def __init__(self, config: BiLMConfig) -> None:
+        super().__init__()
+        self.max_width = len(config.char_filters)
+        self.char_embedding = nn.Embedding(NUM_CHARS, config.char_dim, padding_idx=CHAR_PAD)
+        self.convs = nn.ModuleList(
+            nn.Conv1d(config.char_dim, n, kernel_size=k + 1)
+            for k, n in enumerate(config.char_filters)
+        )
+        width = sum(config.char_filters)
+        self.highways = nn.ModuleList(Highway(width) for _ in range(config.char_highway))
+        self.project = nn.Linear(width, config.embedding_dim)
+
+    def forward(self, chars: torch.Tensor) -> torch.Tensor:
+        """chars (N, C) long character ids -> word vectors (N, E)."""
+        used = int((chars != CHAR_PAD).sum(1).max()) if chars.numel() else 1
+        c = min(chars.shape[1], used) + self.max_width - 1
+        if chars.shape[1] < c:
+            chars = F.pad(chars, (0, c - chars.shape[1]), value=CHAR_PAD)
+        x = self.char_embedding(chars[:, :c]).transpose(1, 2)  # (N, char_dim, C)
+        pooled = [conv(x).amax(dim=-1) for conv in self.convs]  # K x (N, filters_k)
+        h = F.relu(torch.cat(pooled, dim=-1))  # (N, sum filters)
+        for hw in self.highways:
+            h = hw(h)
+        return self.project(h)  # (N, E)
+
+
 def _compute_dtype(x: torch.Tensor) -> torch.Tensor:
     """x in autocast's dtype where autocast is on (so dropout and copies run in bf16 and the
     LSTM does not cast again), else unchanged."""
@@ -309,10 +377,20 @@ class BiLM(nn.Module):
         e, h, p = config.embedding_dim, config.hidden_dim, config.projection_dim
         d = p or h  # D: what each layer carries between layers and into the softmax
         self.state_dim = d
-        self.embedding = nn.Embedding(config.vocab_size, e, padding_idx=0, sparse=True)
-        nn.init.normal_(self.embedding.weight, std=e**-0.5)
-        with torch.no_grad():
-            self.embedding.weight[0].zero_()
+        self.embedding: nn.Embedding | None = None
+        self.char_encoder: CharEncoder | None = None
+        if config.token_encoder == "char":
+            self.char_encoder = CharEncoder(config)
+            # (V, max_chars) character ids of the vocabulary's words: set_words fills it, the
+            # checkpoint carries it
+            self.register_buffer(
+                "word_chars", torch.zeros(config.vocab_size, config.max_chars, dtype=torch.long)
+            )
+        else:
+            self.embedding = nn.Embedding(config.vocab_size, e, padding_idx=0, sparse=True)
+            nn.init.normal_(self.embedding.weight, std=e**-0.5)
+            with torch.no_grad():
+                self.embedding.weight[0].zero_()
         self.project = nn.Linear(e, d) if e != d else nn.Identity()
 
         def lstm() -> nn.LSTM:
@@ -323,11 +401,47 @@ class BiLM(nn.Module):
         self.dropout_p = config.dropout
         self.softmax = SampledSoftmax(config.vocab_size, d, config.num_samples)
 
+    def set_words(self, words: Sequence[str]) -> None:
+        """The vocabulary's words (id order), read by the character encoder; a no-op for the
+        word encoder, whose table needs no spelling."""
+        if self.char_encoder is None:
+            return
+        if len(words) != self.config.vocab_size:
+            raise ValueError(f"set_words got {len(words)} words for V = {self.config.vocab_size}")
+        self.word_chars.copy_(char_ids(words, self.config.max_chars))
+
+    @property
+    def open_vocabulary(self) -> bool:
+        """True when words outside the vocabulary get their own input vectors (char encoder)."""
+        return self.char_encoder is not None
+
+    def extra_chars(self, words: Sequence[str]) -> torch.Tensor | None:
+        """Character ids (W, C) of out-of-vocabulary words, addressed as ids V.. V+W-1 by
+        ``forward``; None for the word encoder or when there are none."""
+        if self.char_encoder is None or not words:
+            return None
+        return char_ids(words, self.config.max_chars).to(self.word_chars.device)
+
+    @torch.no_grad()
+    def input_vectors(self, chunk: int = 4096) -> torch.Tensor:
+        """(V, E) the token encoder's vector of every vocabulary word (before the projection
+        to D): the start of a task token embedding."""
+        if self.char_encoder is None:
+            return self.embedding.weight.detach()
+        out = [
+            self.char_encoder(self.word_chars[i : i + chunk])
+            for i in range(0, self.config.vocab_size, chunk)
+        ]
+        vecs = torch.cat(out)
+        vecs[0] = 0.0  # <pad>
+        return vecs
+
     def sparse_parameters(self) -> list[nn.Parameter]:
         """Parameters with sparse gradients (embedding, softmax rows): for a row-sparse Adam."""
+        table = [] if self.embedding is None else [self.embedding.weight]
         if self.config.num_samples == 0:  # full softmax: dense gradients over all V rows
-            return [self.embedding.weight]
-        return [self.embedding.weight, self.softmax.weight, self.softmax.bias]
+            return table
+        return [*table, self.softmax.weight, self.softmax.bias]
 
     @property
     def num_output_layers(self) -> int:
@@ -337,9 +451,22 @@ class BiLM(nn.Module):
     def output_dim(self) -> int:
         return 2 * self.state_dim
 
-    def _embed(self, tokens: torch.Tensor) -> torch.Tensor:
-        """tokens (B, T) -> token vectors (B, T, D), in autocast's dtype when it is on."""
-        return _compute_dtype(self.project(self.embedding(tokens)))
+    def _embed(self, tokens: torch.Tensor, extra: torch.Tensor | None = None) -> torch.Tensor:
+        """tokens (B, T) -> token vectors (B, T, D), in autocast's dtype when it is on.
+
+        Char encoder: the CNN runs once per distinct id of the batch; ids >= V address the
+        rows of ``extra`` (W, C), the character ids of out-of-vocabulary words."""
+        if self.char_encoder is None:
+            return _compute_dtype(self.project(self.embedding(tokens)))
+        ids, inv = torch.unique(tokens, return_inverse=True)  # (U,), (B, T)
+        table = self.word_chars if extra is None else torch.cat([self.word_chars, extra])
+        if int(ids[-1]) >= len(table):
+            raise ValueError(f"token id {int(ids[-1])} is outside vocabulary + extra words")
+        vecs = self.project(self.char_encoder(table.index_select(0, ids)))  # (U, D)
+        pad = ids == 0
+        if bool(pad.any()):  # <pad> reads as zero, as the word table's padding row
+            vecs = vecs.masked_fill(pad.unsqueeze(1), 0.0)
+        return _compute_dtype(vecs.index_select(0, inv.reshape(-1)).view(*tokens.shape, -1))
 
     def _drop(self, x: torch.Tensor, inplace: bool = False) -> torch.Tensor:
         """(B, T, D) -> (B, T, D), variational dropout while training."""
@@ -368,14 +495,17 @@ class BiLM(nn.Module):
         return outs
 
     def states(
-        self, tokens: torch.Tensor, lengths: torch.Tensor | None = None
+        self,
+        tokens: torch.Tensor,
+        lengths: torch.Tensor | None = None,
+        extra: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
         """tokens (B, T) -> token vectors (B, T, H), forward and backward layer states L x (B, T, H).
 
         ``lengths`` (B,) marks right padding; None means every row is full (training windows).
-        Backward states are returned in the original time order.
+        Backward states are returned in the original time order. ``extra``: see ``forward``.
         """
-        x = self._embed(tokens)  # (B, T, H)
+        x = self._embed(tokens, extra)  # (B, T, H)
         xd = self._drop(x)
         fwd = self._stack(self.forward_lstms, xd)
         if lengths is None:
@@ -385,10 +515,15 @@ class BiLM(nn.Module):
             bwd = [reverse_padded(y, lengths) for y in self._stack(self.backward_lstms, rev)]
         return x, fwd, bwd
 
-    def forward(self, tokens: torch.Tensor, mask: torch.Tensor) -> BiLMOutput:
-        """tokens (B, T) long, mask (B, T) bool (right padding) -> BiLMOutput, layers (L+1, B, T, 2H)."""
+    def forward(
+        self, tokens: torch.Tensor, mask: torch.Tensor, extra: torch.Tensor | None = None
+    ) -> BiLMOutput:
+        """tokens (B, T) long, mask (B, T) bool (right padding) -> BiLMOutput, layers (L+1, B, T, 2H).
+
+        ``extra`` (W, C), char encoder only: character ids of out-of-vocabulary words, which
+        ``tokens`` address as ids V .. V+W-1 (``extra_chars``)."""
         lengths = mask.sum(1)  # (B,)
-        x, fwd, bwd = self.states(tokens, lengths)
+        x, fwd, bwd = self.states(tokens, lengths, extra)
         layers = [torch.cat([x, x], dim=-1)]  # (B, T, 2H)
         layers += [torch.cat([f, b], dim=-1) for f, b in zip(fwd, bwd, strict=True)]
         stacked = torch.stack(layers) * mask.unsqueeze(0).unsqueeze(-1)  # (L+1, B, T, 2H)

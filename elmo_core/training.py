@@ -37,6 +37,7 @@ from elmo_core.distributed import (
     shard_batch,
 )
 from elmo_core.optim import LazyAdam
+from elmo_core.vocab import Vocab
 
 LogFn = Callable[[dict[str, float], int], None]
 # progress(done, total, info): units done of total in the current stretch (steps of an epoch,
@@ -450,6 +451,28 @@ def doc_lengths(docs: Sequence[Sequence[int]], max_len: int) -> np.ndarray:
     return np.array([min(max(len(d), 1), max_len) for d in docs], dtype=np.int64)
 
 
+def encode_for(
+    model: BiLM, vocab: Vocab, docs: Sequence[Sequence[str]]
+) -> tuple[list[list[int]], list[str]]:
+    """Token documents -> (ids, out-of-vocabulary words) as the biLM reads them: a char
+    encoder gets every unseen word under its own id (>= V, see ``Vocab.encode_open``), a word
+    encoder reads it as <unk> (no extra words)."""
+    if model.open_vocabulary:
+        return vocab.encode_open(docs)
+    return [vocab.encode(d) for d in docs], []
+
+
+def vocab_ids(docs: Sequence[Sequence[int]], offsets: np.ndarray, vocab_size: int) -> np.ndarray:
+    """(N_tok,) int32 vocabulary ids of the rows a layer store keeps (``offsets`` from
+    doc_lengths); ids of extra words (>= V) become <unk>, as a task embedding of V rows reads."""
+    tokens = np.ones(int(offsets[-1]), dtype=np.int32)  # an empty document: one <unk>
+    for i, d in enumerate(docs):
+        ids = d[: offsets[i + 1] - offsets[i]]
+        tokens[offsets[i] : offsets[i] + len(ids)] = ids
+    tokens[tokens >= vocab_size] = 1
+    return tokens
+
+
 def window_pieces(length: int, window: int, context: int) -> list[tuple[int, int, int, int]]:
     """How a document of ``length`` tokens is cut for the biLM: (start, stop, keep_from, keep_to)
     per piece; the biLM reads tokens [start, stop) and the rows [keep_from, keep_to) of the
@@ -480,8 +503,12 @@ def extract_layers(
     progress: ProgressFn = no_progress,
     window: int = 0,
     context: int = 0,
+    extra_words: Sequence[str] = (),
 ) -> None:
     """Run the frozen biLM over documents and write their layers into ``out``.
+
+    ``extra_words``: the out-of-vocabulary words that ids >= V in ``docs`` stand for
+    (``encode_for``; char encoder only).
 
     out: (N_tok, L+1, 2H) float16 rows (an array, a memmap or a ``RowFile``), document i at rows
     offsets[i]:offsets[i+1] (from doc_lengths). Long documents are read in overlapping pieces
@@ -491,6 +518,8 @@ def extract_layers(
     """
     device = device or pick_device()
     model.to(device).eval()
+    extra = model.extra_chars(extra_words)  # (W, C) or None
+    extra = None if extra is None else extra.to(device)
     lengths = np.diff(offsets)
     pieces = [  # (doc, start, stop, keep_from, keep_to)
         (d, *p)
@@ -514,7 +543,7 @@ def extract_layers(
             tokens[r, : len(ids)] = torch.tensor(ids)
         mask = tokens != 0  # (B, T)
         with autocast(device, "fp32"):  # stored features do not depend on the machine's bf16
-            layers = model(tokens.to(device), mask.to(device)).layers  # (L+1, B, T, 2H)
+            layers = model(tokens.to(device), mask.to(device), extra).layers  # (L+1, B, T, 2H)
         layers = layers.permute(1, 2, 0, 3).to("cpu", torch.float16).numpy()  # (B, T, L+1, 2H)
         for r, (d, start, _, lo, hi) in enumerate(batch):
             out[offsets[d] + lo : offsets[d] + hi] = layers[r, lo - start : hi - start]
@@ -646,16 +675,18 @@ def layer_store_for(
     device: torch.device | None = None,
     window: int = 0,
     context: int = 0,
+    extra_words: Sequence[str] = (),
 ) -> LayerStore:
-    """In-memory LayerStore of documents (ids): the same float16 layers, batching and truncation
-    as the pipeline's layer-extraction stage, so predictions reproduce the evaluated ones."""
+    """In-memory LayerStore of documents (ids, from ``encode_for``): the same float16 layers,
+    batching and truncation as the pipeline's layer-extraction stage, so predictions reproduce
+    the evaluated ones."""
     offsets = np.concatenate([[0], np.cumsum(doc_lengths(docs, max_len))]).astype(np.int64)
     out = np.zeros((int(offsets[-1]), model.num_output_layers, model.output_dim), dtype=np.float16)
-    extract_layers(model, docs, out, offsets, device=device, window=window, context=context)
-    tokens = np.zeros(int(offsets[-1]), dtype=np.int32)
-    for i, d in enumerate(docs):
-        ids = list(d)[: offsets[i + 1] - offsets[i]] or [1]
-        tokens[offsets[i] : offsets[i] + len(ids)] = ids
+    extract_layers(
+        model, docs, out, offsets, device=device, window=window, context=context,
+        extra_words=extra_words,
+    )  # fmt: skip
+    tokens = vocab_ids(docs, offsets, model.config.vocab_size)
     if labels is None:
         labels = np.full(len(docs), -1, dtype=np.int64)
     return LayerStore(out, offsets, labels, tokens)

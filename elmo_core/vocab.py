@@ -49,6 +49,23 @@ class Vocab:
         index: dict[str, int] = self._index  # type: ignore[attr-defined]
         return [index.get(t, 1) for t in tokens]
 
+    def encode_open(self, docs: Sequence[Sequence[str]]) -> tuple[list[list[int]], list[str]]:
+        """Documents -> ids where each out-of-vocabulary word gets its own id V, V+1, ... (in
+        order of first appearance) instead of <unk>, and the list of those words: the input
+        of an open-vocabulary (character) encoder."""
+        index: dict[str, int] = self._index  # type: ignore[attr-defined]
+        extra: dict[str, int] = {}
+        out = []
+        for doc in docs:
+            ids = []
+            for t in doc:
+                i = index.get(t)
+                if i is None:
+                    i = extra.setdefault(t, len(self.tokens) + len(extra))
+                ids.append(i)
+            out.append(ids)
+        return out, list(extra)
+
     def unigram(self) -> np.ndarray:
         """Unigram probabilities over ids (pad never sampled)."""
         c = np.asarray(self.counts, dtype=np.float64)

@@ -42,6 +42,11 @@ class BiLMParams:
     projection_dim: int = 0  # P: LSTM output projection (0 = none)
     cell_clip: float = 0.0  # cell-state clip per step (0 = off)
     proj_clip: float = 0.0  # output clip per step (0 = off)
+    token_encoder: Literal["word", "char"] = "word"  # word table, or ELMo's character CNN
+    char_dim: int = 16  # character embedding width
+    char_filters: tuple[int, ...] = (32, 32, 64, 128, 128, 128, 128)  # per width 1..K
+    char_highway: int = 2  # highway layers
+    max_chars: int = 50  # bytes per word, boundaries included
 
     def __post_init__(self) -> None:
         BiLMConfig(vocab_size=5, **asdict(self))  # the same checks as the model's own config

@@ -19,7 +19,7 @@ import pandas as pd
 from elmo_core.checkpoint import load_bilm
 from elmo_core.config import ClassifierConfig
 from elmo_core.text import tokenize
-from elmo_core.training import layer_store_for, pick_device
+from elmo_core.training import encode_for, layer_store_for, pick_device
 
 # how the embedding reads documents: the classifier's defaults (cap, biLM pieces of long ones)
 READ = ClassifierConfig()
@@ -33,10 +33,11 @@ class BiLMEmbedder(mlflow.pyfunc.PythonModel):
     def predict(
         self, context: Any, model_input: pd.DataFrame, params: dict | None = None
     ) -> pd.DataFrame:
-        docs = [self.vocab.encode(tokenize(str(t))) for t in model_input["text"].tolist()]
+        toks = [tokenize(str(t)) for t in model_input["text"].tolist()]
+        docs, extra = encode_for(self.bilm, self.vocab, toks)
         store = layer_store_for(
             self.bilm, docs, READ.max_len, device=self.device, window=READ.window,
-            context=READ.context,
+            context=READ.context, extra_words=extra,
         )  # fmt: skip
         out, lens = [], np.diff(store.offsets)
         for i in range(len(docs)):

@@ -16,7 +16,7 @@ import pandas as pd
 from elmo_core.checkpoint import load_bilm, load_classifier
 from elmo_core.classifier_training import predict_proba
 from elmo_core.text import tokenize
-from elmo_core.training import layer_store_for, pick_device
+from elmo_core.training import encode_for, layer_store_for, pick_device
 
 
 class ELMoNewsModel(mlflow.pyfunc.PythonModel):
@@ -26,11 +26,12 @@ class ELMoNewsModel(mlflow.pyfunc.PythonModel):
         self.device = pick_device()
 
     def predict_tokens(self, tokens: list[list[str]]) -> np.ndarray:
-        docs = [self.vocab.encode(t) for t in tokens]
+        docs, extra = encode_for(self.bilm, self.vocab, tokens)
         c = self.classifier.config  # the stage's own cap and biLM windows: the evaluated layers
         store = layer_store_for(
-            self.bilm, docs, c.max_len, device=self.device, window=c.window, context=c.context
-        )
+            self.bilm, docs, c.max_len, device=self.device, window=c.window, context=c.context,
+            extra_words=extra,
+        )  # fmt: skip
         return predict_proba(self.classifier, store, self.device)
 
     def predict(

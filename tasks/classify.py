@@ -92,7 +92,7 @@ def new_classifier(
         dim,
         num_classes,
         vocab_size=len(vocab),
-        init_embedding=bilm.embedding.weight.detach(),
+        init_embedding=bilm.input_vectors(),
     )
     return model, mix_config
 

@@ -13,8 +13,10 @@ from elmo_core.training import (
     LayerStore,
     RowFile,
     doc_lengths,
+    encode_for,
     extract_layers,
     pick_device,
+    vocab_ids,
 )
 from storage.datasets import read_dataset
 from storage.paths import Home, build_stage, write_json
@@ -74,7 +76,9 @@ def _build(
     metrics: dict[str, float] = {}
     for split in SPLITS:
         df = read_dataset(Path(dataset) / f"{split}.parquet")
-        docs = [vocab.encode(t) for t in df["tokens"].to_list()]
+        # a char biLM reads unseen words by their spelling (ids >= V, ``extra``); a word
+        # biLM reads them as <unk>
+        docs, extra = encode_for(model, vocab, df["tokens"].to_list())
         full = np.array([len(d) for d in docs], dtype=np.int64)
         offsets = np.concatenate([[0], np.cumsum(doc_lengths(docs, max_len))]).astype(np.int64)
         cut = np.maximum(full - max_len, 0)
@@ -101,13 +105,11 @@ def _build(
                 progress=progress,
                 window=window,
                 context=context,
+                extra_words=extra,
             )
         arr.close()
         tmp.replace(out / f"layers_{split}.npy")
-        tokens = np.zeros(int(offsets[-1]), dtype=np.int32)  # (N_tok,) ids of the stored rows
-        for i, d in enumerate(docs):
-            ids = d[: offsets[i + 1] - offsets[i]] or [vocab.unk_id]
-            tokens[offsets[i] : offsets[i] + len(ids)] = ids
+        tokens = vocab_ids(docs, offsets, len(vocab))  # (N_tok,) ids of the stored rows
         np.save(out / f"tokens_{split}.npy", tokens)
         np.save(out / f"offsets_{split}.npy", offsets)
         np.save(out / f"labels_{split}.npy", df["label"].to_numpy().astype(np.int64))

@@ -12,7 +12,7 @@ import pyarrow as pa
 import torch
 from prefect import flow, task
 
-from elmo_core.training import layer_store_for
+from elmo_core.training import encode_for, layer_store_for
 from storage.datasets import DataError, read_ag_csv, write_parquet
 
 
@@ -99,12 +99,14 @@ def embed_file(model_uri: str, input_path: str, output_path: str, all_layers: bo
     c = wrapper.classifier.config
     mix = wrapper.classifier.mix.eval()
     # the layers as the classifier saw them: the same cap, the same windows over long documents
+    docs, extra = encode_for(wrapper.bilm, wrapper.vocab, toks)  # unseen words: spelled (char)
     store = layer_store_for(
         wrapper.bilm.eval(),
-        [wrapper.vocab.encode(t) for t in toks],
+        docs,
         c.max_len,
         window=c.window,
         context=c.context,
+        extra_words=extra,
     )
     with torch.no_grad():
         for i, t in enumerate(toks):

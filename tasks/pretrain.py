@@ -178,6 +178,7 @@ def train_bilm(
     torch.manual_seed(train.seed)
     model = BiLM(config)
     model.softmax.set_proposal(torch.from_numpy(v.unigram()))
+    model.set_words(v.tokens)  # the char encoder spells the vocabulary's words
     if ctx.is_main:
         logger().info(
             "biLM: %d params, %d train windows (%d tokens) in %d shards, %d val tokens, %d rank(s)",

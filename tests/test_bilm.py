@@ -3,14 +3,20 @@ import pytest
 import torch
 
 from elmo_core.bilm import (
+    CHAR_BOW,
+    CHAR_EOW,
     BiLM,
     SampledNLL,
     SampledSoftmax,
+    char_ids,
     clipped_lstm,
     locked_dropout,
     reverse_padded,
 )
+from elmo_core.checkpoint import load_bilm, save_bilm
 from elmo_core.config import BiLMConfig
+from elmo_core.training import encode_for, layer_store_for
+from elmo_core.vocab import Vocab
 
 CFG = BiLMConfig(
     vocab_size=50, embedding_dim=6, hidden_dim=8, num_layers=2, dropout=0.0, num_samples=10
@@ -320,3 +326,79 @@ def test_clipping_bounds_cells_and_outputs_at_every_step():
     out = m(torch.randint(4, 50, (2, 5)), torch.ones(2, 5, dtype=torch.bool))
     assert out.layers[1].abs().max() <= 3.0 + 1e-6  # layer 1: the clipped output itself
     assert out.layers[2].abs().max() <= 6.0 + 1e-6  # layer 2: clipped output + residual
+
+
+# --------------------------------------------------------------------------- character encoder
+
+CHAR = BiLMConfig(
+    vocab_size=12, embedding_dim=6, hidden_dim=8, dropout=0.0, num_samples=4,
+    token_encoder="char", char_dim=4, char_filters=(3, 3, 4, 2), max_chars=12,
+)  # fmt: skip
+WORDS = ("<pad>", "<unk>", "<s>", "</s>", "a", "the", "cat", "dog", "sat", "on", "mat", "fell")
+
+
+def _char_model(cfg: BiLMConfig = CHAR) -> BiLM:
+    torch.manual_seed(0)
+    m = BiLM(cfg)
+    m.set_words(WORDS[: cfg.vocab_size])
+    return m
+
+
+def test_char_ids_frame_bytes_with_word_boundaries_and_cut_long_words():
+    ids = char_ids(["ab", "é", "abcdefgh"], 6)
+    assert ids[0].tolist() == [CHAR_BOW, 97 + 3, 98 + 3, CHAR_EOW, 0, 0]
+    assert ids[1].tolist()[:4] == [CHAR_BOW, 0xC3 + 3, 0xA9 + 3, CHAR_EOW]  # UTF-8 bytes
+    assert ids[2].tolist() == [CHAR_BOW, *(c + 3 for c in b"abcd"), CHAR_EOW]
+
+
+def test_char_encoder_vectors_do_not_depend_on_the_batch():
+    enc = _char_model().char_encoder
+    alone = enc(char_ids(["cat"], 12))
+    beside_long = enc(char_ids(["catastrophe", "cat"], 12))[1:]
+    torch.testing.assert_close(alone, beside_long)
+
+
+def test_unseen_words_get_their_own_layer_0_vectors_through_the_embedding_path():
+    """What predict/embed read: encode_for + layer_store_for. A char biLM gives two different
+    unseen words different layer-0 vectors; a word biLM reads both as <unk> (the same)."""
+    docs_tokens = [["the", "zebra", "sat"], ["the", "quokka", "sat"]]
+    vocab = Vocab(WORDS, (1,) * len(WORDS))
+    for model, differ in [(_char_model(), True), (_model(CFG), False)]:
+        model.eval()
+        docs, extra = encode_for(model, vocab, docs_tokens)
+        if model.open_vocabulary:
+            assert extra == ["zebra", "quokka"] and docs[1][1] == len(WORDS) + 1
+        store = layer_store_for(model, docs, max_len=16, extra_words=extra)
+        zebra, quokka = store.features[1:2][0, 0], store.features[4:5][0, 0]  # layer 0
+        assert bool(np.any(zebra != quokka)) is differ
+        assert store.tokens[1] == 1  # the task embedding still reads <unk> (V rows)
+        # a seen word reads the same whatever the unseen words around it
+        np.testing.assert_array_equal(store.features[0:1][0, 0], store.features[3:4][0, 0])
+
+
+def test_char_bilm_trains_its_cnn_has_no_word_table_and_round_trips(tmp_path):
+    m = _char_model()
+    assert m.embedding is None and m.sparse_parameters() == [m.softmax.weight, m.softmax.bias]
+    m.train()
+    m.lm_loss(torch.randint(1, 12, (3, 7))).backward()
+    assert m.char_encoder.convs[-1].weight.grad.abs().sum() > 0
+    assert m.char_encoder.char_embedding.weight.grad[0].abs().sum() == 0  # padding char
+    assert m.input_vectors().shape == (12, 6) and not m.input_vectors()[0].any()
+    save_bilm(tmp_path / "c.pt", m, Vocab(WORDS, (1,) * 12))
+    back, vocab = load_bilm(tmp_path / "c.pt")
+    assert torch.equal(back.word_chars, m.word_chars) and vocab.tokens == WORDS
+    tokens = torch.tensor([[5, 6, 7, 0]])
+    m.eval()
+    torch.testing.assert_close(back(tokens, tokens != 0).layers, m(tokens, tokens != 0).layers)
+
+
+def test_char_encoder_rejects_bad_settings_and_ids_outside_the_words():
+    with pytest.raises(ValueError, match="token_encoder"):
+        BiLMConfig(vocab_size=5, token_encoder="bytes")
+    with pytest.raises(ValueError, match="char_filters"):
+        BiLMConfig(vocab_size=5, token_encoder="char", char_filters=(4, 0))
+    with pytest.raises(ValueError, match="set_words got 3"):
+        _char_model().set_words(["a", "b", "c"])
+    m = _char_model().eval()
+    with pytest.raises(ValueError, match="token id 12"):
+        m(torch.tensor([[5, 12]]), torch.ones(1, 2, dtype=torch.bool))
