@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from elmo_core.bilm import dropout_mask, reverse_padded
+from elmo_core.bilm import BiLM, dropout_mask, reverse_padded
 from elmo_core.config import ClassifierConfig
 
 
@@ -120,3 +120,52 @@ class ELMoClassifier(nn.Module):
         mean = (out * m).sum(1) / m.sum(1).clamp_min(1)  # (B, 2Hc)
         mx = out.masked_fill(~m, -1e4).max(1).values  # (B, 2Hc)
         return self.mlp(torch.cat([mean, mx], dim=-1))  # (B, C)
+
+
+class FineTunedClassifier(nn.Module):
+    """A biLM and a classifier head trained together (``ClassifierConfig.finetune_bilm``;
+    ULMFiT, Howard & Ruder 2018): discriminative learning rates (each lower biLM layer's lr
+    divided by ``bilm_lr_decay``) and gradual unfreezing (``unfreeze``: top layer first).
+
+    The biLM's word table (row-sparse gradients) and its output softmax (unused by the task)
+    stay frozen; the head's task token embedding is the token table that trains."""
+
+    def __init__(self, bilm: BiLM, head: ELMoClassifier) -> None:
+        super().__init__()
+        self.bilm = bilm
+        self.head = head
+        for p in bilm.parameters():
+            p.requires_grad_(False)
+
+    @property
+    def config(self) -> ClassifierConfig:
+        return self.head.config
+
+    def bilm_groups(self) -> list[list[nn.Parameter]]:
+        """The biLM's trainable layer groups, top first: LSTM layer L (both directions), ...,
+        LSTM layer 1, then the token encoder (char CNN or the E -> D projection)."""
+        b = self.bilm
+        groups = [
+            [*f.parameters(), *r.parameters()]
+            for f, r in zip(b.forward_lstms, b.backward_lstms, strict=True)
+        ][::-1]
+        encoder = [*b.project.parameters()]
+        if b.char_encoder is not None:
+            encoder += [*b.char_encoder.parameters()]
+        return [g for g in [*groups, encoder] if g]
+
+    def unfreeze(self, n: int) -> None:
+        """Let the top ``n`` biLM groups train (0 = the head alone)."""
+        for i, group in enumerate(self.bilm_groups()):
+            for p in group:
+                p.requires_grad_(i < n)
+
+    def forward(
+        self, layers: torch.Tensor | None, mask: torch.Tensor, tokens: torch.Tensor
+    ) -> torch.Tensor:
+        """layers: ignored (None: the biLM computes them), mask (B, T) bool, tokens (B, T)
+        vocabulary ids -> logits (B, C)."""
+        tuned = any(p.requires_grad for p in self.bilm.parameters())
+        with torch.set_grad_enabled(tuned and torch.is_grad_enabled()):
+            layers = self.bilm(tokens, mask).layers  # (L+1, B, T, 2H)
+        return self.head(layers, mask, tokens)

@@ -39,6 +39,10 @@ from elmo_core.training import (
 )
 
 
+def _to(x: torch.Tensor | None, device: torch.device) -> torch.Tensor | None:
+    return None if x is None else x.to(device)
+
+
 @torch.no_grad()
 def predict_proba(
     model: ELMoClassifier,
@@ -53,7 +57,7 @@ def predict_proba(
     for idx in store.batches(batch_size):
         layers, mask, tokens, _ = store.batch(idx)
         with autocast(device, model.config.precision):
-            logits = model(layers.to(device), mask.to(device), tokens.to(device))
+            logits = model(_to(layers, device), mask.to(device), tokens.to(device))
         probs.append((idx, torch.softmax(logits.float(), -1).cpu().numpy()))
     out = np.zeros((len(store), probs[0][1].shape[1]), dtype=np.float32)
     for idx, p in probs:
@@ -98,10 +102,11 @@ def classifier_param_groups(
 ) -> list[dict[str, Any]]:
     """Trainable parameters in Adam groups: the mix at ``lr * mix.lr_scale`` (its strategy's
     data), the task token embedding at ``lr * embedding_lr_scale``, everything else at ``lr``."""
-    mix = getattr(model, "mix", None)
+    head = getattr(model, "head", model)  # a FineTunedClassifier's head, or the head itself
+    mix = getattr(head, "mix", None)
     special = [
         (mix, getattr(mix, "lr_scale", 1.0)),
-        (getattr(model, "embedding", None), embedding_lr_scale),
+        (getattr(head, "embedding", None), embedding_lr_scale),
     ]
     groups: list[dict[str, Any]] = []
     taken: set[int] = set()
@@ -110,7 +115,11 @@ def classifier_param_groups(
         if params:
             groups.append({"params": params, "lr": lr * scale})
             taken |= {id(p) for p in params}
-    rest = [p for p in model.parameters() if p.requires_grad and id(p) not in taken]
+    rest = [p for p in head.parameters() if p.requires_grad and id(p) not in taken]
+    if head is not model:  # fine-tuning: one group per biLM layer, lr shrinking downwards
+        c = model.config
+        for i, params in enumerate(model.bilm_groups()):
+            groups.append({"params": params, "lr": lr * c.bilm_lr_scale / c.bilm_lr_decay**i})
     return [{"params": rest, "lr": lr}, *groups]
 
 
@@ -192,11 +201,13 @@ def train_classifier(
         next_epoch_gen_state = gen.get_state()
         t0 = time.perf_counter()
         t_epoch, tokens_epoch = t0, 0
+        if hasattr(model, "unfreeze"):  # gradual unfreezing (fine-tuning): a function of epoch
+            model.unfreeze(epoch // config.unfreeze_every)
         model.train()
         while batch_i < len(batches):
             layers, mask, tokens, y = train.batch(batches[batch_i])
             with autocast(device, config.precision):
-                logits = model(layers.to(device), mask.to(device), tokens.to(device))
+                logits = model(_to(layers, device), mask.to(device), tokens.to(device))
             loss = F.cross_entropy(logits.float(), y.to(device))
             opt.zero_grad(set_to_none=True)
             loss.backward()

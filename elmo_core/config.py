@@ -178,6 +178,14 @@ class ClassifierConfig:
     # auto | fp32 | bf16 autocast. fp32 by default: bf16 saves only ~7 % of a CPU classifier
     # step here, and the classifier is what the test accuracy rests on
     precision: str = "fp32"
+    # ULMFiT-style fine-tuning: the biLM runs inside the classifier on each batch (whole
+    # documents up to max_len, no stored layers) and trains with it; off = frozen stored layers
+    finetune_bilm: bool = False
+    bilm_lr_scale: float = 0.1  # lr of the biLM's top layer relative to lr
+    bilm_lr_decay: float = 2.6  # discriminative lrs: each lower biLM layer's lr / this (ULMFiT)
+    # gradual unfreezing: the head trains alone for this many epochs, then one more biLM layer
+    # (top first, the token encoder last) after each further such span
+    unfreeze_every: int = 1
 
     def __post_init__(self) -> None:
         if self.hidden_dim < 1 or self.num_layers < 1 or self.batch_size < 1:
@@ -200,6 +208,11 @@ class ClassifierConfig:
         if self.lr <= 0.0 or self.weight_decay < 0.0:
             raise ValueError(
                 f"classifier lr must be > 0 and weight_decay >= 0, got {self.lr}, {self.weight_decay}"
+            )
+        if self.bilm_lr_scale <= 0.0 or self.bilm_lr_decay < 1.0 or self.unfreeze_every < 1:
+            raise ValueError(
+                f"bilm_lr_scale > 0, bilm_lr_decay >= 1 and unfreeze_every >= 1 required, got "
+                f"{self.bilm_lr_scale}, {self.bilm_lr_decay}, {self.unfreeze_every}"
             )
         if self.embedding_lr_scale <= 0.0:
             raise ValueError(f"embedding_lr_scale must be > 0, got {self.embedding_lr_scale}")

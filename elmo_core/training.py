@@ -621,7 +621,8 @@ class RowFile:
 class LayerStore:
     """Precomputed biLM layers of a document set, flat over tokens (no padding stored)."""
 
-    features: Any  # (N_tok, L, D) float16: an array, a memmap or a RowFile
+    # (N_tok, L, D) float16: an array, a memmap or a RowFile; None: tokens only (fine-tuning)
+    features: Any
     offsets: np.ndarray  # (N+1,) int64 row offsets per document
     labels: np.ndarray  # (N,) int64 class ids (or -1 when unknown)
     tokens: np.ndarray | None = None  # (N_tok,) int32 vocabulary ids of the same tokens
@@ -632,10 +633,16 @@ class LayerStore:
     def batch(
         self, idx: np.ndarray
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Documents idx -> layers (L, B, T, D) float32, mask (B, T) bool, token ids (B, T)
-        (zeros when the store has none), labels (B,)."""
+        """Documents idx -> layers (L, B, T, D) float32 (None without features), mask (B, T)
+        bool, token ids (B, T) (zeros when the store has none), labels (B,)."""
         lens = self.offsets[idx + 1] - self.offsets[idx]
         t = int(lens.max())
+        mask = torch.from_numpy(np.arange(t)[None, :] < lens[:, None])  # (B, T)
+        if self.features is None:  # tokens only: a fine-tuned biLM computes the layers
+            ids = np.zeros((len(idx), t), dtype=np.int64)  # (B, T)
+            for r, i in enumerate(idx):
+                ids[r, : lens[r]] = self.tokens[self.offsets[i] : self.offsets[i + 1]]
+            return None, mask, torch.from_numpy(ids), torch.from_numpy(self.labels[idx])
         _, n_layers, d = self.features.shape
         x = np.zeros((len(idx), t, n_layers, d), dtype=np.float32)  # (B, T, L, D)
         ids = np.zeros((len(idx), t), dtype=np.int64)  # (B, T)
@@ -643,7 +650,6 @@ class LayerStore:
             x[r, : lens[r]] = self.features[self.offsets[i] : self.offsets[i + 1]]
             if self.tokens is not None:
                 ids[r, : lens[r]] = self.tokens[self.offsets[i] : self.offsets[i + 1]]
-        mask = torch.from_numpy(np.arange(t)[None, :] < lens[:, None])  # (B, T)
         layers = torch.from_numpy(x).permute(2, 0, 1, 3)  # (L, B, T, D)
         return layers, mask, torch.from_numpy(ids), torch.from_numpy(self.labels[idx])
 

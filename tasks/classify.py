@@ -10,8 +10,8 @@ import polars as pl
 import torch
 from prefect import task
 
-from elmo_core.checkpoint import load_bilm, load_classifier, save_classifier
-from elmo_core.classifier import ELMoClassifier, check_token_embedding
+from elmo_core.checkpoint import load_bilm, load_classifier, save_bilm, save_classifier
+from elmo_core.classifier import ELMoClassifier, FineTunedClassifier, check_token_embedding
 from elmo_core.classifier_training import predict_proba, train_classifier
 from elmo_core.config import ClassifierConfig, MixConfig
 from elmo_core.mix import ScalarMix, build_mix
@@ -137,6 +137,12 @@ def _build(
     label_names = read_json(Path(dataset) / "labels.json")
     _, n_layers, dim = train.features.shape
     model, mix_config = new_classifier(bilm_dir, strategy, config, n_layers, dim, len(label_names))
+    head = model
+    if config.finetune_bilm:  # the biLM trains inside: token ids in, no stored layers read
+        bilm, vocab = load_bilm(Path(bilm_dir) / "bilm.pt")
+        model = FineTunedClassifier(bilm, head)
+        for store in (train, val, test):
+            store.features = None
     name = f"classifier-{strategy}"
     tags = {
         "strategy": strategy,
@@ -149,7 +155,9 @@ def _build(
         res = train_classifier(
             model, train, val, config, hist, out / "train_state.pt", dev, progress=progress
         )
-        save_classifier(out / "model.pt", model.cpu(), mix_config, dim, label_names)
+        save_classifier(out / "model.pt", head.cpu(), mix_config, dim, label_names)
+        if config.finetune_bilm:  # the tuned biLM is the one predict / embed must read
+            save_bilm(out / "bilm.pt", model.bilm, vocab)
         probs = predict_proba(model, test, dev)
         pred = probs.argmax(1)
         metrics = evaluate(test.labels, pred, label_names, out, f"ELMo {strategy}")
@@ -161,11 +169,11 @@ def _build(
                 "wall_s": time.perf_counter() - t0,
             }
         )
-        if isinstance(model.mix, ScalarMix):
-            weights = model.mix.layer_weights().tolist()
+        if isinstance(head.mix, ScalarMix):
+            weights = head.mix.layer_weights().tolist()
             write_json(
                 out / "layer_weights.json",
-                {"weights": weights, "gamma": float(model.mix.gamma.detach())},
+                {"weights": weights, "gamma": float(head.mix.gamma.detach())},
             )
             metrics.update({f"layer_weight_{i}": w for i, w in enumerate(weights)})
         test_ids = read_dataset(Path(dataset) / "test.parquet")["id"].to_numpy()

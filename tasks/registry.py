@@ -90,7 +90,12 @@ def register_best(
             model_run_id,
             Path(classifier_dir).name,
             Path(dataset).name,
-            Path(bilm_dir) / "bilm.pt",
+            # a classifier that fine-tuned its biLM keeps that biLM beside its head
+            next(
+                p
+                for p in (Path(classifier_dir) / "bilm.pt", Path(bilm_dir) / "bilm.pt")
+                if p.exists()
+            ),
             Path(classifier_dir) / "model.pt",
             val["text"].to_list(),
             val["label"].to_numpy(),

@@ -394,3 +394,60 @@ def test_lazy_adam_is_adam_on_the_rows_a_step_touches():
         dense = torch.nn.Parameter(torch.ones(3))
         dense.grad = torch.ones(3)
         LazyAdam([dense]).step()
+
+
+def _token_store(n: int, seed: int) -> LayerStore:
+    """Token-only documents (no stored layers) whose class is the word they repeat most."""
+    rng = np.random.default_rng(seed)
+    lengths = rng.integers(4, 9, n)
+    labels = rng.integers(0, 3, n)
+    offsets = np.concatenate([[0], np.cumsum(lengths)])
+    tokens = rng.integers(8, 40, offsets[-1]).astype(np.int32)
+    for i in range(n):
+        tokens[offsets[i] : offsets[i] + 3] = 4 + labels[i]
+    return LayerStore(None, offsets, labels, tokens)
+
+
+def _finetuned(**overrides):
+    from elmo_core.classifier import FineTunedClassifier
+
+    cfg = ClassifierConfig(
+        hidden_dim=8, mlp_hidden=(8,), epochs=3, patience=3, batch_size=16, lr=1e-2,
+        dropout=0.0, finetune_bilm=True, bilm_lr_scale=0.5, bilm_lr_decay=2.0, **overrides,
+    )  # fmt: skip
+    bilm = _bilm().eval()
+    torch.manual_seed(0)
+    head = ELMoClassifier(cfg, build_mix(MixConfig("wsum", 3, 16)), 16, 3)
+    return FineTunedClassifier(bilm, head), cfg
+
+
+def test_finetuning_groups_lrs_by_biLM_layer_and_keeps_the_sparse_tables_frozen():
+    model, cfg = _finetuned()
+    groups = classifier_param_groups(model, 0.01)
+    # LSTM layer 2, then layer 1 (E = D: no projection, so no token-encoder group)
+    assert len(model.bilm_groups()) == 2
+    assert [g["lr"] for g in groups[-2:]] == pytest.approx([0.005, 0.0025])
+    grouped = {id(p) for g in groups for p in g["params"]}
+    frozen = [model.bilm.embedding.weight, model.bilm.softmax.weight, model.bilm.softmax.bias]
+    assert not grouped & {id(p) for p in frozen}
+    model.unfreeze(1)
+    top = {id(p) for p in model.bilm_groups()[0]}
+    assert all(p.requires_grad == (id(p) in top) for p in model.bilm.parameters())
+
+
+def test_finetuning_unfreezes_the_biLM_gradually_and_learns():
+    model, cfg = _finetuned(unfreeze_every=1)
+    start = {k: v.clone() for k, v in model.bilm.state_dict().items()}
+    train, val = _token_store(240, 1), _token_store(80, 2)
+    seen: list[dict[str, bool]] = []
+
+    def log(m: dict, step: int) -> None:
+        now = model.bilm.state_dict()
+        seen.append({k: not torch.equal(now[k], start[k]) for k in start})
+
+    res = train_classifier(model, train, val, cfg, log, device=CPU)
+    # epoch 1: the head alone; epoch 2: + the top LSTM layer; epoch 3: + the layer below
+    assert not any(seen[0].values())
+    assert seen[1]["forward_lstms.1.weight_hh_l0"] and not seen[1]["forward_lstms.0.weight_hh_l0"]
+    assert seen[2]["forward_lstms.0.weight_hh_l0"] and not seen[2]["embedding.weight"]
+    assert res.best_val_accuracy > 0.5  # 3 classes: chance is 1/3
