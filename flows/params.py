@@ -156,8 +156,9 @@ PROFILES: dict[str, dict[str, dict[str, Any]]] = {
     },
     # ELMo's published biLM shapes (Peters et al. 2018; 1B Word Benchmark): 2 layers of 4096
     # cells with 512-wide projections, cell and projection clipping at 3, residual connection,
-    # 8,192 sampled negatives, 20-token windows; for GPU users (word-level input here: ELMo's
-    # char-CNN token encoder is not part of this model). The classifier reads 2 x 512 layers
+    # 8,192 sampled negatives, 20-token windows, ELMo's character CNN (filters 32-1024 over
+    # widths 1-7, 2 highway layers, 50 bytes a word); for GPU users. The classifier reads
+    # 2 x 512 layers
     "elmo-original": {
         "vocab": {"min_count": 3, "max_size": 800_000},
         "bilm": {
@@ -168,6 +169,11 @@ PROFILES: dict[str, dict[str, dict[str, Any]]] = {
             "proj_clip": 3.0,
             "dropout": 0.1,
             "num_samples": 8192,
+            "token_encoder": "char",
+            "char_dim": 16,
+            "char_filters": (32, 32, 64, 128, 256, 512, 1024),
+            "char_highway": 2,
+            "max_chars": 50,
         },
         "pretrain": {"epochs": 10, "batch_size": 128, "window": 20, "lr": 1e-3},
         "classifier": {

@@ -136,6 +136,49 @@ def test_run_with_a_registered_biLM_skips_pretraining(pretrained, ag_slice, tmp_
     )
 
 
+def test_finetuning_trains_the_biLM_inside_the_classifier_and_keeps_it(pretrained, ag_slice):
+    """classifier.finetune_bilm through the stage (.fn): token ids in, the biLM tuned with the
+    head, saved beside it; the frozen stage's biLM is left as it was."""
+    import numpy as np
+
+    from elmo_core.config import ClassifierConfig
+    from flows.params import resolve_sections
+    from storage.mlflow_model import ELMoNewsModel
+    from tasks.classify import classify
+
+    home, _, _ = pretrained
+    summary, _ = _reuse(ag_slice, home, "models:/elmo-news-bilm/1")  # cached: the stage inputs
+    smoke = resolve_sections("smoke", {}, "cpu").classifier
+    cfg = ClassifierConfig(**{**smoke.__dict__, "finetune_bilm": True, "unfreeze_every": 1})
+    out = Path(
+        classify.fn(
+            summary["features"], summary["bilm"], summary["dataset"], "wsum", str(home), cfg, "cpu"
+        )
+    )
+    frozen, _ = load_bilm(Path(summary["bilm"]) / "bilm.pt")
+    tuned, _ = load_bilm(out / "bilm.pt")
+    top = "forward_lstms.1.weight_hh_l0"  # trained from epoch 2 on (the smoke profile has 2)
+    assert not torch.equal(tuned.state_dict()[top], frozen.state_dict()[top])
+    assert torch.equal(tuned.embedding.weight, frozen.embedding.weight)  # the word table: frozen
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["test_accuracy"] > 0.3
+    # the served model (stored-layer path) reads the tuned biLM and gives the stage's predictions
+    served = ELMoNewsModel()
+    served.load_context(
+        type(
+            "Ctx",
+            (),
+            {"artifacts": {"bilm": str(out / "bilm.pt"), "classifier": str(out / "model.pt")}},
+        )
+    )
+    import polars as pl
+
+    test = pl.read_parquet(Path(summary["dataset"]) / "test.parquet")
+    probs = served.predict_tokens(test["tokens"].to_list())
+    stage = pl.read_parquet(out / "predictions.parquet")
+    assert float(np.mean(probs.argmax(1) == stage["pred"].to_numpy())) > 0.97
+
+
 def _reuse(ag_slice: Path, home: Path, bilm: str):
     from flows.pipeline import elmo_news
 

@@ -184,6 +184,15 @@ def test_elmo_original_profile_has_the_published_shapes():
     r = PretrainParams(corpus=["x"], profile="elmo-original").resolve()
     assert (r.bilm.hidden_dim, r.bilm.projection_dim, r.bilm.num_layers) == (4096, 512, 2)
     assert (r.bilm.cell_clip, r.bilm.proj_clip, r.bilm.num_samples) == (3.0, 3.0, 8192)
+    assert r.bilm.token_encoder == "char" and r.bilm.char_filters == (
+        32,
+        32,
+        64,
+        128,
+        256,
+        512,
+        1024,
+    )
 
 
 def test_profiles_resolve_to_stage_configs():
