@@ -638,20 +638,19 @@ class LayerStore:
         lens = self.offsets[idx + 1] - self.offsets[idx]
         t = int(lens.max())
         mask = torch.from_numpy(np.arange(t)[None, :] < lens[:, None])  # (B, T)
-        if self.features is None:  # tokens only: a fine-tuned biLM computes the layers
-            ids = np.zeros((len(idx), t), dtype=np.int64)  # (B, T)
+        ids = np.zeros((len(idx), t), dtype=np.int64)  # (B, T)
+        if self.tokens is not None:
             for r, i in enumerate(idx):
                 ids[r, : lens[r]] = self.tokens[self.offsets[i] : self.offsets[i + 1]]
-            return None, mask, torch.from_numpy(ids), torch.from_numpy(self.labels[idx])
+        labels = torch.from_numpy(self.labels[idx])
+        if self.features is None:  # tokens only: a fine-tuned biLM computes the layers
+            return None, mask, torch.from_numpy(ids), labels
         _, n_layers, d = self.features.shape
         x = np.zeros((len(idx), t, n_layers, d), dtype=np.float32)  # (B, T, L, D)
-        ids = np.zeros((len(idx), t), dtype=np.int64)  # (B, T)
         for r, i in enumerate(idx):
             x[r, : lens[r]] = self.features[self.offsets[i] : self.offsets[i + 1]]
-            if self.tokens is not None:
-                ids[r, : lens[r]] = self.tokens[self.offsets[i] : self.offsets[i + 1]]
         layers = torch.from_numpy(x).permute(2, 0, 1, 3)  # (L, B, T, D)
-        return layers, mask, torch.from_numpy(ids), torch.from_numpy(self.labels[idx])
+        return layers, mask, torch.from_numpy(ids), labels
 
     def batches(
         self, batch_size: int, generator: torch.Generator | None = None
