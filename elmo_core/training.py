@@ -518,8 +518,7 @@ def extract_layers(
     """
     device = device or pick_device()
     model.to(device).eval()
-    extra = model.extra_chars(extra_words)  # (W, C) or None
-    extra = None if extra is None else extra.to(device)
+    extra = model.extra_chars(extra_words)  # (W, C) or None, on the model's device
     lengths = np.diff(offsets)
     pieces = [  # (doc, start, stop, keep_from, keep_to)
         (d, *p)
