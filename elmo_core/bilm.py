@@ -9,7 +9,7 @@ N flattened tokens, C softmax candidates.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -421,6 +421,41 @@ class BiLM(nn.Module):
         if len(words) != self.config.vocab_size:
             raise ValueError(f"set_words got {len(words)} words for V = {self.config.vocab_size}")
         self.word_chars.copy_(char_ids(words, self.config.max_chars))
+
+    @torch.no_grad()
+    def with_new_words(self, words: Sequence[str], log_share: torch.Tensor) -> BiLM:
+        """A copy of this biLM whose vocabulary grows by ``words`` (ids V .. V+W-1): what a
+        reused biLM needs before it adapts to a task whose words its pretraining corpus lacked,
+        where they would all read as <unk>. Every new word starts as <unk>: its input vector is
+        <unk>'s (the char encoder reads its spelling instead) and its output row is <unk>'s
+        with ``log_share`` (W,) added to the bias: log of the word's share of <unk>'s
+        probability mass, so a new word starts as likely as <unk> scaled by that share and
+        every old word's logit is unchanged."""
+        w = len(words)
+        if log_share.shape != (w,):
+            raise ValueError(f"log_share has shape {tuple(log_share.shape)}, expected ({w},)")
+        v = self.config.vocab_size
+        grown = BiLM(replace(self.config, vocab_size=v + w)).to(self.softmax.weight.device)
+        state = self.state_dict()
+        unk = 1
+
+        def rows(t: torch.Tensor) -> torch.Tensor:  # (V, ...) -> (V+W, ...): <unk>'s row W times
+            return torch.cat([t, t[unk : unk + 1].expand(w, *t.shape[1:])])
+
+        for name in ("embedding.weight", "softmax.weight"):
+            if name in state:
+                state[name] = rows(state[name])
+        bias = rows(state["softmax.bias"])  # (V+W, 1)
+        bias[v:, 0] += log_share.to(bias)
+        state["softmax.bias"] = bias
+        proposal = rows(state["softmax.proposal"])  # reset by set_proposal from the new counts
+        state["softmax.proposal"] = proposal / proposal.sum()
+        if "word_chars" in state:
+            state["word_chars"] = torch.cat(
+                [state["word_chars"], char_ids(words, self.config.max_chars).to(proposal.device)]
+            )
+        grown.load_state_dict(state)
+        return grown.train(self.training)
 
     @property
     def open_vocabulary(self) -> bool:

@@ -119,7 +119,8 @@ class PretrainConfig:
 class AdaptConfig:
     """Domain adaptation of a reused biLM: more LM training on the task's train split before
     its layers are extracted (ELMo §5: fine-tuning the biLM on task text lowers its perplexity
-    there and helps the task). Used with ``run --bilm`` only; the biLM's vocabulary is kept."""
+    there and helps the task). Used with ``run --bilm`` only; the biLM's vocabulary is kept
+    unless ``new_words_min_count`` adds the task's own frequent words to it."""
 
     epochs: int = 0  # passes over the train split's text (0 = reuse the biLM as it is)
     window: int = 20  # T: tokens per window
@@ -129,8 +130,17 @@ class AdaptConfig:
     val_tokens: int = 20_000  # of the val split, for the before / after perplexity
     seed: int = 13
     precision: str = "auto"  # auto | fp32 | bf16
+    # train-split words the biLM's vocabulary lacks, seen this often, get ids of their own
+    # (embedding + softmax rows, started from <unk>'s) before adapting; 0 = vocabulary kept
+    new_words_min_count: int = 0
+    new_words_max: int = 30_000  # at most this many new words, most frequent first
 
     def __post_init__(self) -> None:
+        if self.new_words_min_count < 0 or self.new_words_max < 0:
+            raise ValueError(
+                f"adapt: new_words_min_count >= 0 and new_words_max >= 0 required; got "
+                f"{self.new_words_min_count}, {self.new_words_max}"
+            )
         if self.epochs < 0 or self.window < 2 or self.batch_size < 1 or self.lr <= 0:
             raise ValueError(
                 f"adapt: epochs >= 0, window >= 2, batch_size >= 1, lr > 0 required; got "

@@ -66,6 +66,24 @@ class Vocab:
             out.append(ids)
         return out, list(extra)
 
+    def extend(self, counts: Mapping[str, int], min_count: int, max_new: int) -> Vocab:
+        """This vocabulary + the words of ``counts`` it lacks, seen ``min_count`` times or more
+        (at most ``max_new`` of them, most frequent first, ties by token), appended after the
+        existing ids so every old id keeps its meaning. ``counts`` should be on the scale of
+        this vocabulary's own counts (they feed the sampled softmax's proposal)."""
+        if min_count < 1 or max_new < 0:
+            raise ValueError(
+                f"extend: min_count >= 1 and max_new >= 0 required, got {min_count}, {max_new}"
+            )
+        index: dict[str, int] = self._index  # type: ignore[attr-defined]
+        new = sorted(
+            ((t, c) for t, c in counts.items() if c >= min_count and t not in index),
+            key=lambda tc: (-tc[1], tc[0]),
+        )[:max_new]
+        return Vocab(
+            self.tokens + tuple(t for t, _ in new), self.counts + tuple(int(c) for _, c in new)
+        )
+
     def unigram(self) -> np.ndarray:
         """Unigram probabilities over ids (pad never sampled)."""
         c = np.asarray(self.counts, dtype=np.float64)

@@ -8,7 +8,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -38,6 +38,9 @@ from tasks.corpus import id_shards, load_vocab
 from tasks.data import stage_id
 from tasks.evaluate import plot_curves
 from tasks.progress import stage_progress
+
+if TYPE_CHECKING:
+    import polars as pl
 
 BILM_CODE = [
     "elmo_core.bilm",
@@ -305,6 +308,42 @@ def adapt(
     return build_stage(out, lambda d: _build_adapt(bilm_dir, dataset, d, config, device, tracking))
 
 
+def _grow_vocabulary(
+    model: BiLM, v: Vocab, train: pl.Series, config: AdaptConfig
+) -> tuple[BiLM, Vocab, dict[str, float]]:
+    """The biLM and vocabulary grown by the train split's frequent words it lacks. Their
+    counts are put on the pretraining corpus's scale (by the ratio of corpus to train counts
+    over the words both share) so the softmax proposal and the new words' starting share of
+    <unk>'s probability are comparable with the old words'."""
+    counts = train.explode().drop_nulls().value_counts(name="count")
+    known = set(v.tokens)
+    old = dict(zip(v.tokens, v.counts, strict=True))
+    shared = [(old[t], c) for t, c in counts.iter_rows() if t in known]
+    ratio = sum(a for a, _ in shared) / max(1, sum(c for _, c in shared))
+    task = dict(counts.iter_rows())
+    unk_before = sum(c for t, c in task.items() if t not in known) / max(1, sum(task.values()))
+    grown = v.extend(task, config.new_words_min_count, config.new_words_max)
+    words = grown.tokens[len(v) :]
+    scaled = [max(1, round(task[t] * ratio)) for t in words]
+    grown = Vocab(v.tokens + words, v.counts + tuple(scaled))
+    unk_mass = max(v.counts[v.unk_id], sum(scaled))
+    share = torch.log(torch.tensor(scaled, dtype=torch.float64) / unk_mass).float()
+    model = model.with_new_words(words, share)
+    model.softmax.set_proposal(torch.from_numpy(grown.unigram()))
+    covered = set(grown.tokens)
+    unk_after = sum(c for t, c in task.items() if t not in covered) / max(1, sum(task.values()))
+    return (
+        model,
+        grown,
+        {
+            "new_words": len(words),
+            "train_unk_rate_before": unk_before,
+            "train_unk_rate_after": unk_after,
+            "new_words_count_scale": ratio,
+        },
+    )
+
+
 def _build_adapt(
     bilm_dir: str,
     dataset: str,
@@ -321,13 +360,15 @@ def _build_adapt(
     set_threads()
     dev = pick_device(device)
     model, v = load_bilm(Path(bilm_dir) / "bilm.pt")
-    index = pl.DataFrame({"token": list(v.tokens), "id": np.arange(len(v), dtype=np.int32)})
-    split = {
-        s: encode_docs(
-            shuffled(read_dataset(Path(dataset) / f"{s}.parquet")["tokens"], config.seed), index
-        )
+    tokens = {
+        s: shuffled(read_dataset(Path(dataset) / f"{s}.parquet")["tokens"], config.seed)
         for s in ("train", "val")
     }
+    grown = {"new_words": 0}
+    if config.new_words_min_count:
+        model, v, grown = _grow_vocabulary(model, v, tokens["train"], config)
+    index = pl.DataFrame({"token": list(v.tokens), "id": np.arange(len(v), dtype=np.int32)})
+    split = {s: encode_docs(t, index) for s, t in tokens.items()}
     train = config.pretrain_config()
     val_ids = split["val"][: max(train.val_tokens, train.window)]
     before = perplexity(model.to(dev), make_windows(val_ids, train.window), dev)
@@ -365,6 +406,7 @@ def _build_adapt(
                 "train_steps": res.steps,
                 "tokens_per_s": res.tokens / max(res.seconds, 1e-9),
                 "wall_s": time.perf_counter() - t0,
+                **grown,
             },
         )
         (out / "train_state.pt").unlink(missing_ok=True)

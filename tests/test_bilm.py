@@ -404,3 +404,33 @@ def test_char_encoder_rejects_bad_settings_and_ids_outside_the_words():
     m = _char_model().eval()
     with pytest.raises(ValueError, match="token id 12"):
         m(torch.tensor([[5, 12]]), torch.ones(1, 2, dtype=torch.bool))
+
+
+def test_new_words_start_from_unk_and_leave_every_old_word_unchanged():
+    m = _model()
+    share = torch.log(torch.tensor([0.5, 0.25]))
+    g = m.with_new_words(["newa", "newb"], share).eval()
+    assert g.config.vocab_size == 52 and g.embedding.weight.shape == (52, 6)
+    tokens = torch.tensor([[4, 9, 1, 7], [5, 6, 0, 0]])
+    mask = tokens != 0
+    torch.testing.assert_close(g(tokens, mask).layers, m(tokens, mask).layers)  # old ids: same
+    as_new = tokens.where(tokens != 1, torch.tensor(50))  # <unk> -> the first new word
+    torch.testing.assert_close(g(as_new, mask).layers, m(tokens, mask).layers)  # starts as <unk>
+    h = torch.randn(3, 8)
+    old = h @ m.softmax.weight.T + m.softmax.bias.T  # (N, V) logits
+    new = h @ g.softmax.weight.T + g.softmax.bias.T  # (N, V+2)
+    torch.testing.assert_close(new[:, :50], old)
+    torch.testing.assert_close(new[:, 50:], old[:, 1:2] + share)
+    assert g.softmax.weight.requires_grad and g.embedding.sparse
+    with pytest.raises(ValueError, match="log_share"):
+        m.with_new_words(["a"], torch.zeros(2))
+
+
+def test_char_bilm_new_words_read_their_own_spelling():
+    m = _char_model().eval()
+    g = m.with_new_words(["zebra", "yak"], torch.zeros(2)).eval()
+    assert g.word_chars.shape[0] == 14
+    torch.testing.assert_close(g.word_chars[12:], char_ids(["zebra", "yak"], m.config.max_chars))
+    vecs = g.input_vectors()
+    assert not torch.allclose(vecs[12], vecs[13])  # two new words, two vectors
+    torch.testing.assert_close(vecs[:12], m.input_vectors())

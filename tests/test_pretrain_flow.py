@@ -218,7 +218,15 @@ def test_adapting_a_reused_biLM_lowers_its_perplexity_on_the_task_text(pretraine
         strategies=["wsum"],
         bilm="models:/elmo-news-bilm/1",
         register_model=False,
-        overrides={"adapt": {"epochs": 2, "batch_size": 16, "lr": 3e-3, "val_tokens": 500}},
+        overrides={
+            "adapt": {
+                "epochs": 2,
+                "batch_size": 16,
+                "lr": 3e-3,
+                "val_tokens": 500,
+                "new_words_min_count": 2,
+            }
+        },
         return_state=True,
     )
     summary = state.result()
@@ -229,8 +237,11 @@ def test_adapting_a_reused_biLM_lowers_its_perplexity_on_the_task_text(pretraine
     m = json.loads((adapted / "metrics.json").read_text())
     assert m["val_perplexity_forward"] < m["val_perplexity_forward_before"]
     assert m["val_perplexity_backward"] < m["val_perplexity_backward_before"]
+    # the AG words the corpus biLM lacked got ids of their own, after the old ones
+    assert m["new_words"] > 0 and m["train_unk_rate_after"] < m["train_unk_rate_before"]
     a, va = load_bilm(adapted / "bilm.pt")
     b, vb = load_bilm(Path(pre["bilm"]) / "bilm.pt")
-    assert va == vb and not torch.equal(
+    assert len(va) == len(vb) + m["new_words"] and va.tokens[: len(vb)] == vb.tokens
+    assert a.embedding.weight.shape[0] == len(va) and not torch.equal(
         a.forward_lstms[0].weight_ih_l0, b.forward_lstms[0].weight_ih_l0
     )

@@ -60,3 +60,14 @@ def test_vocab_config_rejects_bad_values(kwargs, needle):
 def test_vocab_rejects_missing_specials():
     with pytest.raises(ValueError, match="must start with"):
         Vocab(tokens=("a", "b", "c", "d"), counts=(1, 1, 1, 1))
+
+
+def test_vocab_extend_appends_unseen_frequent_words_and_keeps_old_ids():
+    v = Vocab(SPECIALS + ("the", "cat"), (0, 5, 2, 2, 9, 4))
+    g = v.extend({"the": 100, "dog": 3, "emu": 3, "yak": 1, "ant": 7}, min_count=2, max_new=2)
+    assert g.tokens == (*v.tokens, "ant", "dog")  # most frequent first, ties by token; cap 2
+    assert g.counts == (*v.counts, 7, 3)
+    assert g.encode(["cat", "dog", "yak"]) == [5, 7, 1]
+    assert v.extend({"yak": 1}, min_count=2, max_new=5) == v
+    with pytest.raises(ValueError, match="min_count"):
+        v.extend({}, min_count=0, max_new=1)
