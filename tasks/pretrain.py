@@ -302,7 +302,8 @@ def adapt(
     tracking: dict[str, str] | None = None,
 ) -> str:
     """A reused biLM trained ``config.epochs`` more passes as a language model on the train
-    split's text (its vocabulary kept): a new biLM stage folder, the original untouched. Its
+    split's text (its vocabulary kept, or grown by the split's words it lacks with
+    ``config.new_words_min_count``): a new biLM stage folder, the original untouched. Its
     validation perplexity on the val split is measured before and after."""
     out = Home(home).stage_dir("bilm", _adapt_key(bilm_dir, dataset, home, config))
     return build_stage(out, lambda d: _build_adapt(bilm_dir, dataset, d, config, device, tracking))
@@ -321,7 +322,11 @@ def _grow_vocabulary(
     shared = [(old[t], c) for t, c in counts.iter_rows() if t in known]
     ratio = sum(a for a, _ in shared) / max(1, sum(c for _, c in shared))
     task = dict(counts.iter_rows())
-    unk_before = sum(c for t, c in task.items() if t not in known) / max(1, sum(task.values()))
+    total = max(1, sum(task.values()))
+
+    def unk_rate(vocab: set[str]) -> float:  # share of the train split's tokens read as <unk>
+        return sum(c for t, c in task.items() if t not in vocab) / total
+
     grown = v.extend(task, config.new_words_min_count, config.new_words_max)
     words = grown.tokens[len(v) :]
     scaled = [max(1, round(task[t] * ratio)) for t in words]
@@ -330,15 +335,13 @@ def _grow_vocabulary(
     share = torch.log(torch.tensor(scaled, dtype=torch.float64) / unk_mass).float()
     model = model.with_new_words(words, share)
     model.softmax.set_proposal(torch.from_numpy(grown.unigram()))
-    covered = set(grown.tokens)
-    unk_after = sum(c for t, c in task.items() if t not in covered) / max(1, sum(task.values()))
     return (
         model,
         grown,
         {
             "new_words": len(words),
-            "train_unk_rate_before": unk_before,
-            "train_unk_rate_after": unk_after,
+            "train_unk_rate_before": unk_rate(known),
+            "train_unk_rate_after": unk_rate(set(grown.tokens)),
             "new_words_count_scale": ratio,
         },
     )
