@@ -89,6 +89,8 @@ def subset_store(store: LayerStore, idx: np.ndarray) -> LayerStore:
         offsets=offsets,
         labels=store.labels[idx],
         tokens=None if store.tokens is None else store.tokens[rows],
+        static=store.static,  # layer 0 per distinct token: the table is shared, its rows picked
+        static_rows=None if store.static is None else store.static_rows[rows],
     )
 
 
@@ -118,7 +120,7 @@ def main() -> None:
         s: read_dataset(Path(run["dataset"]) / f"{s}.parquet")["text"].to_list()
         for s in ("train", "test")
     }
-    _, n_layers, dim = train.features.shape
+    n_layers, dim = train.layer_shape
     points = []
     for fraction in sorted(args.fractions):
         idx = stratified_subset(train.labels, fraction, args.seed)

@@ -504,6 +504,7 @@ def extract_layers(
     window: int = 0,
     context: int = 0,
     extra_words: Sequence[str] = (),
+    contextual_only: bool = False,
 ) -> None:
     """Run the frozen biLM over documents and write their layers into ``out``.
 
@@ -511,7 +512,9 @@ def extract_layers(
     (``encode_for``; char encoder only).
 
     out: (N_tok, L+1, 2H) float16 rows (an array, a memmap or a ``RowFile``), document i at rows
-    offsets[i]:offsets[i+1] (from doc_lengths). Long documents are read in overlapping pieces
+    offsets[i]:offsets[i+1] (from doc_lengths); with ``contextual_only`` (N_tok, L, 2H), layers
+    1..L: layer 0 depends on the token alone, and ``static_layer`` gives it once per distinct
+    token instead of once per occurrence. Long documents are read in overlapping pieces
     (``window_pieces``); pieces are batched by length so padding stays small, and a batch
     holds at most ``batch_size * max(window, 64)`` tokens so long documents stay bounded in
     memory.
@@ -543,11 +546,43 @@ def extract_layers(
         mask = tokens != 0  # (B, T)
         with autocast(device, "fp32"):  # stored features do not depend on the machine's bf16
             layers = model(tokens.to(device), mask.to(device), extra).layers  # (L+1, B, T, 2H)
-        layers = layers.permute(1, 2, 0, 3).to("cpu", torch.float16).numpy()  # (B, T, L+1, 2H)
+        layers = layers[int(contextual_only) :]  # (L' = L+1 or L, B, T, 2H)
+        layers = layers.permute(1, 2, 0, 3).to("cpu", torch.float16).numpy()  # (B, T, L', 2H)
         for r, (d, start, _, lo, hi) in enumerate(batch):
             out[offsets[d] + lo : offsets[d] + hi] = layers[r, lo - start : hi - start]
             done_docs += hi == lengths[d]
         progress(min(done_docs, len(lengths)), len(lengths), {})
+
+
+def open_ids(docs: Sequence[Sequence[int]], offsets: np.ndarray) -> np.ndarray:
+    """(N_tok,) int32 ids of the rows a layer store keeps as the biLM read them (``encode_for``:
+    extra words keep their ids >= V, so a char biLM's layer 0 can spell them)."""
+    return vocab_ids(docs, offsets, np.iinfo(np.int32).max)
+
+
+@torch.no_grad()
+def static_layer(
+    model: BiLM,
+    ids: np.ndarray,
+    extra_words: Sequence[str] = (),
+    device: torch.device | None = None,
+    chunk: int = 4096,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Layer 0 (the context-free ``[x; x]``) of the distinct tokens among ``ids`` (N_tok,):
+    returns (table (U, 2H) float16, rows (N_tok,) int32 with table[rows[j]] = token j's layer 0).
+
+    A store keeps this instead of layer 0 per occurrence: a third of its bytes at L = 2."""
+    device = device or pick_device()
+    model.to(device).eval()
+    extra = model.extra_chars(extra_words)  # (W, C) or None
+    uniq, rows = np.unique(ids, return_inverse=True)  # (U,), (N_tok,)
+    out = np.zeros((len(uniq), model.output_dim), dtype=np.float16)  # (U, 2H)
+    for lo in range(0, len(uniq), chunk):
+        tok = torch.from_numpy(uniq[lo : lo + chunk].astype(np.int64)).to(device)[None]  # (1, U')
+        with autocast(device, "fp32"):  # as extract_layers: the machine's bf16 plays no part
+            x = model._embed(tok, extra)[0]  # (U', D)
+        out[lo : lo + len(x)] = torch.cat([x, x], dim=-1).to("cpu", torch.float16).numpy()
+    return out, rows.astype(np.int32)
 
 
 class RowFile:
@@ -618,16 +653,37 @@ class RowFile:
 
 @dataclass
 class LayerStore:
-    """Precomputed biLM layers of a document set, flat over tokens (no padding stored)."""
+    """Precomputed biLM layers of a document set, flat over tokens (no padding stored).
 
-    # (N_tok, L, D) float16: an array, a memmap or a RowFile; None: tokens only (fine-tuning)
+    With ``static`` set, ``features`` holds the contextual layers 1..L only and layer 0 (the
+    biLM's context-free token vector) comes from ``static[static_rows]``: one row per
+    distinct token instead of one per occurrence."""
+
+    # (N_tok, L+1, D) float16 (or (N_tok, L, D) with ``static``): an array, a memmap or a
+    # RowFile; None: tokens only (fine-tuning)
     features: Any
     offsets: np.ndarray  # (N+1,) int64 row offsets per document
     labels: np.ndarray  # (N,) int64 class ids (or -1 when unknown)
     tokens: np.ndarray | None = None  # (N_tok,) int32 vocabulary ids of the same tokens
+    static: np.ndarray | None = None  # (U, D) float16 layer 0 of each distinct token
+    static_rows: np.ndarray | None = None  # (N_tok,) int32 row of static per token
 
     def __len__(self) -> int:
         return len(self.labels)
+
+    @property
+    def layer_shape(self) -> tuple[int, int]:
+        """(L+1, D) of every token's layers, layer 0 included however it is stored."""
+        _, n, d = self.features.shape
+        return n + (self.static is not None), d
+
+    def rows(self, lo: int, hi: int) -> np.ndarray:
+        """Tokens lo..hi -> their layers (hi-lo, L+1, D) float16, layer 0 included."""
+        x = np.asarray(self.features[lo:hi])  # (n, L or L+1, D)
+        if self.static is None:
+            return x
+        first = self.static[self.static_rows[lo:hi]][:, None]  # (n, 1, D)
+        return np.concatenate([first, x], axis=1)  # (n, L+1, D)
 
     def batch(
         self, idx: np.ndarray
@@ -644,10 +700,14 @@ class LayerStore:
         labels = torch.from_numpy(self.labels[idx])
         if self.features is None:  # tokens only: a fine-tuned biLM computes the layers
             return None, mask, torch.from_numpy(ids), labels
-        _, n_layers, d = self.features.shape
+        n_layers, d = self.layer_shape
         x = np.zeros((len(idx), t, n_layers, d), dtype=np.float32)  # (B, T, L, D)
+        first = int(self.static is not None)  # layer 0 from the table, the rest from features
         for r, i in enumerate(idx):
-            x[r, : lens[r]] = self.features[self.offsets[i] : self.offsets[i + 1]]
+            lo, hi = self.offsets[i], self.offsets[i + 1]
+            x[r, : lens[r], first:] = self.features[lo:hi]
+            if first:
+                x[r, : lens[r], 0] = self.static[self.static_rows[lo:hi]]
         layers = torch.from_numpy(x).permute(2, 0, 1, 3)  # (L, B, T, D)
         return layers, mask, torch.from_numpy(ids), labels
 
@@ -681,16 +741,17 @@ def layer_store_for(
     context: int = 0,
     extra_words: Sequence[str] = (),
 ) -> LayerStore:
-    """In-memory LayerStore of documents (ids, from ``encode_for``): the same float16 layers,
-    batching and truncation as the pipeline's layer-extraction stage, so predictions reproduce
-    the evaluated ones."""
+    """In-memory LayerStore of documents (ids, from ``encode_for``): the same float16 layers
+    (layer 0 once per distinct token), batching and truncation as the pipeline's
+    layer-extraction stage, so predictions reproduce the evaluated ones."""
     offsets = np.concatenate([[0], np.cumsum(doc_lengths(docs, max_len))]).astype(np.int64)
-    out = np.zeros((int(offsets[-1]), model.num_output_layers, model.output_dim), dtype=np.float16)
+    out = np.zeros((int(offsets[-1]), model.config.num_layers, model.output_dim), np.float16)
     extract_layers(
         model, docs, out, offsets, device=device, window=window, context=context,
-        extra_words=extra_words,
+        extra_words=extra_words, contextual_only=True,
     )  # fmt: skip
+    static, rows = static_layer(model, open_ids(docs, offsets), extra_words, device)
     tokens = vocab_ids(docs, offsets, model.config.vocab_size)
     if labels is None:
         labels = np.full(len(docs), -1, dtype=np.int64)
-    return LayerStore(out, offsets, labels, tokens)
+    return LayerStore(out, offsets, labels, tokens, static, rows)

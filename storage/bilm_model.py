@@ -41,7 +41,7 @@ class BiLMEmbedder(mlflow.pyfunc.PythonModel):
         )  # fmt: skip
         out, lens = [], np.diff(store.offsets)
         for i in range(len(docs)):
-            rows = np.asarray(store.features[store.offsets[i] : store.offsets[i + 1]], np.float64)
+            rows = store.rows(store.offsets[i], store.offsets[i + 1]).astype(np.float64)
             out.append(rows.mean(axis=(0, 1)).tolist())  # (N_tok, L, 2H) → (2H,)
         return pd.DataFrame({"n_tokens": lens.astype(np.int64), "embedding": out})
 

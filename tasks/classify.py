@@ -135,7 +135,7 @@ def _build(
     dev = pick_device(device)
     train, val, test = (layer_store(features_dir, s) for s in SPLITS)
     label_names = read_json(Path(dataset) / "labels.json")
-    _, n_layers, dim = train.features.shape
+    n_layers, dim = train.layer_shape
     model, mix_config = new_classifier(bilm_dir, strategy, config, n_layers, dim, len(label_names))
     head = model
     if config.finetune_bilm:  # the biLM trains inside: token ids in, no stored layers read

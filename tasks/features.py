@@ -15,7 +15,9 @@ from elmo_core.training import (
     doc_lengths,
     encode_for,
     extract_layers,
+    open_ids,
     pick_device,
+    static_layer,
     vocab_ids,
 )
 from storage.datasets import read_dataset
@@ -56,8 +58,9 @@ def features(
     tracking: dict[str, str] | None = None,
 ) -> str:
     """Run the frozen biLM once over every split, whole documents up to ``max_len`` tokens,
-    long ones in overlapping pieces (``window``, ``context``); layers stored flat as float16
-    .npy files, and how many documents ``max_len`` cut, by how much, in metrics.json.
+    long ones in overlapping pieces (``window``, ``context``); the contextual layers stored flat
+    as float16 .npy files, layer 0 (context-free) once per distinct token, and how many
+    documents ``max_len`` cut, by how much, in metrics.json.
     (``tracking`` is accepted like every stage's; this stage has no MLflow run of its own.)"""
     key = _features_key(bilm_dir, dataset, home, max_len, window, context)
     out = Home(home).stage_dir("features", key)
@@ -93,8 +96,9 @@ def _build(
         )
         tmp = out / f".layers_{split}.npy.tmp"
         tmp.parent.mkdir(parents=True, exist_ok=True)
-        # written with pwrite, not a memory map: resident memory stays one batch of layers
-        arr = RowFile(tmp, (int(offsets[-1]), model.num_output_layers, model.output_dim))
+        # written with pwrite, not a memory map: resident memory stays one batch of layers.
+        # Layers 1..L only: layer 0 is a function of the token, kept once per distinct token
+        arr = RowFile(tmp, (int(offsets[-1]), model.config.num_layers, model.output_dim))
         with stage_progress(f"layers {split}", unit="documents") as progress:
             extract_layers(
                 model,
@@ -106,9 +110,13 @@ def _build(
                 window=window,
                 context=context,
                 extra_words=extra,
+                contextual_only=True,
             )
         arr.close()
         tmp.replace(out / f"layers_{split}.npy")
+        static, rows = static_layer(model, open_ids(docs, offsets), extra, pick_device(device))
+        np.save(out / f"static_{split}.npy", static)
+        np.save(out / f"static_rows_{split}.npy", rows)
         tokens = vocab_ids(docs, offsets, len(vocab))  # (N_tok,) ids of the stored rows
         np.save(out / f"tokens_{split}.npy", tokens)
         np.save(out / f"offsets_{split}.npy", offsets)
@@ -125,4 +133,6 @@ def layer_store(features_dir: str, split: str) -> LayerStore:
         offsets=np.load(d / f"offsets_{split}.npy"),
         labels=np.load(d / f"labels_{split}.npy"),
         tokens=np.load(d / f"tokens_{split}.npy"),
+        static=np.load(d / f"static_{split}.npy"),
+        static_rows=np.load(d / f"static_rows_{split}.npy"),
     )

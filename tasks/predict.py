@@ -110,7 +110,7 @@ def embed_file(model_uri: str, input_path: str, output_path: str, all_layers: bo
     )
     with torch.no_grad():
         for i, t in enumerate(toks):
-            doc = store.features[store.offsets[i] : store.offsets[i + 1]]  # (T, L+1, 2H)
+            doc = store.rows(store.offsets[i], store.offsets[i + 1])  # (T, L+1, 2H)
             layers = torch.from_numpy(doc.astype(np.float32)).permute(1, 0, 2)  # (L+1, T, 2H)
             vec = (
                 layers.permute(1, 0, 2) if all_layers else mix(layers.unsqueeze(1), None)[0]

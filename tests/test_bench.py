@@ -23,10 +23,12 @@ def _store(n_docs: int, rng: np.random.Generator) -> LayerStore:
     offsets = np.concatenate([[0], np.cumsum(lens)]).astype(np.int64)
     n_tok = int(offsets[-1])
     return LayerStore(
-        features=rng.standard_normal((n_tok, 3, 4)).astype(np.float16),
+        features=rng.standard_normal((n_tok, 2, 4)).astype(np.float16),
         offsets=offsets,
         labels=np.arange(n_docs) % 4,
         tokens=rng.integers(2, 50, size=n_tok).astype(np.int32),
+        static=rng.standard_normal((9, 4)).astype(np.float16),  # layer 0 per distinct token
+        static_rows=rng.integers(0, 9, size=n_tok).astype(np.int32),
     )
 
 
@@ -41,7 +43,7 @@ def test_subset_is_stratified_seeded_and_whole_documents():
     for j, i in enumerate(idx):
         rows = slice(store.offsets[i], store.offsets[i + 1])
         mine = slice(sub.offsets[j], sub.offsets[j + 1])
-        assert np.array_equal(sub.features[mine], store.features[rows])
+        assert np.array_equal(sub.rows(mine.start, mine.stop), store.rows(rows.start, rows.stop))
         assert np.array_equal(sub.tokens[mine], store.tokens[rows])
     assert np.array_equal(sub.labels, store.labels[idx])
 

@@ -369,11 +369,11 @@ def test_unseen_words_get_their_own_layer_0_vectors_through_the_embedding_path()
         if model.open_vocabulary:
             assert extra == ["zebra", "quokka"] and docs[1][1] == len(WORDS) + 1
         store = layer_store_for(model, docs, max_len=16, extra_words=extra)
-        zebra, quokka = store.features[1:2][0, 0], store.features[4:5][0, 0]  # layer 0
+        zebra, quokka = store.rows(1, 2)[0, 0], store.rows(4, 5)[0, 0]  # layer 0
         assert bool(np.any(zebra != quokka)) is differ
         assert store.tokens[1] == 1  # the task embedding still reads <unk> (V rows)
         # a seen word reads the same whatever the unseen words around it
-        np.testing.assert_array_equal(store.features[0:1][0, 0], store.features[3:4][0, 0])
+        np.testing.assert_array_equal(store.rows(0, 1)[0, 0], store.rows(3, 4)[0, 0])
 
 
 def test_char_bilm_trains_its_cnn_has_no_word_table_and_round_trips(tmp_path):

@@ -33,6 +33,7 @@ from elmo_core.training import (
     bf16_native,
     doc_lengths,
     extract_layers,
+    layer_store_for,
     make_windows,
     pretrain_bilm,
     resolve_precision,
@@ -240,6 +241,29 @@ def test_extract_layers_writes_each_document_in_place():
     alone = m(torch.tensor([[9, 10, 11, 12]]), torch.ones(1, 4, dtype=torch.bool)).layers
     got = torch.from_numpy(out[offsets[3] : offsets[4]].astype(np.float32)).permute(1, 0, 2)
     assert torch.allclose(got, alone[:, 0], atol=2e-3)
+
+
+def test_a_store_keeps_layer_0_once_per_distinct_token_and_batches_every_layer():
+    """layer_store_for (as the features stage) writes layers 1..L per token and layer 0 once per
+    distinct token; its batches hold exactly the full extraction's L+1 layers."""
+    m = _bilm().eval()
+    docs = [[5, 6, 7, 5], [8], [], [9, 5, 6, 12, 13, 7]]
+    store = layer_store_for(m, docs, max_len=5)
+    n_tok = int(store.offsets[-1])
+    assert store.features.shape == (n_tok, 2, 16)  # contextual layers only
+    assert store.static.shape == (8, 16)  # ids 1 (the empty doc), 5, 6, 7, 8, 9, 12, 13
+    assert store.layer_shape == (3, 16)
+    full = np.zeros((n_tok, 3, 16), dtype=np.float16)
+    extract_layers(m, docs, full, store.offsets, device=CPU)
+    np.testing.assert_array_equal(store.rows(0, n_tok), full)
+    layers, mask, ids, _ = store.batch(np.array([3, 0, 2]))
+    assert layers.shape == (3, 3, 5, 16) and ids[1, :4].tolist() == [5, 6, 7, 5]
+    for r, i in enumerate([3, 0, 2]):
+        lo, hi = store.offsets[i], store.offsets[i + 1]
+        np.testing.assert_array_equal(
+            layers[:, r, : hi - lo].permute(1, 0, 2).numpy(), full[lo:hi].astype(np.float32)
+        )
+        assert not mask[r, hi - lo :].any()
 
 
 @pytest.mark.parametrize("length,window,context", [(1, 8, 2), (8, 8, 2), (9, 8, 2), (50, 12, 3)])
