@@ -54,11 +54,11 @@ class RssSampler(threading.Thread):
         self.t0 = time.perf_counter()
         self.peak = (0, 0.0)  # (bytes, seconds since start)
         self.samples: list[tuple[float, int]] = []
-        self._stop = threading.Event()
+        self._done = threading.Event()  # not _stop: Thread has its own
 
     def run(self) -> None:
         me = psutil.Process()
-        while not self._stop.wait(self.every):
+        while not self._done.wait(self.every):
             rss = me.memory_info().rss
             for child in me.children(recursive=True):
                 try:
@@ -71,7 +71,7 @@ class RssSampler(threading.Thread):
                 self.peak = (rss, t)
 
     def stop(self) -> None:
-        self._stop.set()
+        self._done.set()
         self.join()
 
 

@@ -84,3 +84,18 @@ def test_r8_is_the_modapte_single_topic_split_and_pretraining_never_sees_test(tm
     assert corpus and not corpus & test_texts  # no TEST article in the pretraining text
     some_train = f"{train['title'][0]}\n{train['body'][0]}".strip()
     assert some_train in corpus
+
+
+def test_full_memory_sampler_records_a_peak_and_stops(tmp_path):
+    import time
+
+    full_memory = _bench("full_memory")
+    sampler = full_memory.RssSampler(every=0.02)
+    sampler.start()
+    block = bytearray(64 << 20)  # 64 MiB held while it samples
+    time.sleep(0.2)
+    sampler.stop()
+    assert not sampler.is_alive() and sampler.samples
+    assert sampler.peak[0] >= len(block) and 0 < sampler.peak[1] < 5
+    counts = full_memory.replicate(full_memory.LARGE, tmp_path / "x", 60_000)
+    assert counts == {"train_rows": 60_000, "distinct_train_rows": 49_163, "test_rows": 7_600}
