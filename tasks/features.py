@@ -73,6 +73,7 @@ def _build(
     bilm_dir: str, dataset: str, out: Path, max_len: int, window: int, context: int, device: str
 ) -> None:
     set_threads()
+    dev = pick_device(device)
     model, vocab = load_bilm(Path(bilm_dir) / "bilm.pt")
     t0 = time.perf_counter()
     n_tokens = 0
@@ -105,7 +106,7 @@ def _build(
                 docs,
                 arr,
                 offsets,
-                device=pick_device(device),
+                device=dev,
                 progress=progress,
                 window=window,
                 context=context,
@@ -114,7 +115,7 @@ def _build(
             )
         arr.close()
         tmp.replace(out / f"layers_{split}.npy")
-        static, rows = static_layer(model, open_ids(docs, offsets), extra, pick_device(device))
+        static, rows = static_layer(model, open_ids(docs, offsets), extra, dev)
         np.save(out / f"static_{split}.npy", static)
         np.save(out / f"static_rows_{split}.npy", rows)
         tokens = vocab_ids(docs, offsets, len(vocab))  # (N_tok,) ids of the stored rows
