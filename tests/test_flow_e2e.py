@@ -42,7 +42,12 @@ def monkeypatch_module():
     mp.undo()
 
 
-def _run(harness, ag_slice: Path, home: Path, **kw):
+# what these tests check is caching, invalidation and tracking, not what the biLM learns: 100
+# Reuters articles instead of the smoke profile's 300 shorten each of their five pretrainings
+CORPUS = {"corpus": {"max_docs": 100}}
+
+
+def _run(harness, ag_slice: Path, home: Path, overrides: dict | None = None, **kw):
     from flows.pipeline import elmo_news
 
     state = elmo_news(
@@ -51,6 +56,7 @@ def _run(harness, ag_slice: Path, home: Path, **kw):
         pretrain_corpus=[str(REUTERS)],
         home=str(home),
         return_state=True,
+        overrides={**CORPUS, **(overrides or {})},
         **kw,
     )
     return state.result(), _task_states(state.state_details.flow_run_id)

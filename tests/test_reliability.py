@@ -18,11 +18,12 @@ from storage.paths import Home
 from tests.conftest import REUTERS, ROOT
 
 pytestmark = pytest.mark.e2e
-# longer pretraining than plain smoke, with frequent checkpoints, so a kill lands mid-training;
-# one strategy (what is tested is the stages' resumption and locking, not the three mixes)
+# longer pretraining than plain smoke, with frequent checkpoints, so a kill lands mid-training
+# (the first checkpoint comes at step 8 of ~170); one strategy (what is tested is the stages'
+# resumption and locking, not the three mixes)
 SLOW = [
     "--set",
-    "pretrain.epochs=4",
+    "pretrain.epochs=2",
     "--set",
     "pretrain.checkpoint_every=8",
     "--set",
