@@ -20,6 +20,12 @@ REUTERS = SHARED / "reuters21578" / "reuters21578.csv"
 def pytest_configure(config: pytest.Config) -> None:
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        # pytest -n N: N test processes share the cores, so each (and every process it starts)
+        # takes one torch / BLAS thread; two 2-thread processes on 2 cores spin on each
+        # other's barriers (tasks/common.py: task_threads measured a 35x slower biLM step)
+        os.environ.setdefault("ELMO_NEWS_THREADS", "1")
+        os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
 def write_slice(src: Path, dst: Path, n: int, step: int = 1) -> Path:
