@@ -28,6 +28,26 @@ def pytest_configure(config: pytest.Config) -> None:
         os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
+# the files with the longest module fixtures (servers, CLI runs, whole flows), longest first:
+# `make test` runs a file per test process, so these start at once instead of one of them
+# running alone at the end while the other process idles
+HEAVY_FIRST = (
+    "test_deployment",
+    "test_reliability",
+    "test_dask",
+    "test_pretrain_flow",
+    "test_ddp",
+    "test_cli",
+    "test_flow_e2e",
+    "test_registry",
+)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    rank = {name: i for i, name in enumerate(HEAVY_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.stem, len(rank)))  # stable: file order kept
+
+
 def write_slice(src: Path, dst: Path, n: int, step: int = 1) -> Path:
     """Every ``step``-th of the first n*step lines of an AG CSV (one record per line there)."""
     lines = src.read_text(encoding="utf-8").splitlines(keepends=True)
