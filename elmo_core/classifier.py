@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import re
 from typing import Any
 
@@ -85,7 +86,11 @@ class ELMoClassifier(nn.Module):
             nn.LSTM(d, config.hidden_dim, batch_first=True) for d in sizes_in
         )
         self.register_load_state_dict_pre_hook(_upgrade_legacy_rnn)
-        sizes = [4 * config.hidden_dim, *config.mlp_hidden]
+        # ELMo at the output too: the same strategy's mix with its own parameters (a deep copy
+        # keeps the strategy's data: its start, trainable flag and lr scale)
+        self.output_mix = copy.deepcopy(mix) if config.elmo_output else None
+        pooled = 2 * config.hidden_dim + (input_dim if config.elmo_output else 0)
+        sizes = [2 * pooled, *config.mlp_hidden]
         mlp: list[nn.Module] = []
         for a, b in zip(sizes[:-1], sizes[1:], strict=True):
             mlp += [nn.Linear(a, b), nn.ReLU(), nn.Dropout(config.dropout)]
@@ -108,7 +113,10 @@ class ELMoClassifier(nn.Module):
     def forward(
         self, layers: torch.Tensor, mask: torch.Tensor, tokens: torch.Tensor | None = None
     ) -> torch.Tensor:
-        """layers (L, B, T, D) float, mask (B, T) bool, tokens (B, T) ids -> logits (B, C)."""
+        """layers (L, B, T, D) float, mask (B, T) bool, tokens (B, T) ids -> logits (B, C).
+
+        With ``config.elmo_output`` the output mix joins the BiLSTM states before pooling:
+        (B, T, 2Hc + D) instead of (B, T, 2Hc)."""
         h = self.mix(layers, mask)  # (B, T, D)
         if self.embedding is not None:
             if tokens is None:
@@ -116,9 +124,12 @@ class ELMoClassifier(nn.Module):
             h = torch.cat([h, self.embedding(tokens)], dim=-1)  # (B, T, D+E)
         h = fast_dropout(h, self.config.dropout, self.training)
         out = self.bilstm(h, mask.sum(1))  # (B, T, 2Hc)
+        if self.output_mix is not None:
+            elmo = fast_dropout(self.output_mix(layers, mask), self.config.dropout, self.training)
+            out = torch.cat([out, elmo.to(out.dtype)], dim=-1)  # (B, T, 2Hc+D)
         m = mask.unsqueeze(-1)  # (B, T, 1)
-        mean = (out * m).sum(1) / m.sum(1).clamp_min(1)  # (B, 2Hc)
-        mx = out.masked_fill(~m, -1e4).max(1).values  # (B, 2Hc)
+        mean = (out * m).sum(1) / m.sum(1).clamp_min(1)  # (B, P), P = 2Hc (+ D)
+        mx = out.masked_fill(~m, -1e4).max(1).values  # (B, P)
         return self.mlp(torch.cat([mean, mx], dim=-1))  # (B, C)
 
 

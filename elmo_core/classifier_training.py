@@ -104,8 +104,10 @@ def classifier_param_groups(
     data), the task token embedding at ``lr * embedding_lr_scale``, everything else at ``lr``."""
     head = getattr(model, "head", model)  # a FineTunedClassifier's head, or the head itself
     mix = getattr(head, "mix", None)
+    output_mix = getattr(head, "output_mix", None)
     special = [
         (mix, getattr(mix, "lr_scale", 1.0)),
+        (output_mix, getattr(output_mix, "lr_scale", 1.0)),
         (getattr(head, "embedding", None), embedding_lr_scale),
     ]
     groups: list[dict[str, Any]] = []

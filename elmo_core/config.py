@@ -196,6 +196,9 @@ class ClassifierConfig:
     # gradual unfreezing: the head trains alone for this many epochs, then one more biLM layer
     # (top first, the token encoder last) after each further such span
     unfreeze_every: int = 1
+    # ELMo at the task BiLSTM's output too ([h_k; ELMo_k], Peters et al. 2018 §3.3): a second
+    # mix of the same strategy (own weights, same start), pooled beside the BiLSTM states
+    elmo_output: bool = False
 
     def __post_init__(self) -> None:
         if self.hidden_dim < 1 or self.num_layers < 1 or self.batch_size < 1:

@@ -50,3 +50,44 @@ def test_fast_dropout_matches_nn_dropout_in_distribution_and_is_identity_in_eval
     assert abs(y.mean().item() - 1.0) < 0.02
     assert fast_dropout(x, 0.4, False) is x
     assert fast_dropout(x, 0.0, True) is x
+
+
+@pytest.mark.parametrize("strategy", ["wsum", "function", "static"])
+def test_elmo_at_the_output_adds_its_own_mix_that_learns_and_survives_a_checkpoint(
+    strategy, tmp_path
+):
+    from elmo_core.checkpoint import load_classifier, save_classifier
+    from elmo_core.classifier_training import classifier_param_groups
+
+    torch.manual_seed(0)
+    cfg = ClassifierConfig(hidden_dim=4, mlp_hidden=(4,), dropout=0.0, elmo_output=True)
+    mix_config = MixConfig(strategy, 3, 6)
+    model = ELMoClassifier(cfg, build_mix(mix_config), 6, 3)
+    assert model.output_mix is not None and model.output_mix is not model.mix
+    # the same start as the input mix, parameters of its own, the strategy's lr scale
+    assert str(model.output_mix.state_dict()) == str(model.mix.state_dict())
+    assert {id(p) for p in model.output_mix.parameters()}.isdisjoint(
+        id(p) for p in model.mix.parameters()
+    )
+    assert model.mlp[0].in_features == 2 * (2 * 4 + 6)  # mean + max over [states; ELMo]
+    layers = torch.randn(3, 2, 5, 6, requires_grad=True)  # (L, B, T, D)
+    mask = torch.tensor([[True] * 5, [True, True, False, False, False]])
+    logits = model(layers, mask)
+    assert logits.shape == (2, 3)
+    logits.sum().backward()
+    trainable = [p for p in model.output_mix.parameters() if p.requires_grad]
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in trainable)
+    if strategy == "static":  # layer 0 only: the ablation has no contextual layers at the output
+        assert layers.grad is not None and layers.grad[1:].abs().sum() == 0
+    grouped = [p for g in classifier_param_groups(model, 1e-3)[1:] for p in g["params"]]
+    assert {id(p) for p in trainable} <= {id(p) for p in grouped}
+    save_classifier(tmp_path / "c.pt", model, mix_config, 6, ["a", "b", "c"])
+    loaded, _ = load_classifier(tmp_path / "c.pt")
+    model.eval()
+    assert torch.allclose(loaded(layers, mask), model(layers, mask), atol=1e-6)
+
+
+def test_without_elmo_at_the_output_the_head_pools_the_states_alone():
+    cfg = ClassifierConfig(hidden_dim=4, mlp_hidden=(4,))
+    model = ELMoClassifier(cfg, build_mix(MixConfig("wsum", 3, 6)), 6, 3)
+    assert model.output_mix is None and model.mlp[0].in_features == 4 * 4
