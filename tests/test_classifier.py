@@ -65,7 +65,10 @@ def test_elmo_at_the_output_adds_its_own_mix_that_learns_and_survives_a_checkpoi
     model = ELMoClassifier(cfg, build_mix(mix_config), 6, 3)
     assert model.output_mix is not None and model.output_mix is not model.mix
     # the same start as the input mix, parameters of its own, the strategy's lr scale
-    assert str(model.output_mix.state_dict()) == str(model.mix.state_dict())
+    start, copied = model.mix.state_dict(), model.output_mix.state_dict()
+    assert start.keys() == copied.keys()
+    assert all(torch.equal(start[k], copied[k]) for k in start)
+    assert model.output_mix.lr_scale == model.mix.lr_scale
     assert {id(p) for p in model.output_mix.parameters()}.isdisjoint(
         id(p) for p in model.mix.parameters()
     )
