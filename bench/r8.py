@@ -12,6 +12,16 @@ size on disk, wall time and peak RSS.
 
     .venv/bin/python bench/r8.py --home /tmp/r8-home [--profile sample] [--set classifier.x=...]
 
+With ``--bilm URI`` the run reuses a biLM pretrained once (no vocabulary or pretraining task;
+the sample profile adapts it to the R8 train split). That biLM must not have read a TEST
+article: pretrain it on ``<home>/r8/pretrain.parquet`` (written by ``--build-only``) plus
+unrelated text, e.g.
+
+    .venv/bin/python bench/r8.py --home H --build-only
+    elmo-news pretrain --profile news --home H --corpus ../shared/data/news_corpus/news_corpus.parquet \
+        --corpus H/r8/pretrain.parquet
+    .venv/bin/python bench/r8.py --home H --bilm models:/elmo-news-bilm/1
+
 Last line: ``r8_min_strategy_minus_tfidf=<points>``.
 """
 
@@ -88,6 +98,15 @@ def main() -> None:
     ap.add_argument("--reuters", default=str(REUTERS))
     ap.add_argument("--set", dest="sets", action="append", default=[], help="section.field=value")
     ap.add_argument("--out", default=str(RESULTS))
+    ap.add_argument(
+        "--bilm",
+        default="",
+        help="reuse this pretrained biLM (models:/elmo-news-bilm/N in the home's registry); it "
+        "must not have read Reuters TEST articles (pretrain it on <home>/r8/pretrain.parquet)",
+    )
+    ap.add_argument(
+        "--build-only", action="store_true", help="write <home>/r8 (train, test, pretrain) and stop"
+    )
     args = ap.parse_args()
 
     from bench.learning_curve import machine_info
@@ -101,11 +120,14 @@ def main() -> None:
     data = home / "r8"
     counts = build_r8(Path(args.reuters), data)
     print(json.dumps(counts), flush=True)
+    if args.build_only:
+        return
     t0 = time.perf_counter()
     summary = elmo_news(
         profile=args.profile,
         data=str(data),
-        pretrain_corpus=[str(data / "pretrain.parquet")],
+        pretrain_corpus=[] if args.bilm else [str(data / "pretrain.parquet")],
+        bilm=args.bilm,
         home=str(home),
         text_columns=["title", "body"],
         label_column="topic",
@@ -120,6 +142,7 @@ def main() -> None:
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
         "machine": machine_info(),
         "profile": args.profile,
+        "bilm": args.bilm or "in-run (R8 pretrain.parquet)",
         "overrides": args.sets,
         "counts": counts,
         "test_accuracy": models,
