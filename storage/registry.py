@@ -28,17 +28,18 @@ def _val_accuracy(model_uri: str, texts: list[str], labels: np.ndarray) -> float
     return float((pred["label"].to_numpy() == labels).mean())
 
 
-def check_model_uri(uri: str) -> None:
+def check_model_uri(uri: str, tracking_uri: str | None = None) -> None:
     """A ``models:/NAME/VERSION`` or ``models:/NAME@ALIAS`` URI must name an existing version
     before a command loads it; raises ValueError naming the URI and what is missing. Other
-    URIs (runs:/, paths) are left to MLflow."""
+    URIs (runs:/, paths) are left to MLflow. ``tracking_uri``: the store to look in (default:
+    MLflow's current one)."""
     from mlflow.exceptions import MlflowException
     from mlflow.tracking import MlflowClient
 
     if not uri.startswith("models:/"):
         return
     ref = uri.removeprefix("models:/").rstrip("/")
-    client = MlflowClient()
+    client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
     try:
         if "@" in ref:
             name, alias = ref.split("@", 1)
@@ -51,7 +52,7 @@ def check_model_uri(uri: str) -> None:
     except MlflowException as e:
         known = [m.name for m in client.search_registered_models()]
         raise ValueError(
-            f"{uri}: no such model version in {mlflow_uri()} (registered models: "
+            f"{uri}: no such model version in {tracking_uri or mlflow_uri()} (registered models: "
             f"{', '.join(known) or 'none'}; {e.message.split('.')[0]})"
         ) from None
 
@@ -274,13 +275,17 @@ def _bilm_folder(p: Path, bilm_root: Path) -> Path:
     return out
 
 
-def resolve_bilm(ref: str, bilm_root: Path) -> tuple[Path, dict[str, str]]:
+def resolve_bilm(
+    ref: str, bilm_root: Path, tracking_uri: str | None = None
+) -> tuple[Path, dict[str, str]]:
     """A ``--bilm`` reference → a complete biLM stage folder (and what to record about it).
 
     ``models:/NAME/VERSION`` or ``models:/NAME@ALIAS``: the version's stage folder, downloaded
     once into ``bilm_root/<biLM key>`` — the folder name the pretraining gave it, so every
     downstream cache key (layers, classifiers) is the same as for the run that pretrained it.
-    A path: a biLM stage folder (``bilm.pt`` + a valid DONE manifest), see ``_bilm_folder``."""
+    A path: a biLM stage folder (``bilm.pt`` + a valid DONE manifest), see ``_bilm_folder``.
+    ``tracking_uri``: the registry to read (the run's home store; default MLflow's current
+    one), so a flow called from Python or a deployment finds its home's models."""
     import shutil
     import tempfile
 
@@ -291,8 +296,8 @@ def resolve_bilm(ref: str, bilm_root: Path) -> tuple[Path, dict[str, str]]:
     import mlflow
     from mlflow.tracking import MlflowClient
 
-    check_model_uri(ref)
-    client = MlflowClient()
+    check_model_uri(ref, tracking_uri)
+    client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
     name, sep, rest = ref.removeprefix("models:/").partition("@")
     if sep:
         v = client.get_model_version_by_alias(name, rest)
@@ -314,7 +319,10 @@ def resolve_bilm(ref: str, bilm_root: Path) -> tuple[Path, dict[str, str]]:
     with tempfile.TemporaryDirectory(dir=bilm_root) as tmp:
         got = Path(
             mlflow.artifacts.download_artifacts(
-                artifact_uri=f"models:/{name}/{v.version}", dst_path=tmp
+                artifact_uri=f"models:/{name}/{v.version}",
+                dst_path=tmp,
+                tracking_uri=tracking_uri,
+                registry_uri=tracking_uri,
             )
         )
         stage = next(p.parent for p in got.rglob("bilm.pt"))

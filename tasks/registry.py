@@ -106,7 +106,8 @@ def register_best(
 @task(name="fetch-bilm")
 def fetch_bilm(ref: str, home: str) -> tuple[str, dict[str, str]]:
     """A ``--bilm`` reference → its complete stage folder in the home (downloaded from the
-    registry once) and the tags that record where it came from."""
+    registry once) and the tags that record where it came from. A ``models:/`` URI is looked
+    up in the home's own MLflow store (``MLFLOW_TRACKING_URI`` wins), whoever calls the flow."""
     h = Home(home)
-    path, info = resolve_bilm(ref, h.root / "bilm")
+    path, info = resolve_bilm(ref, h.root / "bilm", h.mlflow_uri())
     return str(path), info

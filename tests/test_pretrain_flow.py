@@ -207,6 +207,27 @@ def test_a_downloaded_biLM_is_the_registered_folder(pretrained, tmp_path):
         resolve_bilm(str(tmp_path), tmp_path / "bilm")
 
 
+def test_a_models_uri_is_looked_up_in_the_runs_home_not_mlflows_current_store(
+    pretrained, tmp_path, monkeypatch
+):
+    """A flow called from Python or a deployment (no CLI to export MLFLOW_TRACKING_URI) must
+    find ``models:/`` in its home's store, not in whatever store MLflow points at."""
+    from mlflow.tracking._tracking_service import utils as tracking_utils
+
+    from tasks.registry import fetch_bilm
+
+    home, pre, _ = pretrained
+    # MLflow's current store is an empty one elsewhere (as set_tracking_uri would leave it,
+    # without the environment variable a CLI exports); monkeypatch restores both
+    monkeypatch.setattr(tracking_utils, "_tracking_uri", f"sqlite:///{tmp_path / 'elsewhere.db'}")
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")
+    with pytest.raises(ValueError, match="other_home"):  # a home without that model says so
+        fetch_bilm.fn("models:/elmo-news-bilm/1", str(tmp_path / "other_home"))
+    path, info = fetch_bilm.fn("models:/elmo-news-bilm/1", str(home))
+    assert Path(path).name == Path(pre["bilm"]).name
+    assert info["bilm_source"] == "models:/elmo-news-bilm/1"
+
+
 def test_adapting_a_reused_biLM_lowers_its_perplexity_on_the_task_text(pretrained, ag_slice):
     from flows.pipeline import elmo_news
 
