@@ -8,6 +8,7 @@ measured again on this one, so the comparison is always on the same documents.""
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Any
 
@@ -151,25 +152,42 @@ def register_and_gate(
 
     version = client.get_model_version(MODEL_NAME, version.version)
     candidate_acc = accuracy_of(version)
-    try:
-        champion = client.get_model_version_by_alias(MODEL_NAME, "champion")
-    except MlflowException:
-        champion = None
-    if champion is None:
-        decision, champion_acc = "promoted: no champion yet", float("nan")
-    elif champion.version == version.version:
-        decision, champion_acc = "already champion", candidate_acc
-    else:
-        champion_acc = accuracy_of(champion)
-        if candidate_acc > champion_acc:
-            decision = f"promoted: val accuracy {candidate_acc:.4f} > champion v{champion.version} {champion_acc:.4f}"
+
+    def gate() -> tuple[str, float, str]:
+        """Read the champion, decide, set the alias: one step, so two runs finishing at once
+        cannot both see "no champion" and both insert the alias."""
+        try:
+            champion = client.get_model_version_by_alias(MODEL_NAME, "champion")
+        except MlflowException:
+            champion = None
+        if champion is None:
+            decision, champion_acc = "promoted: no champion yet", float("nan")
+        elif champion.version == version.version:
+            decision, champion_acc = "already champion", candidate_acc
         else:
-            decision = (
-                f"not promoted: val accuracy {candidate_acc:.4f} <= champion v{champion.version} "
-                f"{champion_acc:.4f} on the same validation split"
-            )
-    alias = "champion" if decision.startswith(("promoted", "already")) else "challenger"
-    client.set_registered_model_alias(MODEL_NAME, alias, version.version)
+            champion_acc = accuracy_of(champion)
+            if candidate_acc > champion_acc:
+                decision = f"promoted: val accuracy {candidate_acc:.4f} > champion v{champion.version} {champion_acc:.4f}"
+            else:
+                decision = (
+                    f"not promoted: val accuracy {candidate_acc:.4f} <= champion v{champion.version} "
+                    f"{champion_acc:.4f} on the same validation split"
+                )
+        alias = "champion" if decision.startswith(("promoted", "already")) else "challenger"
+        client.set_registered_model_alias(MODEL_NAME, alias, version.version)
+        return decision, champion_acc, alias
+
+    # a local sqlite store: a file lock makes the gate atomic across processes; a tracking server
+    # (no lock here) may still refuse a concurrent alias insert: decide again on the new state
+    for attempt in range(3):
+        try:
+            with _store_lock(uri):
+                decision, champion_acc, alias = gate()
+            break
+        except MlflowException:
+            if attempt == 2:
+                raise
+            time.sleep(0.5 * (attempt + 1))
     metrics = {"registry_candidate_val_accuracy": candidate_acc}
     if not np.isnan(champion_acc):
         metrics["registry_champion_val_accuracy"] = champion_acc
