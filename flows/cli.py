@@ -364,9 +364,16 @@ def sweep(
     bilm: BilmOpt = "",
     task_runner: TaskRunnerOpt = "",
     dask_address: DaskAddressOpt = "",
+    ablation: Annotated[
+        bool,
+        typer.Option(
+            help="also train the static ablation per point and seed: each strategy's gain "
+            "over it, mean ± std"
+        ),
+    ] = True,
 ) -> None:
     """Fan the classifier out over a grid x seeds on the same cached biLM and layers; prints
-    mean ± std test accuracy per point."""
+    mean ± std test accuracy per point, and each strategy's gain over the static ablation."""
     prefect_defaults()
     with user_errors():
         overrides = parse_overrides(set_ or [])
@@ -393,6 +400,7 @@ def sweep(
                 bilm=bilm,
                 task_runner=task_runner,  # type: ignore[arg-type]
                 dask_address=dask_address,
+                ablation=ablation,
             )
     except typer.Exit as e:
         abandon_server(server, e.exit_code)

@@ -3,7 +3,9 @@ several seeds, on one cached biLM and one set of stored layers.
 
 One MLflow child run per point (params = the point; metrics = mean and sample std over the
 seeds, and each seed's figure at step = seed), the seeds' classifier runs nested under it. The
-run-to-run spread that single runs only hint at becomes a measured figure per point.
+run-to-run spread that single runs only hint at becomes a measured figure per point. Like a
+run, every point also trains the static-word-vector ablation with each seed (``ablation``), so
+each strategy's gain over it (paired by seed) comes with its own spread.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from pydantic import Field, ValidationError, model_validator
 
 from elmo_core.config import ClassifierConfig
+from elmo_core.mix import ABLATION
 from flows.fanout import fanout
 from flows.params import Profile, RunParams, Strategy, resolve_sections
 from flows.pipeline import PARALLEL, _checked, _with_storage, log_upstream, upstream
@@ -49,6 +52,8 @@ class SweepParams(RunParams):
 
     grid: dict[str, list[Any]] = Field(min_length=1)
     seeds: int = Field(3, ge=1, le=100)
+    # every point and seed also trains the static ablation: each strategy's gain over it
+    ablation: bool = True
 
     @model_validator(mode="after")
     def _check_grid(self) -> SweepParams:
@@ -76,6 +81,10 @@ class SweepParams(RunParams):
     def points(self) -> list[dict[str, Any]]:
         return grid_points(self.grid)
 
+    def trained(self) -> list[str]:
+        """The strategies each point trains: the chosen ones, then the ablation (if on)."""
+        return [*self.strategies, *([ABLATION] if self.ablation else [])]
+
     def classifier_config(self, point: dict[str, Any], seed_index: int) -> ClassifierConfig:
         """The classifier settings of one point and seed: the run's (profile + overrides) with
         the point's values, validated as a run's are; seed = the run's seed + seed_index."""
@@ -98,17 +107,51 @@ def mean_std(xs: list[float]) -> tuple[float, float]:
     return statistics.fmean(xs), statistics.stdev(xs) if len(xs) > 1 else math.nan
 
 
+def add_gains(rows: list[dict[str, Any]]) -> None:
+    """Give each strategy's row its gain over the same point's ablation row, paired by seed
+    (``elmo_gain``: one per seed, ``elmo_gain_mean`` / ``_std``; accuracy units, as a run's
+    ``elmo_gain_<strategy>``): the seed moves both fits, so the paired difference is the
+    figure whose spread tells whether a gain is real."""
+    static = {r["point_index"]: r for r in rows if r["strategy"] == ABLATION}
+    for r in rows:
+        base = static.get(r["point_index"])
+        if base is None or r is base:
+            continue
+        if r["seeds"] != base["seeds"]:
+            raise ValueError(f"seeds differ: {r['seeds']} vs the ablation's {base['seeds']}")
+        gains = [a - b for a, b in zip(r["test_accuracy"], base["test_accuracy"], strict=True)]
+        r["elmo_gain"] = gains
+        r["elmo_gain_mean"], r["elmo_gain_std"] = mean_std(gains)
+
+
+def _pm(mean: float, std: float, fmt: str, scale: float = 1.0) -> str:
+    """``mean ± std`` (the std left out where one seed gives none)."""
+    m, s = mean * scale, std * scale
+    return f"{m:{fmt}}" + ("" if math.isnan(s) else f" ± {s:{fmt.lstrip('+')}}")
+
+
 def sweep_markdown(rows: list[dict[str, Any]], keys: list[str], seeds: list[int]) -> str:
-    head = ["point", *keys, "strategy", "test accuracy (mean ± std)", "best val accuracy"]
-    head += [f"seed {s}" for s in seeds]
+    gains = any("elmo_gain_mean" in r for r in rows)
+    head = ["point", *keys, "strategy", "test accuracy (mean ± std)"]
+    head += ["gain over static, pt (mean ± std)"] if gains else []
+    head += ["best val accuracy", *[f"seed {s}" for s in seeds]]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    best = max(rows, key=lambda r: r["val_accuracy_mean"])
+    # the best point among the strategies (the ablation is their yardstick, not a candidate)
+    best = max(
+        [r for r in rows if r["strategy"] != ABLATION] or rows,
+        key=lambda r: r["val_accuracy_mean"],
+    )
     for r in rows:
         mark = " **(best val)**" if r is best else ""
         cells = [f"{r['point_index']}{mark}", *[str(r["point"][k]) for k in keys], r["strategy"]]
+        cells.append(_pm(r["test_accuracy_mean"], r["test_accuracy_std"], ".4f"))
+        if gains:
+            has = "elmo_gain_mean" in r
+            cells.append(
+                _pm(r["elmo_gain_mean"], r["elmo_gain_std"], "+.2f", 100.0) if has else "—"
+            )
         cells += [
-            f"{r['test_accuracy_mean']:.4f} ± {r['test_accuracy_std']:.4f}",
-            f"{r['val_accuracy_mean']:.4f} ± {r['val_accuracy_std']:.4f}",
+            _pm(r["val_accuracy_mean"], r["val_accuracy_std"], ".4f"),
             *[f"{a:.4f}" for a in r["test_accuracy"]],
         ]
         lines.append("| " + " | ".join(cells) + " |")
@@ -131,8 +174,10 @@ def elmo_news_sweep(
     bilm: str = "",
     task_runner: str = "",
     dask_address: str = "",
+    ablation: bool = True,
 ) -> dict[str, Any]:
-    """Sweep the classifier over ``grid`` x ``seeds`` seeds (strategies default: wsum)."""
+    """Sweep the classifier over ``grid`` x ``seeds`` seeds (strategies default: wsum; the
+    static ablation beside them unless ``ablation`` is off)."""
     params = SweepParams(
         grid=grid,
         seeds=seeds,
@@ -148,6 +193,7 @@ def elmo_news_sweep(
         bilm=bilm,
         task_runner=task_runner,
         dask_address=dask_address,
+        ablation=ablation,
     )
     cfg = params.resolve()
     runner, address = params.runner()
@@ -167,6 +213,7 @@ def elmo_news_sweep(
             "grid": params.grid,
             "seeds": seed_list,
             "strategies": params.strategies,
+            "ablation": params.ablation,
             "bilm": bilm,
             "task_runner": runner,
         },
@@ -176,14 +223,15 @@ def elmo_news_sweep(
     timings: dict[str, float] = {}
     keys = list(params.grid)
     try:
-        n_fits = len(points) * len(params.strategies) * len(seed_list)
+        trained = params.trained()
+        n_fits = len(points) * len(trained) * len(seed_list)
         with fanout(runner, address, h.root, n_fits) as fan:
             up = upstream(params, cfg, h, tracker, fan, timings, with_baseline=False)
             logged = log_upstream(tracker, up, params, cfg)
             jobs = []  # (point index, strategy, seed, args, point run id, future)
             t = time.perf_counter()
             for i, point in enumerate(points):
-                for s in params.strategies:
+                for s in trained:
                     point_run = tracker.client.create_run(
                         tracker.experiment_id,
                         run_name=f"point-{i}-{s}",
@@ -239,6 +287,8 @@ def elmo_news_sweep(
         for r in rows.values():
             r["test_accuracy_mean"], r["test_accuracy_std"] = mean_std(r["test_accuracy"])
             r["val_accuracy_mean"], r["val_accuracy_std"] = mean_std(r["val_accuracy"])
+        add_gains(list(rows.values()))
+        for r in rows.values():
             for seed, acc in zip(r["seeds"], r["test_accuracy"], strict=True):
                 tracker.log_metrics(r["run_id"], {"test_accuracy": acc}, step=seed)
             tracker.log_metrics(
@@ -246,23 +296,21 @@ def elmo_news_sweep(
                 {k: r[k] for k in r if k.endswith(("_mean", "_std")) and not math.isnan(r[k])},
             )
             tracker.finish(r["run_id"])
+            prefix = f"point{r['point_index']}.{r['strategy']}"
             tracker.log_metrics(
                 parent,
-                {
-                    f"point{r['point_index']}.{r['strategy']}.test_accuracy_mean": r[
-                        "test_accuracy_mean"
-                    ]
-                },
+                {f"{prefix}.{k}": r[k] for k in ("test_accuracy_mean", "elmo_gain_mean") if k in r},
             )
         table = list(rows.values())
         timings["total"] = time.perf_counter() - t_all
         tracker.log_metrics(parent, {f"wall_s.{k}": v for k, v in timings.items()})
         md = sweep_markdown(table, keys, seed_list)
         md += (
-            f"\n\n{len(jobs)} classifier fits ({len(points)} points x {len(params.strategies)} "
+            f"\n\n{len(jobs)} classifier fits ({len(points)} points x {len(trained)} "
             f"strategies x {len(seed_list)} seeds) on {runner}"
             + (f" ({len(fan.workers)} Dask workers)" if fan.workers else "")
-            + f": {timings['classifiers']:.0f} s; std is the sample std over seeds."
+            + f": {timings['classifiers']:.0f} s; std is the sample std over seeds"
+            + ("; a gain is paired by seed (strategy - static)." if params.ablation else ".")
         )
         tracker.log_text(parent, md, "summary.md")
         create_markdown_artifact(

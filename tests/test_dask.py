@@ -133,20 +133,27 @@ def test_sweep_on_the_cluster_reuses_the_runs_layers(runs, dask_cluster, harness
         dask_address=address,
     )
     assert out["features"] == run_summary["features"] and out["bilm"] == run_summary["bilm"]
-    assert len(out["points"]) == 2
-    by_lr = {p["point"]["classifier.lr"]: p for p in out["points"]}
-    # lr 0.005 with the first seed is the run's own wsum classifier: the same folder, cached
-    base = by_lr[0.005]
-    assert base["seeds"] == [7, 8]
-    assert base["dirs"][0] == run_summary["models"]["classifier-wsum"]["dir"]
-    assert base["cached"][0] is True
-    assert len({d for p in out["points"] for d in p["dirs"]}) == 4
+    # 2 points x (wsum + the static ablation)
+    assert sorted((p["point_index"], p["strategy"]) for p in out["points"]) == [
+        (0, "static"),
+        (0, "wsum"),
+        (1, "static"),
+        (1, "wsum"),
+    ]
+    rows = {(p["point"]["classifier.lr"], p["strategy"]): p for p in out["points"]}
+    # lr 0.005 with the first seed is the run's own classifiers: the same folders, cached
+    for s in ("wsum", "static"):
+        base = rows[0.005, s]
+        assert base["seeds"] == [7, 8]
+        assert base["dirs"][0] == run_summary["models"][f"classifier-{s}"]["dir"]
+        assert base["cached"][0] is True
+    assert len({d for p in out["points"] for d in p["dirs"]}) == 8
     uri = f"sqlite:///{runs['root'] / 'mlflow.db'}"
     points = find_runs(uri, f"tags.mlflow.parentRunId = '{out['parent_run_id']}'")
     point_runs = {r.info.run_name: r for r in points if r.data.tags.get("stage") == "sweep-point"}
-    assert set(point_runs) == {"point-0-wsum", "point-1-wsum"}
+    assert set(point_runs) == {"point-0-wsum", "point-1-wsum", "point-0-static", "point-1-static"}
     for p in out["points"]:
-        r = point_runs[f"point-{p['point_index']}-wsum"]
+        r = point_runs[f"point-{p['point_index']}-{p['strategy']}"]
         assert float(r.data.params["classifier.lr"]) == p["point"]["classifier.lr"]
         accs = [
             json.loads((Path(d) / "metrics.json").read_text())["test_accuracy"] for d in p["dirs"]
@@ -155,10 +162,17 @@ def test_sweep_on_the_cluster_reuses_the_runs_layers(runs, dask_cluster, harness
         assert r.data.metrics["test_accuracy_std"] == pytest.approx(statistics.stdev(accs))
         seeds = find_runs(uri, f"tags.mlflow.parentRunId = '{r.info.run_id}'")
         assert sorted(s.info.run_name for s in seeds) == [
-            "classifier-wsum-seed7",
-            "classifier-wsum-seed8",
+            f"classifier-{p['strategy']}-seed7",
+            f"classifier-{p['strategy']}-seed8",
         ]
-    assert "± " in out["markdown"]
+        if p["strategy"] == "wsum":  # its gain over the same point's ablation, paired by seed
+            static = rows[p["point"]["classifier.lr"], "static"]["test_accuracy"]
+            gains = [a - b for a, b in zip(accs, static, strict=True)]
+            assert r.data.metrics["elmo_gain_mean"] == pytest.approx(statistics.fmean(gains))
+            assert r.data.metrics["elmo_gain_std"] == pytest.approx(statistics.stdev(gains))
+        else:
+            assert "elmo_gain_mean" not in r.data.metrics
+    assert "± " in out["markdown"] and "gain over static" in out["markdown"]
 
 
 def test_runner_parameters():

@@ -4,12 +4,13 @@ run starts, the seeds, the table's statistics."""
 from __future__ import annotations
 
 import math
+import statistics
 
 import pytest
 import typer
 
 from flows.cli import parse_grid
-from flows.sweep import SweepParams, grid_points, mean_std, sweep_markdown
+from flows.sweep import SweepParams, add_gains, grid_points, mean_std, sweep_markdown
 from tests.conftest import AG
 
 
@@ -92,6 +93,63 @@ def test_table_marks_the_best_validation_point():
     assert md[0].startswith("| point | classifier.lr | strategy | test accuracy (mean ± std)")
     assert "**(best val)**" in md[3] and "0.8900 ± 0.0010" in md[3]
     assert "**(best val)**" not in md[2]
+
+
+def _row(i, strategy, accs, seeds=(7, 8, 9)):
+    m, s = mean_std(accs)
+    return {
+        "point_index": i, "point": {"classifier.lr": 1e-3 * (i + 1)}, "strategy": strategy,
+        "seeds": list(seeds), "test_accuracy": accs, "test_accuracy_mean": m,
+        "test_accuracy_std": s, "val_accuracy_mean": 0.9, "val_accuracy_std": 0.0,
+    }  # fmt: skip
+
+
+def test_the_ablation_is_trained_unless_turned_off():
+    assert _params(grid={"classifier.lr": [1e-3]}, strategies=["sum", "wsum"]).trained() == [
+        "sum",
+        "wsum",
+        "static",
+    ]
+    off = _params(grid={"classifier.lr": [1e-3]}, ablation=False)
+    assert off.trained() == ["sum", "wsum", "function"]  # the run parameters' default
+
+
+def test_gains_are_paired_by_seed_within_a_point():
+    rows = [
+        _row(0, "wsum", [0.91, 0.90, 0.93]),
+        _row(0, "static", [0.90, 0.90, 0.90]),
+        _row(1, "wsum", [0.80, 0.80, 0.80]),
+        _row(1, "static", [0.81, 0.79, 0.80]),
+    ]
+    add_gains(rows)
+    assert rows[0]["elmo_gain"] == pytest.approx([0.01, 0.0, 0.03])
+    assert rows[0]["elmo_gain_mean"] == pytest.approx(0.04 / 3)
+    assert rows[0]["elmo_gain_std"] == pytest.approx(statistics.stdev([0.01, 0.0, 0.03]))
+    # point 1's wsum is paired with point 1's static, not point 0's
+    assert rows[2]["elmo_gain"] == pytest.approx([-0.01, 0.01, 0.0])
+    assert "elmo_gain" not in rows[1] and "elmo_gain" not in rows[3]
+    md = sweep_markdown(rows, ["classifier.lr"], [7, 8, 9]).splitlines()
+    assert "gain over static, pt (mean ± std)" in md[0]
+    assert "| +1.33 ± 1.53 |" in md[2]  # points: 100 x the accuracy difference
+    assert "| — |" in md[3]  # the ablation has no gain over itself
+    assert "**(best val)**" not in md[3] and "**(best val)**" not in md[5]
+
+
+def test_gains_need_the_same_seeds():
+    rows = [
+        _row(0, "wsum", [0.91, 0.90], seeds=(7, 8)),
+        _row(0, "static", [0.9, 0.9], seeds=(8, 9)),
+    ]
+    with pytest.raises(ValueError, match=r"seeds differ: \[7, 8\] vs the ablation's \[8, 9\]"):
+        add_gains(rows)
+
+
+def test_without_the_ablation_the_table_has_no_gain_column():
+    rows = [_row(0, "wsum", [0.91], seeds=(7,))]
+    add_gains(rows)
+    md = sweep_markdown(rows, ["classifier.lr"], [7]).splitlines()
+    assert "gain over static" not in md[0]
+    assert "| 0.9100 |" in md[2]  # one seed: no "± nan"
 
 
 def test_run_parameters_name_a_bad_runner():
