@@ -29,25 +29,25 @@ def _val_accuracy(model_uri: str, texts: list[str], labels: np.ndarray) -> float
     return float((pred["label"].to_numpy() == labels).mean())
 
 
-def check_model_uri(uri: str, tracking_uri: str | None = None) -> None:
+def check_model_uri(uri: str, tracking_uri: str | None = None) -> Any:
     """A ``models:/NAME/VERSION`` or ``models:/NAME@ALIAS`` URI must name an existing version
-    before a command loads it; raises ValueError naming the URI and what is missing. Other
-    URIs (runs:/, paths) are left to MLflow. ``tracking_uri``: the store to look in (default:
-    MLflow's current one)."""
+    before a command loads it; raises ValueError naming the URI and what is missing, else
+    returns that ModelVersion. Other URIs (runs:/, paths) are left to MLflow (None).
+    ``tracking_uri``: the store to look in (default: MLflow's current one)."""
     from mlflow.exceptions import MlflowException
     from mlflow.tracking import MlflowClient
 
     if not uri.startswith("models:/"):
-        return
+        return None
     ref = uri.removeprefix("models:/").rstrip("/")
     client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
     try:
         if "@" in ref:
             name, alias = ref.split("@", 1)
-            client.get_model_version_by_alias(name, alias)
+            return client.get_model_version_by_alias(name, alias)
         elif "/" in ref:
             name, version = ref.split("/", 1)
-            client.get_model_version(name, version)
+            return client.get_model_version(name, version)
         else:
             raise ValueError(f"{uri}: expected models:/NAME/VERSION or models:/NAME@ALIAS")
     except MlflowException as e:
@@ -312,16 +312,9 @@ def resolve_bilm(
     if not ref.startswith("models:/"):
         return _bilm_folder(Path(ref), bilm_root), {"bilm_source": str(Path(ref).resolve())}
     import mlflow
-    from mlflow.tracking import MlflowClient
 
-    check_model_uri(ref, tracking_uri)
-    client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
-    name, sep, rest = ref.removeprefix("models:/").partition("@")
-    if sep:
-        v = client.get_model_version_by_alias(name, rest)
-    else:
-        name, _, number = name.partition("/")
-        v = client.get_model_version(name, number)
+    v = check_model_uri(ref, tracking_uri)  # the version, read once
+    name = v.name
     key = (v.tags or {}).get("bilm_key")
     if not key:
         raise ValueError(f"{ref}: model version {v.version} of {name} is not an elmo-news biLM")
