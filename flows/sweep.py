@@ -289,8 +289,9 @@ def elmo_news_sweep(
             r["val_accuracy_mean"], r["val_accuracy_std"] = mean_std(r["val_accuracy"])
         add_gains(list(rows.values()))
         for r in rows.values():
-            for seed, acc in zip(r["seeds"], r["test_accuracy"], strict=True):
-                tracker.log_metrics(r["run_id"], {"test_accuracy": acc}, step=seed)
+            for k, seed in enumerate(r["seeds"]):
+                per_seed = {m: r[m][k] for m in ("test_accuracy", "elmo_gain") if m in r}
+                tracker.log_metrics(r["run_id"], per_seed, step=seed)
             tracker.log_metrics(
                 r["run_id"],
                 {k: r[k] for k in r if k.endswith(("_mean", "_std")) and not math.isnan(r[k])},
