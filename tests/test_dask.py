@@ -11,6 +11,7 @@ from pathlib import Path
 
 import polars as pl
 import pytest
+from mlflow.tracking import MlflowClient
 
 from flows.fanout import check_workers, resolve_runner, thread_shares
 from storage.tracking import find_runs
@@ -170,8 +171,6 @@ def test_sweep_on_the_cluster_reuses_the_runs_layers(runs, dask_cluster, harness
             gains = [a - b for a, b in zip(accs, static, strict=True)]
             assert r.data.metrics["elmo_gain_mean"] == pytest.approx(statistics.fmean(gains))
             assert r.data.metrics["elmo_gain_std"] == pytest.approx(statistics.stdev(gains))
-            from mlflow.tracking import MlflowClient
-
             history = MlflowClient(uri).get_metric_history(r.info.run_id, "elmo_gain")
             assert {m.step: m.value for m in history} == pytest.approx({7: gains[0], 8: gains[1]})
         else:
