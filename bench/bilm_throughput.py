@@ -44,28 +44,24 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from elmo_core.bilm import BiLM  # noqa: E402
+from elmo_core.bilm_config import BiLMConfig  # noqa: E402
 from elmo_core.classifier import ELMoClassifier  # noqa: E402
-from elmo_core.config import PRECISIONS, BiLMConfig, MixConfig  # noqa: E402
-from elmo_core.mix import build_mix  # noqa: E402
-from elmo_core.training import (  # noqa: E402
+from elmo_core.classifier_config import MixConfig  # noqa: E402
+from elmo_core.device import (
+    PRECISIONS,  # noqa: E402
     autocast,
-    bilm_optimizers,
-    bilm_step,
-    dense_parameters,
-    epoch_batches,
     resolve_precision,
 )
+from elmo_core.mix import build_mix  # noqa: E402
+from elmo_core.pretraining import bilm_optimizers, bilm_step, dense_parameters
+from elmo_core.windows import epoch_batches
 from flows.params import PROFILES, RunParams  # noqa: E402
 from flows.runtime import tune_allocator  # noqa: E402
-from tasks.corpus import (  # noqa: E402
-    CorpusConfig,
-    build_vocab,
-    encode_ids,
-    load_vocab,
-    read_pretrain_corpus,
-)
-from tasks.data import IngestConfig, fetch_data, ingest  # noqa: E402
-from tasks.pretrain import load_windows  # noqa: E402
+from tasks.bilm_training import load_windows  # noqa: E402
+from tasks.corpus import CorpusConfig, read_pretrain_corpus
+from tasks.ids import encode_ids
+from tasks.ingest import IngestConfig, fetch_data, ingest  # noqa: E402
+from tasks.vocab import build_vocab, load_vocab
 
 SHARED = Path(__file__).resolve().parent.parent.parent / "shared" / "data"
 

@@ -44,10 +44,13 @@ def child(corpus: str, home: str, steps: int) -> None:
     """One scale, in its own process: the stages, timed, with peak RSS after each."""
     from dataclasses import asdict
 
-    from elmo_core.config import PretrainConfig, VocabConfig
+    from elmo_core.pretrain_config import PretrainConfig
+    from elmo_core.vocab_config import VocabConfig
     from flows.params import PROFILES, BiLMParams
-    from tasks.corpus import CorpusConfig, build_vocab, encode_ids, read_pretrain_corpus
+    from tasks.corpus import CorpusConfig, read_pretrain_corpus
+    from tasks.ids import encode_ids
     from tasks.pretrain import pretrain
+    from tasks.vocab import build_vocab
 
     prof = PROFILES["news"]
     out: dict[str, dict[str, float]] = {}

@@ -87,12 +87,16 @@ def main() -> None:
     import torch
 
     from bench.corpus_memory import cpu_model
-    from elmo_core.config import PretrainConfig, VocabConfig
-    from elmo_core.training import no_log
+    from elmo_core.callbacks import no_log
+    from elmo_core.pretrain_config import PretrainConfig
+    from elmo_core.vocab_config import VocabConfig
     from flows.params import PROFILES, BiLMParams
     from storage.paths import read_json, write_json
-    from tasks.corpus import CorpusConfig, build_vocab, encode_ids, read_pretrain_corpus
-    from tasks.pretrain import torchrun_command, train_bilm
+    from tasks.bilm_training import train_bilm
+    from tasks.corpus import CorpusConfig, read_pretrain_corpus
+    from tasks.ids import encode_ids
+    from tasks.pretrain import torchrun_command
+    from tasks.vocab import build_vocab
 
     cores = os.cpu_count() or 1
     prof = PROFILES["news"]

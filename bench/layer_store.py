@@ -30,10 +30,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import numpy as np  # noqa: E402
 
 from bench.learning_curve import machine_info  # noqa: E402
-from elmo_core.checkpoint import load_bilm  # noqa: E402
-from elmo_core.training import (  # noqa: E402
-    LayerStore,
-    RowFile,
+from elmo_core.bilm_checkpoint import load_bilm  # noqa: E402
+from elmo_core.extraction import (
     doc_lengths,
     encode_for,
     extract_layers,
@@ -42,6 +40,7 @@ from elmo_core.training import (  # noqa: E402
     vocab_ids,
 )
 from storage.datasets import read_dataset  # noqa: E402
+from storage.layers import LayerStore, RowFile
 from tasks.common import set_threads  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results" / "layer_store.json"

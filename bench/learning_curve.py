@@ -28,11 +28,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import numpy as np  # noqa: E402
 
+from elmo_core.classifier_config import ClassifierConfig  # noqa: E402
 from elmo_core.classifier_training import predict_proba, train_classifier  # noqa: E402
-from elmo_core.config import ClassifierConfig  # noqa: E402
 from elmo_core.mix import ABLATION  # noqa: E402
-from elmo_core.training import LayerStore  # noqa: E402
 from storage.datasets import read_dataset  # noqa: E402
+from storage.layers import LayerStore  # noqa: E402
 from storage.paths import Home, read_json  # noqa: E402
 from tasks.baseline import BaselineConfig, fit_baseline  # noqa: E402
 from tasks.classify import new_classifier  # noqa: E402

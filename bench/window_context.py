@@ -28,9 +28,9 @@ import polars as pl  # noqa: E402
 import torch  # noqa: E402
 
 from bench.learning_curve import machine_info  # noqa: E402
-from elmo_core.checkpoint import load_bilm  # noqa: E402
+from elmo_core.bilm_checkpoint import load_bilm  # noqa: E402
+from elmo_core.extraction import doc_lengths, extract_layers  # noqa: E402
 from elmo_core.text import tokenize  # noqa: E402
-from elmo_core.training import doc_lengths, extract_layers  # noqa: E402
 from tasks.common import set_threads  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results" / "window_context.json"

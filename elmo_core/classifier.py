@@ -9,8 +9,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from elmo_core.bilm import BiLM, dropout_mask, reverse_padded
-from elmo_core.config import ClassifierConfig
+from elmo_core.bilm import BiLM
+from elmo_core.classifier_config import ClassifierConfig
+from elmo_core.dropout import dropout_mask
+from elmo_core.lstm import reverse_padded
 
 
 def fast_dropout(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:

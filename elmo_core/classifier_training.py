@@ -1,6 +1,6 @@
 """The classifier's training loop (Adam, an exponential moving average of the weights, early
 stopping on the average's validation accuracy, best average kept) and batch prediction, over
-precomputed biLM layers (a ``LayerStore``).
+precomputed biLM layers (``DocumentBatches``).
 
 Like the biLM loop it reports through ``log_metrics(metrics, step)``, checkpoints atomically and
 resumes from its checkpoint file.
@@ -20,23 +20,22 @@ from torch import nn
 from torch.nn import functional as F
 from torch.optim.swa_utils import AveragedModel
 
-from elmo_core.checkpoint import atomic_save
-from elmo_core.classifier import ELMoClassifier
-from elmo_core.config import ClassifierConfig
-from elmo_core.training import (
-    LayerStore,
+from elmo_core.batches import DocumentBatches
+from elmo_core.callbacks import (
     LogFn,
     ProgressFn,
-    adam,
-    autocast,
     no_log,
     no_progress,
-    pick_device,
     report_epoch_progress,
     rng_state,
     set_rng_state,
     try_resume,
 )
+from elmo_core.checkpoint import atomic_save
+from elmo_core.classifier import ELMoClassifier
+from elmo_core.classifier_config import ClassifierConfig
+from elmo_core.device import autocast, pick_device
+from elmo_core.optim import fused_adam
 
 
 def _to(x: torch.Tensor | None, device: torch.device) -> torch.Tensor | None:
@@ -46,7 +45,7 @@ def _to(x: torch.Tensor | None, device: torch.device) -> torch.Tensor | None:
 @torch.no_grad()
 def predict_proba(
     model: ELMoClassifier,
-    store: LayerStore,
+    store: DocumentBatches,
     device: torch.device | None = None,
     batch_size: int = 256,
 ) -> np.ndarray:
@@ -127,8 +126,8 @@ def classifier_param_groups(
 
 def train_classifier(
     model: ELMoClassifier,
-    train: LayerStore,
-    val: LayerStore,
+    train: DocumentBatches,
+    val: DocumentBatches,
     config: ClassifierConfig,
     log_metrics: LogFn = no_log,
     checkpoint: Path | None = None,
@@ -146,7 +145,7 @@ def train_classifier(
     model.to(device).train()
     groups = classifier_param_groups(model, config.lr, config.embedding_lr_scale)
     params = [p for g in groups for p in g["params"]]
-    opt = adam(groups, lr=config.lr, weight_decay=config.weight_decay)
+    opt = fused_adam(groups, lr=config.lr, weight_decay=config.weight_decay)
     gen = torch.Generator().manual_seed(config.seed)
     epoch, batch_i, step, seconds = 0, 0, 0, 0.0
     best_acc, best_epoch, bad = -1.0, 0, 0

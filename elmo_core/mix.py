@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from elmo_core.config import MixConfig
+from elmo_core.classifier_config import MixConfig
 
 
 class ScalarMix(nn.Module):

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from elmo_core.config import VocabConfig
+from elmo_core.vocab_config import VocabConfig
 
 PAD, UNK, BOS, EOS = "<pad>", "<unk>", "<s>", "</s>"
 SPECIALS = (PAD, UNK, BOS, EOS)

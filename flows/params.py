@@ -9,21 +9,18 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, model_validator
 
+from elmo_core.bilm_config import BiLMConfig
 from elmo_core.classifier import check_token_embedding
-from elmo_core.config import (
-    AdaptConfig,
-    BiLMConfig,
-    ClassifierConfig,
-    PretrainConfig,
-    VocabConfig,
-)
+from elmo_core.classifier_config import ClassifierConfig
+from elmo_core.device import pick_device, resolve_precision
 from elmo_core.mix import MIX_STRATEGIES
-from elmo_core.training import pick_device, resolve_precision
+from elmo_core.pretrain_config import AdaptConfig, PretrainConfig
+from elmo_core.vocab_config import VocabConfig
 from flows.fanout import resolve_runner
 from storage.datasets import AG_NEWS_URL
 from tasks.baseline import BaselineConfig
 from tasks.corpus import CorpusConfig
-from tasks.data import IngestConfig
+from tasks.ingest import IngestConfig
 
 Profile = Literal["smoke", "sample", "full", "seed", "news", "elmo-original"]
 Strategy = Literal["sum", "wsum", "function"]

@@ -18,40 +18,25 @@ from elmo_core.mix import ABLATION
 from flows.fanout import FanOut, fanout
 from flows.params import Profile, Resolved, RunParams, Strategy
 from flows.runtime import tune_allocator
+from storage.charts import comparison_chart
 from storage.datasets import AG_NEWS_URL
-from storage.hashing import code_version
-from storage.paths import Home, read_json, verify_complete, write_json
+from storage.paths import Home, read_json, split_files, write_json
 from storage.remote import is_object_store
 from storage.tracking import Tracker, runs_path
+from tasks.adapt import ADAPT, adapt
 from tasks.baseline import baseline
 from tasks.classify import CLASSIFIER, classify
-from tasks.corpus import build_vocab, encode_ids, read_pretrain_corpus
-from tasks.data import fetch_data, ingest, source_hash, split_files
-from tasks.evaluate import comparison_chart
+from tasks.corpus import read_pretrain_corpus
 from tasks.features import features
-from tasks.pretrain import ADAPT, PRETRAIN, adapt, pretrain
+from tasks.ids import encode_ids
+from tasks.ingest import fetch_data, ingest, source_hash
+from tasks.pretrain import PRETRAIN, pretrain
 from tasks.registry import fetch_bilm, register_best
 from tasks.remote import fetch_remote
+from tasks.stage import in_home
+from tasks.vocab import build_vocab
 
 PARALLEL = int(os.environ.get("ELMO_NEWS_PARALLEL_TASKS", "1"))
-
-
-def _with_storage(t: Any, home: Home) -> Any:
-    return t.with_options(result_storage=home.prefect_results)
-
-
-def _checked(t: Any, home: Home, out: str, *args: Any) -> str:
-    """A stage's folder, verified against its manifest. A cached result whose folder is missing
-    or corrupt (truncated Parquet, damaged checkpoint) is rebuilt, never used."""
-    ok, why = verify_complete(Path(out))
-    if ok:
-        return out
-    get_run_logger().warning("%s: %s; rebuilding it", t.name, why)
-    return _with_storage(t, home).with_options(refresh_cache=True)(*args)
-
-
-def _stage(t: Any, home: Home, *args: Any) -> str:
-    return _checked(t, home, _with_storage(t, home)(*args), *args)
 
 
 def elmo_gains(rows: list[dict[str, Any]]) -> dict[str, float]:
@@ -122,15 +107,15 @@ def upstream(
     else:
         source = fetch_data(params.data, home_s)
     data_hash = source_hash(source)
-    dataset = _stage(ingest, h, source, home_s, cfg.ingest)
+    dataset = in_home(ingest, h)(source, home_s, cfg.ingest)
     corpora = [
-        _stage(read_pretrain_corpus, h, c, home_s, cfg.corpus) for c in params.pretrain_corpus
+        in_home(read_pretrain_corpus, h)(c, home_s, cfg.corpus) for c in params.pretrain_corpus
     ]
     timings["ingest"] = time.perf_counter() - t
     target = tracker.target()  # stages that build open their own child runs under it
     base_future = None
     if with_baseline:
-        base_future = fan.submit(_with_storage(baseline, h), dataset, home_s, cfg.baseline, target)
+        base_future = fan.submit(in_home(baseline, h), dataset, home_s, cfg.baseline, target)
     t = time.perf_counter()
     vocab = None
     device = params.device
@@ -142,10 +127,10 @@ def upstream(
         tracker.link_input_model(parent, bilm_info.get("bilm_model_id"))
         log.info("reusing biLM %s (%s)", bilm_info["bilm_source"], bilm_dir)
         if cfg.adapt.epochs:  # a few LM passes over the train split's text first
-            bilm_dir = _stage(adapt, h, bilm_dir, dataset, home_s, cfg.adapt, device, target)
+            bilm_dir = in_home(adapt, h)(bilm_dir, dataset, home_s, cfg.adapt, device, target)
     else:
-        vocab = _stage(build_vocab, h, dataset, corpora, home_s, cfg.vocab)
-        ids = _stage(encode_ids, h, dataset, corpora, vocab, home_s, cfg.pretrain.seed)
+        vocab = in_home(build_vocab, h)(dataset, corpora, home_s, cfg.vocab)
+        ids = in_home(encode_ids, h)(dataset, corpora, vocab, home_s, cfg.pretrain.seed)
         timings["vocab"] = time.perf_counter() - t
         t = time.perf_counter()
         bilm_args = (
@@ -158,11 +143,11 @@ def upstream(
             target,
             {"train": str(Path(dataset) / "train.parquet")},
         )
-        bilm_dir = _stage(pretrain, h, *bilm_args)
+        bilm_dir = in_home(pretrain, h)(*bilm_args)
     timings["pretrain"] = time.perf_counter() - t
     t = time.perf_counter()
     c = cfg.classifier
-    feats = _stage(features, h, bilm_dir, dataset, home_s, c.max_len, c.window, c.context, device)
+    feats = in_home(features, h)(bilm_dir, dataset, home_s, c.max_len, c.window, c.context, device)
     timings["features"] = time.perf_counter() - t
     return Upstream(data_hash, dataset, vocab, bilm_dir, feats, base_future)
 
@@ -188,14 +173,14 @@ def log_upstream(tracker: Tracker, up: Upstream, params: RunParams, cfg: Resolve
         tracker.log_stage(
             "bilm-pretrain",
             Path(up.bilm_dir),
-            {**common, "code_version": code_version(PRETRAIN.modules)},
+            {**common, "code_version": PRETRAIN.code_version()},
             {"train": splits["train"]},
         )
     elif cfg.adapt.epochs:
         tracker.log_stage(
             "bilm-adapt",
             Path(up.bilm_dir),
-            {**common, "code_version": code_version(ADAPT.modules)},
+            {**common, "code_version": ADAPT.code_version()},
             {"train": splits["train"]},
         )
     return {"common": common, "splits": splits, "stats": stats}
@@ -267,20 +252,17 @@ def elmo_news(
                 s: (feats, bilm_dir, dataset, s, home_s, cfg.classifier, device, target)
                 for s in trained
             }
-            futures = {s: fan.submit(_with_storage(classify, h), *a) for s, a in clf_args.items()}
-            clf_dirs = {
-                s: _checked(classify, h, f.result(), *clf_args[s]) for s, f in futures.items()
-            }
+            futures = {s: fan.submit(in_home(classify, h), *a) for s, a in clf_args.items()}
+            clf_dirs = {s: f.result() for s, f in futures.items()}
             timings["classifiers"] = time.perf_counter() - t
-            base_args = (dataset, home_s, cfg.baseline, target)
-            base_dir = _checked(baseline, h, up.base_future.result(), *base_args)
+            base_dir = up.base_future.result()
 
         logged = log_upstream(tracker, up, params, cfg)
         common, splits, stats = logged["common"], logged["splits"], logged["stats"]
         rows = []
         child_ids: dict[str, str] = {}
         for s, d in clf_dirs.items():
-            tags = {**common, "strategy": s, "code_version": code_version(CLASSIFIER.modules)}
+            tags = {**common, "strategy": s, "code_version": CLASSIFIER.code_version()}
             child_ids[s], cached = tracker.log_stage(f"classifier-{s}", Path(d), tags, splits)
             rows.append({"name": f"classifier-{s}", "dir": d, "cached": cached})
         _, cached = tracker.log_stage(

@@ -17,16 +17,17 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.context import get_run_context
 
 from flows.params import PretrainParams, Profile
-from flows.pipeline import _stage
 from flows.runtime import tune_allocator
-from storage.hashing import code_version, hash_json
-from storage.paths import Home, read_json, write_json
+from storage.hashing import hash_json
+from storage.paths import Home, read_json, stage_id, write_json
 from storage.registry import register_bilm
 from storage.tracking import Tracker, runs_path
-from tasks.corpus import build_vocab, encode_ids, read_pretrain_corpus
-from tasks.data import stage_id
+from tasks.corpus import read_pretrain_corpus
+from tasks.ids import encode_ids
 from tasks.pretrain import PRETRAIN, pretrain
 from tasks.registry import registry_slot
+from tasks.stage import in_home
+from tasks.vocab import build_vocab
 
 
 @flow(name="elmo-news-pretrain")
@@ -59,17 +60,15 @@ def elmo_news_pretrain(
     timings: dict[str, float] = {}
     try:
         t = time.perf_counter()
-        corpora = [_stage(read_pretrain_corpus, h, c, home_s, cfg.corpus) for c in params.corpus]
+        corpora = [in_home(read_pretrain_corpus, h)(c, home_s, cfg.corpus) for c in params.corpus]
         timings["corpus"] = time.perf_counter() - t
         t = time.perf_counter()
-        vocab = _stage(build_vocab, h, None, corpora, home_s, cfg.vocab)
-        ids = _stage(encode_ids, h, None, corpora, vocab, home_s, cfg.pretrain.seed)
+        vocab = in_home(build_vocab, h)(None, corpora, home_s, cfg.vocab)
+        ids = in_home(encode_ids, h)(None, corpora, vocab, home_s, cfg.pretrain.seed)
         timings["vocab_ids"] = time.perf_counter() - t
         t = time.perf_counter()
         target = tracker.target()
-        bilm_dir = _stage(
-            pretrain,
-            h,
+        bilm_dir = in_home(pretrain, h)(
             ids,
             vocab,
             home_s,
@@ -83,7 +82,7 @@ def elmo_news_pretrain(
         timings["pretrain"] = time.perf_counter() - t
         corpus_stats = [read_json(Path(c) / "metrics.json") for c in corpora]
         corpus_hash = hash_json([stage_id(c) for c in corpora])[:16]
-        common = {"corpus_sha256": corpus_hash, "code_version": code_version(PRETRAIN.modules)}
+        common = {"corpus_sha256": corpus_hash, "code_version": PRETRAIN.code_version()}
         for c in corpora:
             tracker.log_stage("corpus", Path(c), {**common, "corpus_key": stage_id(c)})
         child, _ = tracker.log_stage("bilm-pretrain", Path(bilm_dir), common)

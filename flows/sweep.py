@@ -24,17 +24,17 @@ from prefect.context import get_run_context
 from prefect.task_runners import ThreadPoolTaskRunner
 from pydantic import Field, ValidationError, model_validator
 
-from elmo_core.config import ClassifierConfig
+from elmo_core.classifier_config import ClassifierConfig
 from elmo_core.mix import ABLATION
 from flows.fanout import fanout
 from flows.params import Profile, RunParams, Strategy, resolve_sections
-from flows.pipeline import PARALLEL, _checked, _with_storage, log_upstream, upstream
+from flows.pipeline import PARALLEL, log_upstream, upstream
 from flows.runtime import tune_allocator
 from storage.datasets import AG_NEWS_URL
-from storage.hashing import code_version
 from storage.paths import Home, read_json, write_json
 from storage.tracking import Tracker, runs_path
 from tasks.classify import CLASSIFIER, classify
+from tasks.stage import in_home
 
 # settings a sweep may not vary: the seed has --seeds; max_len, window and context change the
 # stored layers
@@ -247,9 +247,9 @@ def elmo_news_sweep(
                     for k in range(len(seed_list)):
                         c = params.classifier_config(point, k)
                         args = (up.feats, up.bilm_dir, up.dataset, s, home_s, c, device, target)
-                        future = fan.submit(_with_storage(classify, h), *args)
+                        future = fan.submit(in_home(classify, h), *args)
                         jobs.append((i, s, seed_list[k], args, point_run, future))
-            dirs = [_checked(classify, h, j[5].result(), *j[3]) for j in jobs]
+            dirs = [j[5].result() for j in jobs]
             timings["classifiers"] = time.perf_counter() - t
 
         rows: dict[tuple[int, str], dict[str, Any]] = {}
@@ -259,7 +259,7 @@ def elmo_news_sweep(
                 **logged["common"],
                 "strategy": s,
                 "seed": str(seed),
-                "code_version": code_version(CLASSIFIER.modules),
+                "code_version": CLASSIFIER.code_version(),
             }
             name = f"classifier-{s}-seed{seed}"
             run_id, cached = child.log_stage(name, Path(d), tags, logged["splits"])

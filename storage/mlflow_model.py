@@ -13,10 +13,13 @@ import mlflow
 import numpy as np
 import pandas as pd
 
-from elmo_core.checkpoint import load_bilm, load_classifier
+from elmo_core.bilm_checkpoint import load_bilm
+from elmo_core.classifier_checkpoint import load_classifier
 from elmo_core.classifier_training import predict_proba
+from elmo_core.device import pick_device
+from elmo_core.extraction import encode_for
 from elmo_core.text import tokenize
-from elmo_core.training import encode_for, layer_store_for, pick_device
+from storage.layers import layer_store_for
 
 
 class ELMoNewsModel(mlflow.pyfunc.PythonModel):

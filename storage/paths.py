@@ -182,3 +182,16 @@ def build_stage(stage_dir: Path, build: Callable[[Path], Any]) -> str:
         if not (stage_dir / "DONE").exists():  # build did not mark it itself
             mark_complete(stage_dir)
         return str(stage_dir)
+
+
+SPLITS = ("train", "val", "test")  # an ingested dataset's splits
+
+
+def split_files(dataset: str) -> dict[str, Path]:
+    """An ingested dataset's split files by split name (the MLflow dataset inputs of a run)."""
+    return {s: Path(dataset) / f"{s}.parquet" for s in SPLITS}
+
+
+def stage_id(stage_dir: str) -> str:
+    """The content address of a stage folder (its cache key = its folder name)."""
+    return Path(stage_dir).name

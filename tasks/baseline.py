@@ -7,22 +7,20 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
-from prefect import task
 from sklearn.feature_extraction.text import TfidfVectorizer
 from sklearn.linear_model import LogisticRegression
 
 from storage.datasets import read_dataset
 from storage.paths import (
-    Home,
-    build_stage,
     mark_complete,
     read_json,
+    split_files,
     write_json,
 )
 from storage.tracking import stage_run
-from tasks.common import STAGE_OPTS, Stage, cache_key, logger, runtime_tags, task_threads
-from tasks.data import split_files, stage_id
+from tasks.common import logger, runtime_tags, task_threads
 from tasks.evaluate import evaluate
+from tasks.stage import stage
 
 
 @dataclass(frozen=True)
@@ -34,13 +32,7 @@ class BaselineConfig:
     max_iter: int = 1000
 
 
-BASELINE = Stage("baseline", ["tasks.baseline", "tasks.evaluate"])
-
-
-def _baseline_key(
-    dataset: str, home: str, config: BaselineConfig, tracking: dict[str, str] | None = None
-) -> str:
-    return BASELINE.key({"dataset": stage_id(dataset)}, asdict(config))
+BASELINE = stage("baseline", __name__, inputs=["dataset"], config=["config"])
 
 
 def fit_baseline(
@@ -58,14 +50,13 @@ def fit_baseline(
     return vec, clf
 
 
-@task(name="baseline-tfidf", cache_key_fn=cache_key(_baseline_key), **STAGE_OPTS)
+@BASELINE.task(name="baseline-tfidf")
 def baseline(
     dataset: str, home: str, config: BaselineConfig, tracking: dict[str, str] | None = None
 ) -> str:
     """TF-IDF + logistic regression on the same splits; ``tracking`` (outside the cache key)
     opens its MLflow child run when it starts."""
-    out = Home(home).stage_dir("baseline", _baseline_key(dataset, home, config))
-    return build_stage(out, lambda d: _build_tracked(d, dataset, config, tracking))
+    return BASELINE.build(locals(), lambda d: _build_tracked(d, dataset, config, tracking))
 
 
 def _build_tracked(

@@ -8,68 +8,41 @@ from pathlib import Path
 
 import polars as pl
 import torch
-from prefect import task
 
-from elmo_core.checkpoint import load_bilm, load_classifier, save_bilm, save_classifier
+from elmo_core.bilm_checkpoint import load_bilm, save_bilm
 from elmo_core.classifier import ELMoClassifier, FineTunedClassifier, check_token_embedding
+from elmo_core.classifier_checkpoint import load_classifier, save_classifier
+from elmo_core.classifier_config import ClassifierConfig, MixConfig
 from elmo_core.classifier_training import predict_proba, train_classifier
-from elmo_core.config import ClassifierConfig, MixConfig
+from elmo_core.device import pick_device
 from elmo_core.mix import ScalarMix, build_mix
-from elmo_core.training import pick_device
+from storage.charts import plot_curves
 from storage.datasets import read_dataset, write_parquet
-from storage.hashing import code_version
 from storage.paths import (
-    Home,
-    build_stage,
+    SPLITS,
     mark_complete,
     read_json,
+    split_files,
     write_json,
 )
 from storage.tracking import stage_run
 from tasks.common import (
-    STAGE_OPTS,
     History,
-    Stage,
-    cache_key,
     logger,
     runtime_tags,
     set_threads,
 )
-from tasks.data import SPLITS, split_files, stage_id
-from tasks.evaluate import evaluate, plot_curves
+from tasks.evaluate import evaluate
 from tasks.features import layer_store
-from tasks.pretrain import BILM_CODE
 from tasks.progress import stage_progress
+from tasks.stage import stage
 
-CLASSIFIER = Stage(
+CLASSIFIER = stage(
     "classifier",
-    [
-        *BILM_CODE,
-        "elmo_core.mix",
-        "elmo_core.classifier",
-        "elmo_core.classifier_training",
-        "tasks.classify",
-        "tasks.evaluate",
-    ],
+    __name__,
+    inputs=["features_dir", "bilm_dir", "dataset"],
+    config=["strategy", "config"],
 )
-
-
-def _classifier_key(
-    features_dir: str,
-    bilm_dir: str,
-    dataset: str,
-    strategy: str,
-    home: str,
-    config: ClassifierConfig,
-    device: str = "auto",
-    tracking: dict[str, str] | None = None,
-) -> str:
-    inputs = {
-        "features": stage_id(features_dir),
-        "bilm": stage_id(bilm_dir),
-        "dataset": stage_id(dataset),
-    }
-    return CLASSIFIER.key(inputs, {"strategy": strategy, "classifier": asdict(config)})
 
 
 def new_classifier(
@@ -97,7 +70,7 @@ def new_classifier(
     return model, mix_config
 
 
-@task(name="train-classifier", cache_key_fn=cache_key(_classifier_key), **STAGE_OPTS)
+@CLASSIFIER.task(name="train-classifier")
 def classify(
     features_dir: str,
     bilm_dir: str,
@@ -112,11 +85,8 @@ def classify(
 
     ``tracking`` (the flow's ``Tracker.target()``, outside the cache key) opens the stage's
     MLflow child run when it starts, so its epochs show while it trains."""
-    out = Home(home).stage_dir(
-        "classifier", _classifier_key(features_dir, bilm_dir, dataset, strategy, home, config)
-    )
-    return build_stage(
-        out,
+    return CLASSIFIER.build(
+        locals(),
         lambda d: _build(features_dir, bilm_dir, dataset, strategy, d, config, device, tracking),
     )
 
@@ -146,7 +116,7 @@ def _build(
     name = f"classifier-{strategy}"
     tags = {
         "strategy": strategy,
-        "code_version": code_version(CLASSIFIER.modules),
+        "code_version": CLASSIFIER.code_version(),
         **runtime_tags(threads),
     }
     with stage_run(tracking, name, tags) as run, stage_progress(name) as progress:

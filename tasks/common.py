@@ -5,16 +5,11 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from prefect.context import TaskRunContext
-
-from storage.hashing import stage_key
 from storage.paths import write_json
-
-STAGE_OPTS: dict[str, Any] = {"persist_result": True, "cache_result_in_memory": False}
 
 
 def logger() -> logging.Logger | logging.LoggerAdapter:
@@ -98,26 +93,6 @@ def runtime_tags(threads: int | None = None) -> dict[str, str]:
     if threads is not None:
         tags["torch_threads"] = str(threads)
     return tags
-
-
-class Stage:
-    """A stage's identity: name, the code it depends on, and how its key is made."""
-
-    def __init__(self, name: str, modules: Iterable[str]) -> None:
-        self.name = name
-        self.modules = tuple(modules)
-
-    def key(self, inputs: dict[str, str], config: Any) -> str:
-        return stage_key(self.name, inputs, config, self.modules)
-
-
-def cache_key(key_fn: Callable[..., str]) -> Callable[[TaskRunContext, dict[str, Any]], str]:
-    """A Prefect cache_key_fn from a function of the task's parameters."""
-
-    def fn(context: TaskRunContext, parameters: dict[str, Any]) -> str:
-        return key_fn(**parameters)
-
-    return fn
 
 
 class History:

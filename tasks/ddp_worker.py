@@ -14,14 +14,15 @@ from pathlib import Path
 
 import torch
 
-from elmo_core.checkpoint import save_bilm
-from elmo_core.config import PretrainConfig
+from elmo_core.bilm_checkpoint import save_bilm
+from elmo_core.callbacks import no_log
+from elmo_core.device import pick_device
 from elmo_core.distributed import init_from_env, shutdown
-from elmo_core.training import no_log, pick_device
+from elmo_core.pretrain_config import PretrainConfig
 from storage.paths import write_json
 from storage.tracking import StageRun
+from tasks.bilm_training import train_bilm
 from tasks.common import History, set_threads
-from tasks.pretrain import train_bilm
 
 
 def main(spec_path: str) -> None:

@@ -6,47 +6,30 @@ import time
 from pathlib import Path
 
 import numpy as np
-from prefect import task
 
-from elmo_core.checkpoint import load_bilm
-from elmo_core.training import (
-    LayerStore,
-    RowFile,
+from elmo_core.bilm_checkpoint import load_bilm
+from elmo_core.device import pick_device
+from elmo_core.extraction import (
     doc_lengths,
     encode_for,
     extract_layers,
     open_ids,
-    pick_device,
     static_layer,
     vocab_ids,
 )
 from storage.datasets import read_dataset
-from storage.paths import Home, build_stage, write_json
-from tasks.common import STAGE_OPTS, Stage, cache_key, set_threads
-from tasks.data import SPLITS, stage_id
-from tasks.pretrain import BILM_CODE
+from storage.layers import LayerStore, RowFile
+from storage.paths import SPLITS, write_json
+from tasks.common import set_threads
 from tasks.progress import stage_progress
+from tasks.stage import stage
 
-FEATURES = Stage("features", [*BILM_CODE, "tasks.features"])
-
-
-def _features_key(
-    bilm_dir: str,
-    dataset: str,
-    home: str,
-    max_len: int,
-    window: int = 0,
-    context: int = 0,
-    device: str = "auto",
-    tracking: dict[str, str] | None = None,
-) -> str:
-    return FEATURES.key(
-        {"bilm": stage_id(bilm_dir), "dataset": stage_id(dataset)},
-        {"max_len": max_len, "window": window, "context": context},
-    )
+FEATURES = stage(
+    "features", __name__, inputs=["bilm_dir", "dataset"], config=["max_len", "window", "context"]
+)
 
 
-@task(name="extract-layers", cache_key_fn=cache_key(_features_key), **STAGE_OPTS)
+@FEATURES.task(name="extract-layers")
 def features(
     bilm_dir: str,
     dataset: str,
@@ -62,10 +45,8 @@ def features(
     as float16 .npy files, layer 0 (context-free) once per distinct token, and how many
     documents ``max_len`` cut, by how much, in metrics.json.
     (``tracking`` is accepted like every stage's; this stage has no MLflow run of its own.)"""
-    key = _features_key(bilm_dir, dataset, home, max_len, window, context)
-    out = Home(home).stage_dir("features", key)
-    return build_stage(
-        out, lambda d: _build(bilm_dir, dataset, d, max_len, window, context, device)
+    return FEATURES.build(
+        locals(), lambda d: _build(bilm_dir, dataset, d, max_len, window, context, device)
     )
 
 

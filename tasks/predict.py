@@ -12,8 +12,9 @@ import pyarrow as pa
 import torch
 from prefect import flow, task
 
-from elmo_core.training import encode_for, layer_store_for
+from elmo_core.extraction import encode_for
 from storage.datasets import DataError, read_ag_csv, write_parquet
+from storage.layers import layer_store_for
 
 
 def read_texts(path: str | Path) -> pl.DataFrame:

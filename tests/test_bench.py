@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from elmo_core.training import LayerStore
+from storage.layers import LayerStore
 
 _spec = importlib.util.spec_from_file_location(
     "learning_curve", Path(__file__).resolve().parents[1] / "bench" / "learning_curve.py"

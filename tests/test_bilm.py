@@ -2,21 +2,16 @@ import numpy as np
 import pytest
 import torch
 
-from elmo_core.bilm import (
-    CHAR_BOW,
-    CHAR_EOW,
-    BiLM,
-    SampledNLL,
-    SampledSoftmax,
-    char_ids,
-    clipped_lstm,
-    locked_dropout,
-    reverse_padded,
-)
-from elmo_core.checkpoint import load_bilm, save_bilm
-from elmo_core.config import BiLMConfig
-from elmo_core.training import encode_for, layer_store_for
+from elmo_core.bilm import BiLM
+from elmo_core.bilm_checkpoint import load_bilm, save_bilm
+from elmo_core.bilm_config import BiLMConfig
+from elmo_core.char_encoder import CHAR_BOW, CHAR_EOW, char_ids
+from elmo_core.dropout import locked_dropout
+from elmo_core.extraction import encode_for
+from elmo_core.lstm import clipped_lstm, reverse_padded
+from elmo_core.sampled_softmax import SampledNLL, SampledSoftmax
 from elmo_core.vocab import Vocab
+from storage.layers import layer_store_for
 
 CFG = BiLMConfig(
     vocab_size=50, embedding_dim=6, hidden_dim=8, num_layers=2, dropout=0.0, num_samples=10

@@ -6,7 +6,7 @@ from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 from elmo_core.classifier import ELMoClassifier, fast_dropout
-from elmo_core.config import ClassifierConfig, MixConfig
+from elmo_core.classifier_config import ClassifierConfig, MixConfig
 from elmo_core.mix import build_mix
 
 
@@ -56,7 +56,7 @@ def test_fast_dropout_matches_nn_dropout_in_distribution_and_is_identity_in_eval
 def test_elmo_at_the_output_adds_its_own_mix_that_learns_and_survives_a_checkpoint(
     strategy, tmp_path
 ):
-    from elmo_core.checkpoint import load_classifier, save_classifier
+    from elmo_core.classifier_checkpoint import load_classifier, save_classifier
     from elmo_core.classifier_training import classifier_param_groups
 
     torch.manual_seed(0)

@@ -15,24 +15,16 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from elmo_core.config import VocabConfig
 from elmo_core.text import tokenize
-from elmo_core.training import TokenWindows, epoch_batches
 from elmo_core.vocab import Vocab
+from elmo_core.vocab_config import VocabConfig
+from elmo_core.windows import TokenWindows, epoch_batches
 from storage.corpus import held_out, iter_corpus, resolve_corpus
 from storage.datasets import DataError
 from tasks import corpus as corpus_tasks
-from tasks.corpus import (
-    CorpusConfig,
-    build_vocab,
-    encode_docs,
-    encode_ids,
-    heldout_shards,
-    id_shards,
-    load_vocab,
-    read_pretrain_corpus,
-    token_shards,
-)
+from tasks.corpus import CorpusConfig, heldout_shards, read_pretrain_corpus, token_shards
+from tasks.ids import encode_docs, encode_ids, id_shards
+from tasks.vocab import build_vocab, load_vocab
 from tests.conftest import REUTERS
 
 NEWS = (

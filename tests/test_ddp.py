@@ -17,13 +17,17 @@ from pathlib import Path
 import pytest
 import torch
 
-from elmo_core.checkpoint import load_bilm
-from elmo_core.config import PretrainConfig, VocabConfig
-from elmo_core.training import no_log
+from elmo_core.bilm_checkpoint import load_bilm
+from elmo_core.callbacks import no_log
+from elmo_core.pretrain_config import PretrainConfig
+from elmo_core.vocab_config import VocabConfig
 from storage.hashing import ROOT
 from storage.paths import read_json, write_json
-from tasks.corpus import CorpusConfig, build_vocab, encode_ids, read_pretrain_corpus
-from tasks.pretrain import pretrain, torchrun_command, train_bilm
+from tasks.bilm_training import train_bilm
+from tasks.corpus import CorpusConfig, read_pretrain_corpus
+from tasks.ids import encode_ids
+from tasks.pretrain import pretrain, torchrun_command
+from tasks.vocab import build_vocab
 from tests.conftest import REUTERS
 
 BILM = {"embedding_dim": 16, "hidden_dim": 16, "dropout": 0.0, "num_samples": 32}

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import torch
 
-from elmo_core.config import MixConfig
+from elmo_core.classifier_config import MixConfig
 from elmo_core.mix import MIX_STRATEGIES, STRATEGIES, FunctionMix, ScalarMix, build_mix
 
 

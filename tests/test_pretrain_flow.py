@@ -14,7 +14,8 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from elmo_core.checkpoint import load_bilm, load_classifier
+from elmo_core.bilm_checkpoint import load_bilm
+from elmo_core.classifier_checkpoint import load_classifier
 from tests.conftest import REUTERS
 from tests.test_flow_e2e import _task_states
 
@@ -141,7 +142,7 @@ def test_finetuning_trains_the_biLM_inside_the_classifier_and_keeps_it(pretraine
     head, saved beside it; the frozen stage's biLM is left as it was."""
     import numpy as np
 
-    from elmo_core.config import ClassifierConfig
+    from elmo_core.classifier_config import ClassifierConfig
     from flows.params import resolve_sections
     from storage.mlflow_model import ELMoNewsModel
     from tasks.classify import classify

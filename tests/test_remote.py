@@ -13,7 +13,7 @@ import pytest
 
 from storage.datasets import DataError
 from storage.paths import read_json
-from tasks.data import IngestConfig, ingest
+from tasks.ingest import IngestConfig, ingest
 from tasks.remote import fetch_remote
 from tests.conftest import SHARED, free_port, stop_group, wait_http
 

@@ -1,8 +1,8 @@
 import pytest
 
-from elmo_core.config import VocabConfig
 from elmo_core.text import normalize, tokenize
 from elmo_core.vocab import SPECIALS, Vocab
+from elmo_core.vocab_config import VocabConfig
 
 
 @pytest.mark.parametrize(

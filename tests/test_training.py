@@ -7,15 +7,12 @@ import pytest
 import torch
 
 from elmo_core.bilm import BiLM
-from elmo_core.checkpoint import (
-    CheckpointError,
-    load_bilm,
-    load_classifier,
-    safe_load,
-    save_bilm,
-    save_classifier,
-)
+from elmo_core.bilm_checkpoint import load_bilm, save_bilm
+from elmo_core.bilm_config import BiLMConfig
+from elmo_core.checkpoint import CheckpointError, safe_load
 from elmo_core.classifier import ELMoClassifier
+from elmo_core.classifier_checkpoint import load_classifier, save_classifier
+from elmo_core.classifier_config import ClassifierConfig, MixConfig
 from elmo_core.classifier_training import (
     EMA_DECAY,
     classifier_param_groups,
@@ -23,23 +20,16 @@ from elmo_core.classifier_training import (
     predict_proba,
     train_classifier,
 )
-from elmo_core.config import BiLMConfig, ClassifierConfig, MixConfig, PretrainConfig, VocabConfig
+from elmo_core.device import autocast, bf16_native, resolve_precision
+from elmo_core.extraction import doc_lengths, extract_layers, window_pieces
 from elmo_core.mix import build_mix
 from elmo_core.optim import LazyAdam
-from elmo_core.training import (
-    LayerStore,
-    RowFile,
-    autocast,
-    bf16_native,
-    doc_lengths,
-    extract_layers,
-    layer_store_for,
-    make_windows,
-    pretrain_bilm,
-    resolve_precision,
-    window_pieces,
-)
+from elmo_core.pretrain_config import PretrainConfig
+from elmo_core.pretraining import pretrain_bilm
 from elmo_core.vocab import Vocab
+from elmo_core.vocab_config import VocabConfig
+from elmo_core.windows import make_windows
+from storage.layers import LayerStore, RowFile, layer_store_for
 
 CPU = torch.device("cpu")
 

@@ -18,10 +18,9 @@ from storage.datasets import (
     write_parquet,
 )
 from storage.hashing import sha256_dir, sha256_file
-from storage.paths import Home, build_stage, read_json, write_json
-from tasks.common import STAGE_OPTS, Stage, cache_key, logger
-
-SPLITS = ("train", "val", "test")
+from storage.paths import Home, read_json, write_json
+from tasks.common import logger
+from tasks.stage import stage
 
 
 @dataclass(frozen=True)
@@ -38,9 +37,6 @@ class IngestConfig:
             raise ValueError(f"val_fraction must be in (0, 0.5), got {self.val_fraction}")
 
 
-INGEST = Stage("ingest", ["elmo_core.text", "storage.datasets", "tasks.data"])
-
-
 @task(name="fetch-data", retries=3, retry_delay_seconds=[2, 10, 30])
 def fetch_data(data: str, home: str) -> str:
     """A local folder for ``data``: URLs are downloaded once (checksum-checked) into the home."""
@@ -54,8 +50,7 @@ def source_hash(source: str) -> str:
     return sha256_dir(p) if p.is_dir() else sha256_file(p)
 
 
-def _ingest_key(source: str, home: str, config: IngestConfig) -> str:
-    return INGEST.key({"source": source_hash(source)}, asdict(config))
+INGEST = stage("ingest", __name__, inputs={"source": source_hash}, config=["config"])
 
 
 def _stratified_limit(rows: list[dict], limit: int, seed: int) -> list[dict]:
@@ -66,11 +61,10 @@ def _stratified_limit(rows: list[dict], limit: int, seed: int) -> list[dict]:
     return sorted(keep, key=lambda r: r["id"])
 
 
-@task(name="ingest", cache_key_fn=cache_key(_ingest_key), **STAGE_OPTS)
+@INGEST.task(name="ingest")
 def ingest(source: str, home: str, config: IngestConfig) -> str:
     """Validate rows, quarantine bad ones, carve a stratified validation split, write Parquet."""
-    out = Home(home).stage_dir("ingest", _ingest_key(source, home, config))
-    return build_stage(out, lambda d: _build_ingest(source, d, config))
+    return INGEST.build(locals(), lambda d: _build_ingest(source, d, config))
 
 
 def _build_ingest(source: str, out: Path, config: IngestConfig) -> None:
@@ -104,16 +98,6 @@ def _build_ingest(source: str, out: Path, config: IngestConfig) -> None:
     write_json(out / "metrics.json", stats)
     write_json(out / "config.json", asdict(config))
     logger().info("ingest %s: %s", source, stats)
-
-
-def split_files(dataset: str) -> dict[str, Path]:
-    """An ingested dataset's split files by split name (the MLflow dataset inputs of a run)."""
-    return {s: Path(dataset) / f"{s}.parquet" for s in SPLITS}
-
-
-def stage_id(stage_dir: str) -> str:
-    """The content address of a stage folder (its cache key = its folder name)."""
-    return Path(stage_dir).name
 
 
 def dataset_stats(dataset: str) -> dict[str, float]:

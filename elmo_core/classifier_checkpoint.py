@@ -1,0 +1,50 @@
+"""A classifier checkpoint: its config, mix, weights and label names in one weights-only file."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict
+
+from elmo_core.checkpoint import CheckpointError, atomic_save, config_from, safe_load
+from elmo_core.classifier import ELMoClassifier
+from elmo_core.classifier_config import ClassifierConfig, MixConfig
+from elmo_core.mix import build_mix
+
+
+def save_classifier(
+    path: str | os.PathLike[str],
+    model: ELMoClassifier,
+    mix_config: MixConfig,
+    input_dim: int,
+    label_names: list[str],
+) -> None:
+    atomic_save(
+        {
+            "kind": "classifier",
+            "config": asdict(model.config),
+            "mix_config": asdict(mix_config),
+            "input_dim": input_dim,
+            "vocab_size": model.embedding.num_embeddings if model.embedding is not None else 0,
+            "label_names": list(label_names),
+            "state_dict": model.state_dict(),
+        },
+        path,
+    )
+
+
+def load_classifier(path: str | os.PathLike[str]) -> tuple[ELMoClassifier, list[str]]:
+    """Rebuild a classifier head (mix included) and its label names."""
+    ckpt = safe_load(path)
+    if ckpt["kind"] != "classifier":
+        raise CheckpointError(f"{path} holds a {ckpt['kind']!r}, not a classifier")
+    mix = build_mix(config_from(MixConfig, ckpt["mix_config"]))
+    labels = list(ckpt["label_names"])
+    model = ELMoClassifier(
+        config_from(ClassifierConfig, ckpt["config"]),
+        mix,
+        ckpt["input_dim"],
+        len(labels),
+        vocab_size=ckpt.get("vocab_size", 0),
+    )
+    model.load_state_dict(ckpt["state_dict"])
+    return model.eval(), labels

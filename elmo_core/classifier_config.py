@@ -1,0 +1,85 @@
+"""The classifier stage's config, and the layer mix it builds per strategy."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from elmo_core.device import check_precision
+
+
+@dataclass(frozen=True)
+class ClassifierConfig:
+    hidden_dim: int = 128  # BiLSTM state per direction
+    num_layers: int = 1  # BiLSTM layers
+    mlp_hidden: tuple[int, ...] = (128, 64)  # MLP hidden sizes
+    token_embedding_dim: int = 0  # E of a task token embedding concatenated to the mix (0 = none)
+    dropout: float = 0.5  # after the mix and inside the MLP
+    batch_size: int = 64  # documents per step
+    lr: float = 2e-3  # Adam learning rate
+    weight_decay: float = 0.0  # Adam weight decay
+    embedding_lr_scale: float = 1.0  # the task token embedding's lr relative to lr
+    lr_decay: float = 1.0  # epoch without val gain: back to the best weights, lr *= this (1 = off)
+    epochs: int = 8  # upper bound; early stopping usually ends sooner
+    patience: int = 2  # epochs without val-accuracy gain before stopping
+    # T cap: tokens per document read (the rest is cut, and the run counts what was cut);
+    # generous, so whole news articles are read, not their first paragraph
+    max_len: int = 1024
+    # the biLM reads documents longer than this in overlapping pieces of at most this many
+    # tokens (0 = whole); each kept token has `context` tokens of context on both sides
+    window: int = 256
+    context: int = 32
+    seed: int = 7  # init, batch order, the `sum` strategy's random weights
+    checkpoint_every: int = 200  # steps between mid-epoch checkpoints
+    # auto | fp32 | bf16 autocast. fp32 by default: bf16 saves only ~7 % of a CPU classifier
+    # step here, and the classifier is what the test accuracy rests on
+    precision: str = "fp32"
+    # ULMFiT-style fine-tuning: the biLM runs inside the classifier on each batch (whole
+    # documents up to max_len, no stored layers) and trains with it; off = frozen stored layers
+    finetune_bilm: bool = False
+    bilm_lr_scale: float = 0.1  # lr of the biLM's top layer relative to lr
+    bilm_lr_decay: float = 2.6  # discriminative lrs: each lower biLM layer's lr / this (ULMFiT)
+    # gradual unfreezing: the head trains alone for this many epochs, then one more biLM layer
+    # (top first, the token encoder last) after each further such span
+    unfreeze_every: int = 1
+    # ELMo at the task BiLSTM's output too ([h_k; ELMo_k], Peters et al. 2018 §3.3): a second
+    # mix of the same strategy (own weights, same start), pooled beside the BiLSTM states
+    elmo_output: bool = False
+
+    def __post_init__(self) -> None:
+        if self.hidden_dim < 1 or self.num_layers < 1 or self.batch_size < 1:
+            raise ValueError(f"bad classifier sizes: {self}")
+        if self.token_embedding_dim < 0:
+            raise ValueError(f"token_embedding_dim must be >= 0, got {self.token_embedding_dim}")
+        if any(h < 1 for h in self.mlp_hidden):
+            raise ValueError(f"mlp_hidden sizes must be >= 1, got {self.mlp_hidden}")
+        if self.epochs < 1 or self.patience < 1 or self.max_len < 1:
+            raise ValueError(f"epochs, patience, max_len must be >= 1: {self}")
+        if self.context < 0 or (self.window and self.window <= 2 * self.context):
+            raise ValueError(
+                f"window must be 0 or > 2 * context, got window {self.window}, "
+                f"context {self.context}"
+            )
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+        if not 0.0 < self.lr_decay <= 1.0:
+            raise ValueError(f"lr_decay must be in (0, 1], got {self.lr_decay}")
+        if self.lr <= 0.0 or self.weight_decay < 0.0:
+            raise ValueError(
+                f"classifier lr must be > 0 and weight_decay >= 0, got {self.lr}, {self.weight_decay}"
+            )
+        if self.bilm_lr_scale <= 0.0 or self.bilm_lr_decay < 1.0 or self.unfreeze_every < 1:
+            raise ValueError(
+                f"bilm_lr_scale > 0, bilm_lr_decay >= 1 and unfreeze_every >= 1 required, got "
+                f"{self.bilm_lr_scale}, {self.bilm_lr_decay}, {self.unfreeze_every}"
+            )
+        if self.embedding_lr_scale <= 0.0:
+            raise ValueError(f"embedding_lr_scale must be > 0, got {self.embedding_lr_scale}")
+        check_precision(self.precision)
+
+
+@dataclass(frozen=True)
+class MixConfig:
+    strategy: str  # key of elmo_core.mix.STRATEGIES: sum | wsum | function | static (ablation)
+    num_layers: int  # L: layers returned by the biLM (embedding + LSTM layers)
+    dim: int  # D: width of each layer (2H)
+    seed: int = 0  # draws the fixed random weights of `sum`

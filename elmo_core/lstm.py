@@ -1,0 +1,58 @@
+"""LSTM helpers of the biLM and the classifier: reversing right-padded sequences, and one
+LSTM layer stepped by hand with ELMo's cell and projection clipping."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+
+def reverse_padded(x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    """Reverse each sequence of a right-padded batch within its own length (an involution).
+
+    x: (B, T, *) ; lengths: (B,) -> (B, T, *), padding stays at the end.
+    """
+    b, t = x.shape[:2]
+    pos = torch.arange(t, device=x.device).unsqueeze(0).expand(b, t)  # (B, T)
+    lens = lengths.to(x.device).unsqueeze(1)  # (B, 1)
+    idx = torch.where(pos < lens, lens - 1 - pos, pos)  # (B, T)
+    idx = idx.view(b, t, *([1] * (x.dim() - 2))).expand_as(x)
+    return x.gather(1, idx)
+
+
+def compute_dtype(x: torch.Tensor) -> torch.Tensor:
+    """x in autocast's dtype where autocast is on (so dropout and copies run in bf16 and the
+    LSTM does not cast again), else unchanged."""
+    kind = x.device.type
+    if torch.is_autocast_enabled(kind):
+        return x.to(torch.get_autocast_dtype(kind))
+    return x
+
+
+def clipped_lstm(
+    lstm: nn.LSTM, x: torch.Tensor, cell_clip: float, proj_clip: float
+) -> torch.Tensor:
+    """One layer of ``lstm`` (batch_first, optionally with ``proj_size``) stepped by hand so
+    the cell state and the output can be clipped at every step, as ELMo's LSTMs do (cuDNN /
+    oneDNN's fused kernels cannot). Same weights, same gate order (i, f, g, o) and, without
+    clipping, the same output as ``lstm(x)[0]``. x: (B, T, I) -> (B, T, P or H)."""
+    w_hh, w_hr = lstm.weight_hh_l0, getattr(lstm, "weight_hr_l0", None)
+    gates_x = F.linear(x, lstm.weight_ih_l0, lstm.bias_ih_l0 + lstm.bias_hh_l0)  # (B, T, 4H)
+    b, t = x.shape[:2]
+    h = x.new_zeros(b, w_hh.shape[1])  # (B, P or H)
+    c = x.new_zeros(b, lstm.hidden_size)  # (B, H)
+    outs = []
+    for step in range(t):
+        g = torch.addmm(gates_x[:, step], h, w_hh.t())  # (B, 4H)
+        i, f, cand, o = g.chunk(4, 1)
+        c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(cand)
+        if cell_clip:
+            c = c.clamp(-cell_clip, cell_clip)
+        h = torch.sigmoid(o) * torch.tanh(c)  # (B, H)
+        if w_hr is not None:
+            h = h @ w_hr.t()  # (B, P)
+        if proj_clip:
+            h = h.clamp(-proj_clip, proj_clip)
+        outs.append(h)
+    return torch.stack(outs, 1)  # (B, T, P or H)
