@@ -31,6 +31,7 @@ COPY elmo_core elmo_core
 COPY storage storage
 COPY tasks tasks
 COPY flows flows
+COPY serving serving
 COPY prefect.yaml ./
 RUN pip install -q . prefect-docker
 # the home and the data are volumes (prefect.yaml job_variables)

@@ -18,8 +18,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from serving.predict import predict_file  # noqa: E402
 from storage.paths import Home  # noqa: E402
-from tasks.predict import predict_file  # noqa: E402
 
 
 def main() -> None:

@@ -283,7 +283,7 @@ def run(
     # boots in its own process while the parameters and the pipeline's modules import
     server = prestart_ephemeral_server()
     from flows.params import RunParams
-    from storage.datasets import AG_NEWS_URL
+    from storage.download import AG_NEWS_URL
 
     try:
         with user_errors():
@@ -381,7 +381,7 @@ def sweep(
     check_run_inputs(data, pretrain_corpus or [], bilm, home)
     server = prestart_ephemeral_server()
     from flows.sweep import SweepParams
-    from storage.datasets import AG_NEWS_URL
+    from storage.download import AG_NEWS_URL
 
     try:
         with user_errors():
@@ -492,8 +492,8 @@ def predict(
     """Predict labels and class probabilities for every document of a file."""
     prefect_defaults()
     _tracking(home)
+    from serving.predict import predict_file
     from storage.registry import check_model_uri
-    from tasks.predict import predict_file
 
     with user_errors():
         check_readable("input", input)
@@ -517,8 +517,8 @@ def embed(
     """Contextual token embeddings per token (the learned mix, or all layers) to Parquet."""
     prefect_defaults()
     _tracking(home)
+    from serving.predict import embed_file
     from storage.registry import check_model_uri
-    from tasks.predict import embed_file
 
     with user_errors():
         check_readable("input", input)

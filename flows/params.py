@@ -17,7 +17,7 @@ from elmo_core.mix import MIX_STRATEGIES
 from elmo_core.pretrain_config import AdaptConfig, PretrainConfig
 from elmo_core.vocab_config import VocabConfig
 from flows.fanout import resolve_runner
-from storage.datasets import AG_NEWS_URL
+from storage.download import AG_NEWS_URL
 from tasks.baseline import BaselineConfig
 from tasks.corpus import CorpusConfig
 from tasks.ingest import IngestConfig

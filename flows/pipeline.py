@@ -19,7 +19,7 @@ from flows.fanout import FanOut, fanout
 from flows.params import Profile, Resolved, RunParams, Strategy
 from flows.runtime import tune_allocator
 from storage.charts import comparison_chart
-from storage.datasets import AG_NEWS_URL
+from storage.download import AG_NEWS_URL
 from storage.paths import Home, read_json, split_files, write_json
 from storage.remote import is_object_store
 from storage.tracking import Tracker, runs_path

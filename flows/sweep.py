@@ -30,7 +30,7 @@ from flows.fanout import fanout
 from flows.params import Profile, RunParams, Strategy, resolve_sections
 from flows.pipeline import PARALLEL, log_upstream, upstream
 from flows.runtime import tune_allocator
-from storage.datasets import AG_NEWS_URL
+from storage.download import AG_NEWS_URL
 from storage.paths import Home, read_json, write_json
 from storage.tracking import Tracker, runs_path
 from tasks.classify import CLASSIFIER, classify

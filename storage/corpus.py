@@ -20,7 +20,8 @@ import pyarrow as pa
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
-from storage.datasets import DataError
+from elmo_core.text import join_text
+from storage.errors import DataError
 
 TEXT_COLUMNS = ("title", "body", "text", "description")  # auto-detected, joined in this order
 COMPRESSIONS = {".gz": "gzip", ".zst": "zstd", ".bz2": "bz2"}
@@ -84,7 +85,7 @@ def _join(columns: list[list], binary: bool) -> list[str]:
     out = []
     for row in zip(*columns, strict=True):
         parts = [(v.decode("utf-8", "replace") if binary else v) for v in row if v is not None]
-        text = " . ".join(p for p in parts if p)
+        text = join_text(parts)
         if text.strip(" ."):
             out.append(text)
     return out

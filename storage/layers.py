@@ -4,22 +4,13 @@ per-token layer store the classifiers batch from, and an in-memory one for infer
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-
-from elmo_core.bilm import BiLM
-from elmo_core.extraction import (
-    doc_lengths,
-    extract_layers,
-    open_ids,
-    static_layer,
-    vocab_ids,
-)
 
 
 class RowFile:
@@ -160,29 +151,3 @@ class LayerStore:
             perm = torch.randperm(len(chunks), generator=generator).tolist()
             chunks = [chunks[p] for p in perm]
         yield from chunks
-
-
-def layer_store_for(
-    model: BiLM,
-    docs: Sequence[Sequence[int]],
-    max_len: int,
-    labels: np.ndarray | None = None,
-    device: torch.device | None = None,
-    window: int = 0,
-    context: int = 0,
-    extra_words: Sequence[str] = (),
-) -> LayerStore:
-    """In-memory LayerStore of documents (ids, from ``encode_for``): the same float16 layers
-    (layer 0 once per distinct token), batching and truncation as the pipeline's
-    layer-extraction stage, so predictions reproduce the evaluated ones."""
-    offsets = np.concatenate([[0], np.cumsum(doc_lengths(docs, max_len))]).astype(np.int64)
-    out = np.zeros((int(offsets[-1]), model.config.num_layers, model.output_dim), np.float16)
-    extract_layers(
-        model, docs, out, offsets, device=device, window=window, context=context,
-        extra_words=extra_words, contextual_only=True,
-    )  # fmt: skip
-    static, rows = static_layer(model, open_ids(docs, offsets), extra_words, device)
-    tokens = vocab_ids(docs, offsets, model.config.vocab_size)
-    if labels is None:
-        labels = np.full(len(docs), -1, dtype=np.int64)
-    return LayerStore(out, offsets, labels, tokens, static, rows)

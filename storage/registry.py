@@ -18,7 +18,7 @@ from storage.hashing import ROOT
 from storage.tracking import _store_lock
 
 MODEL_NAME = "elmo-news-classifier"
-MODEL_CODE = ROOT / "storage" / "mlflow_model.py"
+MODEL_CODE = ROOT / "serving" / "classifier_model.py"
 
 
 def _val_accuracy(model_uri: str, texts: list[str], labels: np.ndarray) -> float:
@@ -208,7 +208,7 @@ def register_and_gate(
 # ------------------------------------------------------------------------------ the biLM
 
 BILM_MODEL_NAME = "elmo-news-bilm"
-BILM_CODE = ROOT / "storage" / "bilm_model.py"
+BILM_CODE = ROOT / "serving" / "bilm_model.py"
 
 
 def register_bilm(uri: str, run_id: str, bilm_dir: Path, tags: dict[str, str]) -> dict[str, Any]:

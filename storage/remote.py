@@ -15,7 +15,7 @@ import tempfile
 from pathlib import Path
 from urllib.parse import parse_qsl, urlencode, urlsplit
 
-from storage.datasets import DataError
+from storage.errors import DataError
 
 SCHEMES = ("s3", "gs", "gcs", "abfs", "abfss", "hdfs")
 # what a labelled dataset folder holds (storage.datasets.read_source reads these)

@@ -22,7 +22,8 @@ import numpy as np
 import pyarrow as pa
 
 from storage.corpus import iter_corpus, resolve_corpus, tokenize_shard
-from storage.datasets import DataError, write_parquet
+from storage.datasets import write_parquet
+from storage.errors import DataError
 from storage.hashing import sha256_file
 from storage.paths import write_json
 from tasks.common import logger

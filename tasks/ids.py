@@ -10,7 +10,8 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
-from storage.datasets import DataError, read_dataset
+from storage.datasets import read_dataset
+from storage.errors import DataError
 from storage.paths import write_json
 from tasks.corpus import heldout_shards, token_shards
 from tasks.stage import stage

@@ -9,16 +9,13 @@ from pathlib import Path
 from prefect import task
 from sklearn.model_selection import train_test_split
 
-from storage.datasets import (
-    DataError,
-    fetch_source,
-    quarantine_table,
-    read_source,
-    rows_table,
-    write_parquet,
-)
+from storage.datasets import rows_table, write_parquet
+from storage.download import fetch_source
+from storage.errors import DataError
 from storage.hashing import sha256_dir, sha256_file
 from storage.paths import Home, read_json, write_json
+from storage.quarantine import quarantine_table
+from storage.readers import read_source
 from tasks.common import logger
 from tasks.stage import stage
 

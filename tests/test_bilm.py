@@ -11,7 +11,7 @@ from elmo_core.extraction import encode_for
 from elmo_core.lstm import clipped_lstm, reverse_padded
 from elmo_core.sampled_softmax import SampledNLL, SampledSoftmax
 from elmo_core.vocab import Vocab
-from storage.layers import layer_store_for
+from serving.inference import layer_store_for
 
 CFG = BiLMConfig(
     vocab_size=50, embedding_dim=6, hidden_dim=8, num_layers=2, dropout=0.0, num_samples=10

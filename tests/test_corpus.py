@@ -20,7 +20,7 @@ from elmo_core.vocab import Vocab
 from elmo_core.vocab_config import VocabConfig
 from elmo_core.windows import TokenWindows, epoch_batches
 from storage.corpus import held_out, iter_corpus, resolve_corpus
-from storage.datasets import DataError
+from storage.errors import DataError
 from tasks import corpus as corpus_tasks
 from tasks.corpus import CorpusConfig, heldout_shards, read_pretrain_corpus, token_shards
 from tasks.ids import encode_docs, encode_ids, id_shards

@@ -13,14 +13,10 @@ import polars as pl
 import pytest
 
 from storage.corpus import iter_corpus, resolve_corpus
-from storage.datasets import (
-    DataError,
-    download,
-    fetch_source,
-    read_ag_csv,
-    read_dataset,
-    read_source,
-)
+from storage.datasets import read_dataset
+from storage.download import download, fetch_source
+from storage.errors import DataError
+from storage.readers import read_ag_csv, read_source
 from tests.conftest import AG, REUTERS
 
 GOOD = '"3","Wall St. Bears","Short-sellers are seeing green."\n'

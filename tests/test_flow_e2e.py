@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from storage.datasets import DataError
+from storage.errors import DataError
 from storage.registry import logged_model_id
 from storage.tracking import find_runs
 from tests.conftest import REUTERS

@@ -144,7 +144,7 @@ def test_finetuning_trains_the_biLM_inside_the_classifier_and_keeps_it(pretraine
 
     from elmo_core.classifier_config import ClassifierConfig
     from flows.params import resolve_sections
-    from storage.mlflow_model import ELMoNewsModel
+    from serving.classifier_model import ELMoNewsModel
     from tasks.classify import classify
 
     home, _, _ = pretrained

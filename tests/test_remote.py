@@ -11,7 +11,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from storage.datasets import DataError
+from storage.errors import DataError
 from storage.paths import read_json
 from tasks.ingest import IngestConfig, ingest
 from tasks.remote import fetch_remote

@@ -29,7 +29,8 @@ from elmo_core.pretraining import pretrain_bilm
 from elmo_core.vocab import Vocab
 from elmo_core.vocab_config import VocabConfig
 from elmo_core.windows import make_windows
-from storage.layers import LayerStore, RowFile, layer_store_for
+from serving.inference import layer_store_for
+from storage.layers import LayerStore, RowFile
 
 CPU = torch.device("cpu")
 

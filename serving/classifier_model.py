@@ -19,7 +19,7 @@ from elmo_core.classifier_training import predict_proba
 from elmo_core.device import pick_device
 from elmo_core.extraction import encode_for
 from elmo_core.text import tokenize
-from storage.layers import layer_store_for
+from serving.inference import layer_store_for
 
 
 class ELMoNewsModel(mlflow.pyfunc.PythonModel):

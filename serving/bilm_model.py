@@ -21,7 +21,7 @@ from elmo_core.classifier_config import ClassifierConfig
 from elmo_core.device import pick_device
 from elmo_core.extraction import encode_for
 from elmo_core.text import tokenize
-from storage.layers import layer_store_for
+from serving.inference import layer_store_for
 
 # how the embedding reads documents: the classifier's defaults (cap, biLM pieces of long ones)
 READ = ClassifierConfig()

@@ -13,8 +13,11 @@ import torch
 from prefect import flow, task
 
 from elmo_core.extraction import encode_for
-from storage.datasets import DataError, read_ag_csv, write_parquet
-from storage.layers import layer_store_for
+from elmo_core.text import join_text
+from serving.inference import layer_store_for
+from storage.datasets import write_parquet
+from storage.errors import DataError
+from storage.readers import read_ag_csv
 
 
 def read_texts(path: str | Path) -> pl.DataFrame:
@@ -46,11 +49,8 @@ def read_texts(path: str | Path) -> pl.DataFrame:
             parts = [c for c in ("title", "description", "body") if c in df.columns]
             if not parts:
                 raise DataError(f"{p}: no text/title/description column (has {df.columns})")
-            df = df.with_columns(
-                pl.concat_str([pl.col(c).fill_null("") for c in parts], separator=" . ").alias(
-                    "text"
-                )
-            )
+            texts = [join_text(row) for row in df.select(parts).iter_rows()]
+            df = df.with_columns(pl.Series("text", texts, dtype=pl.String))
         return df.select("text").with_row_index("row")
     lines = [
         ln for ln in p.read_text(encoding="utf-8", errors="replace").splitlines() if ln.strip()
