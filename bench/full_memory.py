@@ -90,7 +90,8 @@ def main() -> None:
         raise ValueError(f"--rows must be >= 1, got {args.rows}")
 
     from bench.learning_curve import machine_info
-    from flows.cli import parse_overrides, prefect_defaults
+    from flows.cli_args import parse_overrides
+    from flows.server import prefect_defaults
 
     prefect_defaults()  # as the CLI: no telemetry calls from the embedded server (offline)
     from flows.pipeline import elmo_news

@@ -3,25 +3,39 @@
 from __future__ import annotations
 
 import gc
+import importlib
 import json
-import logging
-import os
-import subprocess
-import sys
-from collections.abc import Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
-from contextlib import contextmanager
-from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+
+from flows.cli_args import (
+    DEBUG,
+    BilmOpt,
+    CorpusOpt,
+    DaskAddressOpt,
+    DataOpt,
+    DeviceOpt,
+    HomeOpt,
+    LabelColumnOpt,
+    ProfileOpt,
+    SetOpt,
+    TaskRunnerOpt,
+    TextColumnOpt,
+    _tracking,
+    check_readable,
+    check_run_inputs,
+    parse_grid,
+    parse_overrides,
+    user_errors,
+)
+from flows.server import abandon_server, await_server, prefect_defaults, prestart_ephemeral_server
 
 app = typer.Typer(
     add_completion=False,
     help="Pretrain ELMo from scratch and classify news.",
     pretty_exceptions_show_locals=False,
 )
-DEBUG = {"on": False}  # --debug: user errors keep their traceback
 
 
 @app.callback()
@@ -34,228 +48,30 @@ def main(
     DEBUG["on"] = debug
 
 
-class UserError(ValueError):
-    """A mistake in what the user passed (a path, a --set value, a model URI): reported as
-    one line, without a traceback."""
+def _load(ref: str) -> Any:
+    """``module:name`` -> the object, imported only now (the pipeline's imports are heavy)."""
+    module, _, name = ref.partition(":")
+    return getattr(importlib.import_module(module), name)
 
 
-def _one_line(e: BaseException) -> str:
-    from pydantic import ValidationError
-
-    if isinstance(e, ValidationError):  # "loc: msg; loc: msg", pydantic's own wording
-        parts = []
-        for err in e.errors():
-            loc = ".".join(str(x) for x in err.get("loc", ()))
-            msg = err.get("msg", "").removeprefix("Value error, ")
-            parts.append(f"{loc}: {msg}" if loc else msg)
-        return "; ".join(parts)
-    return " ".join(str(e).split())
-
-
-@contextmanager
-def user_errors() -> Iterator[None]:
-    """Bad input ends as ``error: <what and which value>`` on stderr and exit status 2; the
-    traceback is kept for bugs (any other exception) and for everything under --debug."""
-    from mlflow.exceptions import MlflowException
-
+def launch(params_ref: str, fields: dict[str, Any], flow_ref: str, **extra: Any) -> Any:
+    """The one launch path of run, sweep and pretrain: the ephemeral server boots in its own
+    process while the parameters validate and the flow's modules import; bad parameters exit
+    with one line before the flow starts (not waiting for that boot); the flow then runs with
+    a live display."""
+    server = prestart_ephemeral_server()
     try:
-        yield
-    except (ValueError, OSError, MlflowException, typer.BadParameter) as e:
-        if DEBUG["on"]:
-            raise
-        logging.getLogger("prefect").disabled = True  # no "Stopping temporary server" line
-        typer.echo(f"error: {_one_line(e)}", err=True)
-        raise typer.Exit(2) from None
-
-
-def check_readable(what: str, raw: str) -> None:
-    """A local input must exist and be readable before anything starts (URLs are fetched by
-    the flow, with its retries)."""
-    if "://" in raw:
-        return
-    import glob
-
-    if glob.has_magic(raw) and not Path(raw).exists():
-        if not glob.glob(raw, recursive=True):
-            raise UserError(f"{raw}: {what} glob matches no files")
-        return
-    p = Path(raw)
-    if not p.exists():
-        raise UserError(f"{raw}: {what} folder or file does not exist")
-    if not os.access(p, os.R_OK | (os.X_OK if p.is_dir() else 0)):
-        raise UserError(f"{raw}: {what} is not readable")
-
-
-def prefect_defaults() -> None:
-    """Offline-friendly defaults for the embedded (ephemeral) Prefect server; env wins."""
-    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
-    os.environ.setdefault("PREFECT_LOGGING_LEVEL", "INFO")
-    # "Creating initial MLflow database tables..." on a new store says nothing a user can act on
-    logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)
-
-
-def prestart_ephemeral_server() -> Future[None] | None:
-    """Start Prefect's ephemeral API server in a background thread when no API URL is set.
-
-    The server boots in its own process; the flow would otherwise start it only after the
-    pipeline's imports (torch, MLflow, scikit-learn: ~9 s on a 2-core CPU), so the two ran one
-    after the other. Started here they overlap. Wait on the returned future before the flow
-    starts (a failed start raises there); the flow then reuses this server (Prefect keeps one
-    instance per process). None when a server is configured (``PREFECT_API_URL``) or ephemeral
-    servers are turned off (``PREFECT_SERVER_EPHEMERAL_ENABLED``): Prefect would not use one.
-    """
-    from prefect.logging.configuration import ensure_logging_setup
-    from prefect.settings import PREFECT_API_URL, PREFECT_SERVER_EPHEMERAL_ENABLED
-
-    # the same test as Prefect's client before it starts one itself
-    if PREFECT_API_URL.value() or not PREFECT_SERVER_EPHEMERAL_ENABLED.value():
-        return None
-    from prefect.server.api.server import SubprocessASGIServer
-
-    ensure_logging_setup()
-    # its "Starting temporary server" line waits until the parameters are known good: a run
-    # refused for a bad value prints that one error line and nothing about a server
-    logging.getLogger("prefect").disabled = True
-    server = SubprocessASGIServer()
-
-    def start() -> None:
-        server.start()
-        if server.server_process is not None:
-            guard_server(server.server_process.pid)
-
-    pool = ThreadPoolExecutor(1, thread_name_prefix="prefect-server-start")
-    started = pool.submit(start)
-    pool.shutdown(wait=False)  # the submitted start still runs to its end
-    started.server = server  # type: ignore[attr-defined]  # for abandon_server
-    return started
-
-
-def abandon_server(started: Future[None] | None, status: int) -> None:
-    """Exit now with ``status``, killing a prestarted server that is still booting: a run
-    refused for a bad parameter must not wait ~20 s for a boot it will never use (the start
-    thread would hold the interpreter's exit until the server answered)."""
-    if started is None:
-        return
-    import time
-
-    server = started.server  # type: ignore[attr-defined]
-    deadline = time.monotonic() + 10
-    while server.server_process is None and not started.done() and time.monotonic() < deadline:
-        time.sleep(0.05)
-    if server.server_process is not None:
-        server.server_process.kill()
-    sys.stderr.flush()
-    sys.stdout.flush()
-    os._exit(status)
-
-
-def guard_server(server_pid: int) -> subprocess.Popen[bytes]:
-    """A watchdog process that stops the server once this process is gone, SIGKILL included
-    (``flows/server_guard.py``); it ends by itself when the server does."""
-    return subprocess.Popen(
-        [sys.executable, "-I", "-S", str(Path(__file__).with_name("server_guard.py")),
-         str(os.getpid()), str(server_pid)],
-        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )  # fmt: skip
-
-
-def await_server(started: Future[None] | None, home_dir: str) -> None:
-    """Before the flow starts: while the prestarted server still boots, create / migrate the
-    MLflow store (~2 s on a new home) instead of at the flow's start; then wait until the
-    server is up (the flow must find it up, not half-started)."""
-    if started is None:
-        return
-    from storage.paths import Home
-    from storage.tracking import Tracker
-
-    if not started.done():
-        Tracker(Home(home_dir).mlflow_uri())
-    started.result()
-    logging.getLogger("prefect").disabled = False
-    logging.getLogger("prefect").info("Prefect server (ephemeral): %s", _server_url())
-
-
-def _server_url() -> str:
-    from prefect.server.api.server import SubprocessASGIServer
-
-    return SubprocessASGIServer().address
-
-
-def check_run_inputs(data: str | None, corpora: list[str], bilm: str, home: str | None) -> None:
-    """``run`` and ``sweep``: the data, corpora and biLM exist (a ``models:/`` biLM in the
-    home's registry) before anything starts; a miss exits as a user error."""
-    with user_errors():
-        for what, path in [
-            ("data", data or "https://"),
-            *[("pretrain corpus", c) for c in corpora],
-        ]:
-            check_readable(what, path)
-        if bilm and not bilm.startswith("models:/"):
-            check_readable("biLM", bilm)
-    if bilm.startswith("models:/"):
-        _tracking(home)
-        from storage.registry import check_model_uri
-
         with user_errors():
-            check_model_uri(bilm)
+            params = _load(params_ref)(**fields)
+    except typer.Exit as e:
+        abandon_server(server, e.exit_code)
+        raise
+    flow_fn = _load(flow_ref)
+    from tasks.progress import live_display
 
-
-def parse_overrides(items: list[str]) -> dict[str, dict[str, Any]]:
-    """``section.field=value`` (value parsed as JSON when it can be) -> nested dict."""
-    out: dict[str, dict[str, Any]] = {}
-    for item in items:
-        key, sep, raw = item.partition("=")
-        section, dot, field = key.partition(".")
-        if not sep or not dot or not field:
-            raise typer.BadParameter(f"--set expects section.field=value, got {item!r}")
-        try:
-            value = json.loads(raw)
-        except json.JSONDecodeError:
-            value = raw
-        out.setdefault(section, {})[field] = value
-    return out
-
-
-# options that run, sweep and pretrain share, declared once
-ProfileOpt = Annotated[
-    str, typer.Option(help="smoke | sample | full | seed | news | elmo-original")
-]
-DataOpt = Annotated[
-    str | None,
-    typer.Option(help="dataset folder/file, URL or s3://bucket/prefix (default: AG News)"),
-]
-CorpusOpt = Annotated[list[str] | None, typer.Option(help="extra unlabeled text (repeatable)")]
-HomeOpt = Annotated[
-    str | None, typer.Option(help="home folder (default $ELMO_NEWS_HOME or .elmo-news)")
-]
-DeviceOpt = Annotated[str, typer.Option(help="auto | cpu | cuda")]
-TextColumnOpt = Annotated[
-    list[str] | None, typer.Option(help="your data: text column (repeatable)")
-]
-LabelColumnOpt = Annotated[str, typer.Option(help="your data: label column")]
-SetOpt = Annotated[list[str] | None, typer.Option("--set", help="override: section.field=value")]
-BilmOpt = Annotated[
-    str,
-    typer.Option(
-        help="reuse a pretrained biLM: models:/elmo-news-bilm/N, models:/elmo-news-bilm@ALIAS "
-        "or a biLM stage folder (skips vocabulary and pretraining)"
-    ),
-]
-TaskRunnerOpt = Annotated[
-    str,
-    typer.Option(
-        help="where the classifiers and the baseline run: thread | dask "
-        "(default $ELMO_NEWS_TASK_RUNNER, else thread)"
-    ),
-]
-DaskAddressOpt = Annotated[
-    str,
-    typer.Option(
-        help="Dask scheduler tcp://HOST:PORT (implies dask; default: a local cluster "
-        "sized to the machine); every worker must see the home folder at the same path"
-    ),
-]
+    await_server(server, params.home_dir())
+    with live_display():
+        return flow_fn(**params.model_dump(), **extra)
 
 
 @app.command()
@@ -280,65 +96,29 @@ def run(
     with user_errors():  # what needs no heavy import is checked before anything starts
         overrides = parse_overrides(set_ or [])
     check_run_inputs(data, pretrain_corpus or [], bilm, home)
-    # boots in its own process while the parameters and the pipeline's modules import
-    server = prestart_ephemeral_server()
-    from flows.params import RunParams
     from storage.download import AG_NEWS_URL
 
-    try:
-        with user_errors():
-            params = RunParams(
-                profile=profile,  # type: ignore[arg-type]
-                data=data or AG_NEWS_URL,
-                pretrain_corpus=pretrain_corpus or [],
-                home=home,
-                strategies=strategy or ["sum", "wsum", "function"],  # type: ignore[arg-type]
-                device=device,  # type: ignore[arg-type]
-                text_columns=text_column or [],
-                label_column=label_column,
-                overrides=overrides,
-                bilm=bilm,
-                task_runner=task_runner,  # type: ignore[arg-type]
-                dask_address=dask_address,
-            )  # bad parameters fail here, before the flow starts
-    except typer.Exit as e:
-        abandon_server(server, e.exit_code)
-        raise
-    from flows.pipeline import elmo_news
-    from tasks.progress import live_display
-
-    await_server(server, params.home_dir())
-    with live_display():
-        summary = elmo_news(**params.model_dump())
+    summary = launch(
+        "flows.params:RunParams",
+        dict(
+            profile=profile,
+            data=data or AG_NEWS_URL,
+            pretrain_corpus=pretrain_corpus or [],
+            home=home,
+            strategies=strategy or ["sum", "wsum", "function"],
+            device=device,
+            text_columns=text_column or [],
+            label_column=label_column,
+            overrides=overrides,
+            bilm=bilm,
+            task_runner=task_runner,
+            dask_address=dask_address,
+        ),
+        "flows.pipeline:elmo_news",
+    )
     typer.echo(
         json.dumps({k: v.get("test_accuracy") for k, v in summary["models"].items()}, indent=2)
     )
-
-
-def parse_grid(items: list[str]) -> dict[str, list[Any]]:
-    """``classifier.field=v1,v2,...`` (each value JSON when it parses, else a string) or
-    ``classifier.field=[v1, v2]`` (a JSON list: values that hold commas) -> key -> values."""
-    grid: dict[str, list[Any]] = {}
-    for item in items:
-        key, sep, raw = item.partition("=")
-        if not sep or "." not in key or not raw:
-            raise typer.BadParameter(f"--grid expects classifier.field=v1,v2,..., got {item!r}")
-        if key in grid:
-            raise typer.BadParameter(f"--grid {key} given twice")
-        if raw.lstrip().startswith("["):
-            try:
-                values = json.loads(raw)
-            except json.JSONDecodeError as e:
-                raise typer.BadParameter(f"--grid {key}: not a JSON list: {raw!r}") from e
-        else:
-            values = []
-            for v in raw.split(","):
-                try:
-                    values.append(json.loads(v))
-                except json.JSONDecodeError:
-                    values.append(v)
-        grid[key] = values
-    return grid
 
 
 @app.command()
@@ -379,38 +159,29 @@ def sweep(
         overrides = parse_overrides(set_ or [])
         points = parse_grid(grid)
     check_run_inputs(data, pretrain_corpus or [], bilm, home)
-    server = prestart_ephemeral_server()
-    from flows.sweep import SweepParams
     from storage.download import AG_NEWS_URL
 
-    try:
-        with user_errors():
-            params = SweepParams(
-                grid=points,
-                seeds=seeds,
-                profile=profile,  # type: ignore[arg-type]
-                data=data or AG_NEWS_URL,
-                pretrain_corpus=pretrain_corpus or [],
-                home=home,
-                strategies=strategy or ["wsum"],  # type: ignore[arg-type]
-                device=device,  # type: ignore[arg-type]
-                text_columns=text_column or [],
-                label_column=label_column,
-                overrides=overrides,
-                bilm=bilm,
-                task_runner=task_runner,  # type: ignore[arg-type]
-                dask_address=dask_address,
-                ablation=ablation,
-            )
-    except typer.Exit as e:
-        abandon_server(server, e.exit_code)
-        raise
-    from flows.sweep import elmo_news_sweep
-    from tasks.progress import live_display
-
-    await_server(server, params.home_dir())
-    with live_display():
-        summary = elmo_news_sweep(**params.model_dump())
+    summary = launch(
+        "flows.sweep:SweepParams",
+        dict(
+            grid=points,
+            seeds=seeds,
+            profile=profile,
+            data=data or AG_NEWS_URL,
+            pretrain_corpus=pretrain_corpus or [],
+            home=home,
+            strategies=strategy or ["wsum"],
+            device=device,
+            text_columns=text_column or [],
+            label_column=label_column,
+            overrides=overrides,
+            bilm=bilm,
+            task_runner=task_runner,
+            dask_address=dask_address,
+            ablation=ablation,
+        ),
+        "flows.sweep:elmo_news_sweep",
+    )
     typer.echo(summary["markdown"])
 
 
@@ -444,27 +215,19 @@ def pretrain_cmd(
             overrides.setdefault("pretrain", {}).setdefault("world_size", nproc_per_node)
         for c in corpus:
             check_readable("pretrain corpus", c)
-    server = prestart_ephemeral_server()
-    from flows.params import PretrainParams
 
-    try:
-        with user_errors():
-            params = PretrainParams(
-                corpus=corpus,
-                profile=profile,  # type: ignore[arg-type]
-                home=home,
-                device=device,  # type: ignore[arg-type]
-                overrides=overrides,
-            )
-    except typer.Exit as e:
-        abandon_server(server, e.exit_code)
-        raise
-    from flows.pretrain import elmo_news_pretrain
-    from tasks.progress import live_display
-
-    await_server(server, params.home_dir())
-    with live_display():
-        summary = elmo_news_pretrain(**params.model_dump(), torchrun_args=torchrun_arg or None)
+    summary = launch(
+        "flows.params:PretrainParams",
+        dict(
+            corpus=corpus,
+            profile=profile,
+            home=home,
+            device=device,
+            overrides=overrides,
+        ),
+        "flows.pretrain:elmo_news_pretrain",
+        torchrun_args=torchrun_arg or None,
+    )
     typer.echo(
         json.dumps(
             {"bilm": summary["bilm"], "registry": summary["registry"], **summary["metrics"]},
@@ -473,20 +236,13 @@ def pretrain_cmd(
     )
 
 
-def _tracking(home: str | None) -> None:
-    """Point MLflow at the run's store (MLFLOW_TRACKING_URI wins) before resolving models:/ URIs."""
-    from storage.paths import Home
-
-    os.environ.setdefault("MLFLOW_TRACKING_URI", Home(home).mlflow_uri())
-
-
 @app.command()
 def predict(
+    input: Annotated[str, typer.Option("--input", help="CSV, Parquet or plain text")],
+    output: Annotated[str, typer.Option("--output", help="Parquet file to write")],
     model: Annotated[
         str, typer.Option(help="MLflow model URI")
     ] = "models:/elmo-news-classifier@champion",
-    input: Annotated[str, typer.Option("--input", help="CSV, Parquet or plain text")] = ...,  # type: ignore[assignment]
-    output: Annotated[str, typer.Option("--output", help="Parquet file to write")] = ...,  # type: ignore[assignment]
     home: Annotated[str | None, typer.Option(help="home folder holding the MLflow store")] = None,
 ) -> None:
     """Predict labels and class probabilities for every document of a file."""
@@ -504,11 +260,11 @@ def predict(
 
 @app.command()
 def embed(
+    input: Annotated[str, typer.Option("--input", help="CSV, Parquet or plain text")],
+    output: Annotated[str, typer.Option("--output", help="Parquet file to write")],
     model: Annotated[
         str, typer.Option(help="MLflow model URI")
     ] = "models:/elmo-news-classifier@champion",
-    input: Annotated[str, typer.Option("--input", help="CSV, Parquet or plain text")] = ...,  # type: ignore[assignment]
-    output: Annotated[str, typer.Option("--output", help="Parquet file to write")] = ...,  # type: ignore[assignment]
     all_layers: Annotated[
         bool, typer.Option(help="every biLM layer instead of the learned mix")
     ] = False,

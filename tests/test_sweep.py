@@ -9,7 +9,7 @@ import statistics
 import pytest
 import typer
 
-from flows.cli import parse_grid
+from flows.cli_args import parse_grid
 from flows.sweep import SweepParams, add_gains, grid_points, mean_std, sweep_markdown
 from tests.conftest import AG
 
