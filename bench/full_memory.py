@@ -22,6 +22,8 @@ import threading
 import time
 from pathlib import Path
 
+from flows.params import RunParams
+
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import polars as pl  # noqa: E402
@@ -105,14 +107,16 @@ def main() -> None:
     sampler.start()
     t0 = time.perf_counter()
     summary = elmo_news(
-        profile=args.profile,
-        data=str(data),
-        pretrain_corpus=corpora,
-        home=str(home),
-        strategies=args.strategies or None,
-        overrides=parse_overrides(args.sets),
-        register_model=False,
-        bilm=args.bilm,
+        params=RunParams(
+            profile=args.profile,
+            data=str(data),
+            pretrain_corpus=corpora,
+            home=str(home),
+            strategies=args.strategies or None,
+            overrides=parse_overrides(args.sets),
+            register_model=False,
+            bilm=args.bilm,
+        )
     )
     wall = time.perf_counter() - t0
     sampler.stop()

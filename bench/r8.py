@@ -39,6 +39,8 @@ import sys
 import time
 from pathlib import Path
 
+from flows.params import RunParams
+
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import polars as pl  # noqa: E402
@@ -141,15 +143,17 @@ def main() -> None:
     sets = [*R8_SETS, *args.sets]
     t0 = time.perf_counter()
     summary = elmo_news(
-        profile=args.profile,
-        data=str(data),
-        pretrain_corpus=[] if args.bilm else [str(data / "pretrain.parquet")],
-        bilm=args.bilm,
-        home=str(home),
-        text_columns=["title", "body"],
-        label_column="topic",
-        overrides=parse_overrides(sets),
-        register_model=False,
+        params=RunParams(
+            profile=args.profile,
+            data=str(data),
+            pretrain_corpus=[] if args.bilm else [str(data / "pretrain.parquet")],
+            bilm=args.bilm,
+            home=str(home),
+            text_columns=["title", "body"],
+            label_column="topic",
+            overrides=parse_overrides(sets),
+            register_model=False,
+        )
     )
     wall = time.perf_counter() - t0
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import os
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import torch
 
@@ -14,20 +16,29 @@ class CheckpointError(ValueError):
     """A checkpoint that cannot be used: missing, truncated, or not one of ours."""
 
 
-def atomic_save(obj: Any, path: str | os.PathLike[str]) -> None:
-    """torch.save to a temp file beside ``path``, fsync, then rename over it."""
+@contextmanager
+def atomic_file(path: str | os.PathLike[str]) -> Iterator[BinaryIO]:
+    """A file to write in place of ``path``: a temp file beside it, fsynced and renamed over
+    it when the block ends, removed if the block raises. Readers never see a partial file.
+    The one atomic write of the project (checkpoints, JSON, Parquet, id shards)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
+            yield f
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def atomic_save(obj: Any, path: str | os.PathLike[str]) -> None:
+    """torch.save, atomically."""
+    with atomic_file(path) as f:
+        torch.save(obj, f)
 
 
 def safe_load(path: str | os.PathLike[str]) -> dict[str, Any]:

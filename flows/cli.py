@@ -17,14 +17,18 @@ from flows.cli_args import (
     DataOpt,
     DeviceOpt,
     HomeOpt,
+    InputOpt,
     LabelColumnOpt,
+    ModelOpt,
+    OutputOpt,
     ProfileOpt,
     SetOpt,
+    StoreHomeOpt,
     TaskRunnerOpt,
     TextColumnOpt,
-    _tracking,
     check_readable,
     check_run_inputs,
+    check_serving_inputs,
     parse_grid,
     parse_overrides,
     user_errors,
@@ -54,11 +58,11 @@ def _load(ref: str) -> Any:
     return getattr(importlib.import_module(module), name)
 
 
-def launch(params_ref: str, fields: dict[str, Any], flow_ref: str, **extra: Any) -> Any:
+def launch(params_ref: str, fields: dict[str, Any], flow_ref: str) -> Any:
     """The one launch path of run, sweep and pretrain: the ephemeral server boots in its own
     process while the parameters validate and the flow's modules import; bad parameters exit
     with one line before the flow starts (not waiting for that boot); the flow then runs with
-    a live display."""
+    a live display, taking the validated parameters whole."""
     server = prestart_ephemeral_server()
     try:
         with user_errors():
@@ -71,7 +75,23 @@ def launch(params_ref: str, fields: dict[str, Any], flow_ref: str, **extra: Any)
 
     await_server(server, params.home_dir())
     with live_display():
-        return flow_fn(**params.model_dump(), **extra)
+        return flow_fn(params=params)
+
+
+def run_fields(options: dict[str, Any]) -> dict[str, Any]:
+    """The options of ``run`` / ``sweep`` as the parameter model's fields (an option not given
+    takes the model's default), checked as far as needs no heavy import: ``--set`` and
+    ``--grid`` parsed, the data, corpora and biLM found, before anything starts."""
+    prefect_defaults()
+    fields = {k: v for k, v in options.items() if v is not None and k != "set_"}
+    with user_errors():
+        fields["overrides"] = parse_overrides(options.get("set_") or [])
+        if "grid" in fields:
+            fields["grid"] = parse_grid(fields["grid"])
+    check_run_inputs(
+        options.get("data"), options.get("pretrain_corpus") or [], options["bilm"], options["home"]
+    )
+    return fields
 
 
 @app.command()
@@ -80,11 +100,11 @@ def run(
     data: DataOpt = None,
     pretrain_corpus: CorpusOpt = None,
     home: HomeOpt = None,
-    strategy: Annotated[
-        list[str] | None, typer.Option(help="sum | wsum | function (repeatable)")
+    strategies: Annotated[
+        list[str] | None, typer.Option("--strategy", help="sum | wsum | function (repeatable)")
     ] = None,
     device: DeviceOpt = "auto",
-    text_column: TextColumnOpt = None,
+    text_columns: TextColumnOpt = None,
     label_column: LabelColumnOpt = "",
     set_: SetOpt = None,
     bilm: BilmOpt = "",
@@ -92,30 +112,7 @@ def run(
     dask_address: DaskAddressOpt = "",
 ) -> None:
     """Run the whole pipeline once (ephemeral Prefect, local MLflow store, local Parquet store)."""
-    prefect_defaults()
-    with user_errors():  # what needs no heavy import is checked before anything starts
-        overrides = parse_overrides(set_ or [])
-    check_run_inputs(data, pretrain_corpus or [], bilm, home)
-    from storage.download import AG_NEWS_URL
-
-    summary = launch(
-        "flows.params:RunParams",
-        dict(
-            profile=profile,
-            data=data or AG_NEWS_URL,
-            pretrain_corpus=pretrain_corpus or [],
-            home=home,
-            strategies=strategy or ["sum", "wsum", "function"],
-            device=device,
-            text_columns=text_column or [],
-            label_column=label_column,
-            overrides=overrides,
-            bilm=bilm,
-            task_runner=task_runner,
-            dask_address=dask_address,
-        ),
-        "flows.pipeline:elmo_news",
-    )
+    summary = launch("flows.params:RunParams", run_fields(locals()), "flows.pipeline:elmo_news")
     typer.echo(
         json.dumps({k: v.get("test_accuracy") for k, v in summary["models"].items()}, indent=2)
     )
@@ -134,11 +131,12 @@ def sweep(
     data: DataOpt = None,
     pretrain_corpus: CorpusOpt = None,
     home: HomeOpt = None,
-    strategy: Annotated[
-        list[str] | None, typer.Option(help="sum | wsum | function (repeatable; default wsum)")
+    strategies: Annotated[
+        list[str] | None,
+        typer.Option("--strategy", help="sum | wsum | function (repeatable; default wsum)"),
     ] = None,
     device: DeviceOpt = "auto",
-    text_column: TextColumnOpt = None,
+    text_columns: TextColumnOpt = None,
     label_column: LabelColumnOpt = "",
     set_: SetOpt = None,
     bilm: BilmOpt = "",
@@ -154,34 +152,8 @@ def sweep(
 ) -> None:
     """Fan the classifier out over a grid x seeds on the same cached biLM and layers; prints
     mean ± std test accuracy per point, and each strategy's gain over the static ablation."""
-    prefect_defaults()
-    with user_errors():
-        overrides = parse_overrides(set_ or [])
-        points = parse_grid(grid)
-    check_run_inputs(data, pretrain_corpus or [], bilm, home)
-    from storage.download import AG_NEWS_URL
-
-    summary = launch(
-        "flows.sweep:SweepParams",
-        dict(
-            grid=points,
-            seeds=seeds,
-            profile=profile,
-            data=data or AG_NEWS_URL,
-            pretrain_corpus=pretrain_corpus or [],
-            home=home,
-            strategies=strategy or ["wsum"],
-            device=device,
-            text_columns=text_column or [],
-            label_column=label_column,
-            overrides=overrides,
-            bilm=bilm,
-            task_runner=task_runner,
-            dask_address=dask_address,
-            ablation=ablation,
-        ),
-        "flows.sweep:elmo_news_sweep",
-    )
+    fields = run_fields(locals())
+    summary = launch("flows.sweep:SweepParams", fields, "flows.sweep:elmo_news_sweep")
     typer.echo(summary["markdown"])
 
 
@@ -224,9 +196,9 @@ def pretrain_cmd(
             home=home,
             device=device,
             overrides=overrides,
+            torchrun_args=torchrun_arg or None,
         ),
         "flows.pretrain:elmo_news_pretrain",
-        torchrun_args=torchrun_arg or None,
     )
     typer.echo(
         json.dumps(
@@ -238,47 +210,33 @@ def pretrain_cmd(
 
 @app.command()
 def predict(
-    input: Annotated[str, typer.Option("--input", help="CSV, Parquet or plain text")],
-    output: Annotated[str, typer.Option("--output", help="Parquet file to write")],
-    model: Annotated[
-        str, typer.Option(help="MLflow model URI")
-    ] = "models:/elmo-news-classifier@champion",
-    home: Annotated[str | None, typer.Option(help="home folder holding the MLflow store")] = None,
+    input: InputOpt,
+    output: OutputOpt,
+    model: ModelOpt = "models:/elmo-news-classifier@champion",
+    home: StoreHomeOpt = None,
 ) -> None:
     """Predict labels and class probabilities for every document of a file."""
-    prefect_defaults()
-    _tracking(home)
+    check_serving_inputs(home, input, model)
     from serving.predict import predict_file
-    from storage.registry import check_model_uri
 
-    with user_errors():
-        check_readable("input", input)
-        check_model_uri(model)
     stats = predict_file.fn(model, input, output)
     typer.echo(json.dumps(stats, indent=2))
 
 
 @app.command()
 def embed(
-    input: Annotated[str, typer.Option("--input", help="CSV, Parquet or plain text")],
-    output: Annotated[str, typer.Option("--output", help="Parquet file to write")],
-    model: Annotated[
-        str, typer.Option(help="MLflow model URI")
-    ] = "models:/elmo-news-classifier@champion",
+    input: InputOpt,
+    output: OutputOpt,
+    model: ModelOpt = "models:/elmo-news-classifier@champion",
     all_layers: Annotated[
         bool, typer.Option(help="every biLM layer instead of the learned mix")
     ] = False,
-    home: Annotated[str | None, typer.Option(help="home folder holding the MLflow store")] = None,
+    home: StoreHomeOpt = None,
 ) -> None:
     """Contextual token embeddings per token (the learned mix, or all layers) to Parquet."""
-    prefect_defaults()
-    _tracking(home)
+    check_serving_inputs(home, input, model)
     from serving.predict import embed_file
-    from storage.registry import check_model_uri
 
-    with user_errors():
-        check_readable("input", input)
-        check_model_uri(model)
     n = embed_file(model, input, output, all_layers)
     typer.echo(f"{n} token vectors -> {output}")
 

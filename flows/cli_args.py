@@ -13,6 +13,8 @@ from typing import Annotated, Any
 
 import typer
 
+from flows.server import prefect_defaults
+
 DEBUG = {"on": False}  # --debug: user errors keep their traceback
 
 
@@ -127,7 +129,7 @@ DeviceOpt = Annotated[str, typer.Option(help="auto | cpu | cuda")]
 
 
 TextColumnOpt = Annotated[
-    list[str] | None, typer.Option(help="your data: text column (repeatable)")
+    list[str] | None, typer.Option("--text-column", help="your data: text column (repeatable)")
 ]
 
 
@@ -195,3 +197,21 @@ def _tracking(home: str | None) -> None:
     from storage.paths import Home
 
     os.environ.setdefault("MLFLOW_TRACKING_URI", Home(home).mlflow_uri())
+
+
+InputOpt = Annotated[str, typer.Option("--input", help="CSV, Parquet or plain text")]
+OutputOpt = Annotated[str, typer.Option("--output", help="Parquet file to write")]
+ModelOpt = Annotated[str, typer.Option(help="MLflow model URI")]
+StoreHomeOpt = Annotated[str | None, typer.Option(help="home folder holding the MLflow store")]
+
+
+def check_serving_inputs(home: str | None, input: str, model: str) -> None:
+    """``predict`` / ``embed``: the home's MLflow store, a readable input and a model that
+    exists in it, before anything loads."""
+    prefect_defaults()
+    _tracking(home)
+    from storage.registry import check_model_uri
+
+    with user_errors():
+        check_readable("input", input)
+        check_model_uri(model)

@@ -256,6 +256,9 @@ class PretrainParams(BaseModel):
     home: str | None = None
     device: Literal["auto", "cpu", "cuda"] = "auto"
     overrides: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    register_model: bool = True  # register the biLM as elmo-news-bilm
+    # multi-node torchrun flags replacing the single-node launch (pretrain.world_size > 1)
+    torchrun_args: list[str] | None = None
 
     @model_validator(mode="after")
     def _check(self) -> PretrainParams:
@@ -297,6 +300,7 @@ class RunParams(BaseModel):
     # else thread) and the Dask scheduler (tcp://HOST:PORT; "" = a local cluster)
     task_runner: Literal["", "thread", "dask"] = ""
     dask_address: str = ""
+    register_model: bool = True  # log the best classifier in the registry, gate the champion
 
     @model_validator(mode="after")
     def _check(self) -> RunParams:

@@ -10,19 +10,16 @@ from pathlib import Path
 from typing import Any
 
 from prefect import flow, get_run_logger
-from prefect.artifacts import create_markdown_artifact
-from prefect.context import get_run_context
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from elmo_core.mix import ABLATION
 from flows.fanout import FanOut, fanout
-from flows.params import Profile, Resolved, RunParams, Strategy
-from flows.runtime import tune_allocator
+from flows.params import Resolved, RunParams
+from flows.skeleton import parent_run
 from storage.charts import comparison_chart
-from storage.download import AG_NEWS_URL
-from storage.paths import Home, read_json, split_files, write_json
+from storage.paths import Home, read_json, split_files
 from storage.remote import is_object_store
-from storage.tracking import Tracker, runs_path
+from storage.tracking import Tracker
 from tasks.adapt import ADAPT, adapt
 from tasks.baseline import baseline
 from tasks.classify import CLASSIFIER, classify
@@ -187,74 +184,35 @@ def log_upstream(tracker: Tracker, up: Upstream, params: RunParams, cfg: Resolve
 
 
 @flow(name="elmo-news", task_runner=ThreadPoolTaskRunner(max_workers=PARALLEL))
-def elmo_news(
-    profile: Profile = "smoke",
-    data: str = AG_NEWS_URL,
-    pretrain_corpus: list[str] | None = None,
-    home: str | None = None,
-    strategies: list[Strategy] | None = None,
-    device: str = "auto",
-    text_columns: list[str] | None = None,
-    label_column: str = "",
-    overrides: dict[str, dict[str, Any]] | None = None,
-    register_model: bool = True,  # log the best classifier in the registry, gate the champion
-    bilm: str = "",  # a pretrained biLM (models:/elmo-news-bilm/N, @alias, stage folder)
-    task_runner: str = "",  # thread | dask (default: $ELMO_NEWS_TASK_RUNNER, else thread)
-    dask_address: str = "",  # tcp://HOST:PORT of a Dask scheduler (default: a local cluster)
-) -> dict[str, Any]:
+def elmo_news(params: RunParams) -> dict[str, Any]:
     """Run the whole pipeline; returns the summary (metrics per model, stage folders, run ids)."""
-    params = RunParams(
-        profile=profile,
-        data=data,
-        pretrain_corpus=pretrain_corpus or [],
-        home=home,
-        strategies=strategies or ["sum", "wsum", "function"],
-        device=device,
-        text_columns=text_columns or [],
-        label_column=label_column,
-        overrides=overrides or {},
-        bilm=bilm,
-        task_runner=task_runner,
-        dask_address=dask_address,
-    )
     cfg = params.resolve()
     runner, address = params.runner()
-    h = Home(params.home_dir())
-    home_s = str(h.root)
-    log = get_run_logger()
-    # reuse freed memory instead of page-faulting it in again every training step
-    log.info("allocator tuned for training: %s", tune_allocator())
-    tracker = Tracker(h.mlflow_uri())
-    flow_run = get_run_context().flow_run
-    parent = tracker.start_parent(
-        run_name=flow_run.name,
-        params={
-            "profile": profile,
-            "data": data,
-            "pretrain_corpus": params.pretrain_corpus,
-            "strategies": params.strategies,
-            "bilm": bilm,
-            "task_runner": runner,
-        },
-        tags={"prefect_flow_run_id": str(flow_run.id), "profile": profile},
-    )
-    t_all = time.perf_counter()
-    timings: dict[str, float] = {}
-    try:
+    device = params.device
+    logged_params = {
+        "profile": params.profile,
+        "data": params.data,
+        "pretrain_corpus": params.pretrain_corpus,
+        "strategies": params.strategies,
+        "bilm": params.bilm,
+        "task_runner": runner,
+    }
+    with parent_run(params.home_dir(), params.profile, logged_params) as run:
+        h, tracker, parent, timings, log = run.home, run.tracker, run.run_id, run.timings, run.log
+        home_s = str(h.root)
         # the strategies, then the static-word-vector ablation that measures their gain
         trained = [*params.strategies, ABLATION]
         with fanout(runner, address, h.root, len(trained) + 1) as fan:
             up = upstream(params, cfg, h, tracker, fan, timings)
             dataset, bilm_dir, feats, vocab = up.dataset, up.bilm_dir, up.feats, up.vocab
             target = tracker.target()
-            t = time.perf_counter()
-            clf_args = {
-                s: (feats, bilm_dir, dataset, s, home_s, cfg.classifier, device, target)
-                for s in trained
-            }
-            futures = {s: fan.submit(in_home(classify, h), *a) for s, a in clf_args.items()}
-            clf_dirs = {s: f.result() for s, f in futures.items()}
-            timings["classifiers"] = time.perf_counter() - t
+            with run.timed("classifiers"):
+                clf_args = {
+                    s: (feats, bilm_dir, dataset, s, home_s, cfg.classifier, device, target)
+                    for s in trained
+                }
+                futures = {s: fan.submit(in_home(classify, h), *a) for s, a in clf_args.items()}
+                clf_dirs = {s: f.result() for s, f in futures.items()}
             base_dir = up.base_future.result()
 
         logged = log_upstream(tracker, up, params, cfg)
@@ -281,57 +239,41 @@ def elmo_news(
         gains = elmo_gains(rows)
         tracker.log_metrics(parent, gains)
         registry = None
-        if register_model:
+        if params.register_model:
             best = max(
                 params.strategies,
                 key=lambda s: read_json(Path(clf_dirs[s]) / "metrics.json")["best_val_accuracy"],
             )
-            t = time.perf_counter()
-            registry = register_best(
-                h.mlflow_uri(), parent, child_ids[best], clf_dirs[best], bilm_dir, dataset
-            )
-            registry["strategy"] = best
-            tracker.link_model(parent, registry.pop("model_id", None))  # "Logged models"
-            timings["register"] = time.perf_counter() - t
+            with run.timed("register"):
+                registry = register_best(
+                    h.mlflow_uri(), parent, child_ids[best], clf_dirs[best], bilm_dir, dataset
+                )
+                registry["strategy"] = best
+                tracker.link_model(parent, registry.pop("model_id", None))  # "Logged models"
             log.info("registry: %s (strategy %s)", registry["decision"], best)
-        timings["total"] = time.perf_counter() - t_all
-        tracker.log_metrics(parent, {f"wall_s.{k}": v for k, v in timings.items()})
+        run.log_timings()
         md = summary_markdown(rows, timings)
-        tracker.log_text(parent, md, "summary.md")
         chart = h.runs / f"{parent}-comparison.png"
-        comparison_chart(rows, chart, f"elmo-news ({profile}): test split")
+        comparison_chart(rows, chart, f"elmo-news ({params.profile}): test split")
         tracker.log_artifact(parent, chart)
-        create_markdown_artifact(
-            markdown=f"# elmo-news ({profile})\n\n{md}",
-            key="elmo-news-summary",
-            description="Per-strategy test metrics, their gain over the static ablation, "
-            "and the TF-IDF baseline",
+        return run.publish(
+            f"elmo-news ({params.profile})",
+            md,
+            "elmo-news-summary",
+            "Per-strategy test metrics, their gain over the static ablation, and the TF-IDF "
+            "baseline",
+            {
+                "dataset": dataset,
+                "vocab": vocab,
+                "bilm": bilm_dir,
+                "features": feats,
+                "models": {r["name"]: {"dir": r["dir"], **r["metrics"]} for r in rows},
+                "elmo_gains": gains,
+                "timings": timings,
+                "rows": stats,
+                "registry": registry,
+                "task_runner": runner,
+                "dask_workers": fan.workers,  # address -> torch threads per task
+            },
+            h.runs / f"{parent}.json",
         )
-        log.info("summary\n%s", md)
-        log.info(
-            "MLflow UI (mlflow ui --backend-store-uri %s --host 127.0.0.1): "
-            "http://127.0.0.1:5000/#%s",
-            h.mlflow_uri(),
-            runs_path(tracker.experiment_id, parent),
-        )
-        summary = {
-            "parent_run_id": parent,
-            "home": home_s,
-            "dataset": dataset,
-            "vocab": vocab,
-            "bilm": bilm_dir,
-            "features": feats,
-            "models": {r["name"]: {"dir": r["dir"], **r["metrics"]} for r in rows},
-            "elmo_gains": gains,
-            "timings": timings,
-            "rows": stats,
-            "registry": registry,
-            "task_runner": runner,
-            "dask_workers": fan.workers,  # address -> torch threads per task
-        }
-        write_json(h.runs / f"{parent}.json", summary)
-        tracker.finish(parent)
-        return summary
-    except BaseException:
-        tracker.finish(parent, "FAILED")
-        raise

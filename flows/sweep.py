@@ -18,21 +18,18 @@ from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
-from prefect import flow, get_run_logger
-from prefect.artifacts import create_markdown_artifact
-from prefect.context import get_run_context
+from prefect import flow
 from prefect.task_runners import ThreadPoolTaskRunner
 from pydantic import Field, ValidationError, model_validator
 
 from elmo_core.classifier_config import ClassifierConfig
 from elmo_core.mix import ABLATION
 from flows.fanout import fanout
-from flows.params import Profile, RunParams, Strategy, resolve_sections
+from flows.params import RunParams, Strategy, resolve_sections
 from flows.pipeline import PARALLEL, log_upstream, upstream
-from flows.runtime import tune_allocator
-from storage.download import AG_NEWS_URL
-from storage.paths import Home, read_json, write_json
-from storage.tracking import Tracker, runs_path
+from flows.skeleton import parent_run
+from storage.paths import read_json
+from storage.tracking import Tracker
 from tasks.classify import CLASSIFIER, classify
 from tasks.stage import in_home
 
@@ -50,6 +47,7 @@ def grid_points(grid: dict[str, list[Any]]) -> list[dict[str, Any]]:
 class SweepParams(RunParams):
     """A run's parameters plus the grid (``classifier.<field>`` -> values) and the seeds."""
 
+    strategies: list[Strategy] = Field(default_factory=lambda: ["wsum"])
     grid: dict[str, list[Any]] = Field(min_length=1)
     seeds: int = Field(3, ge=1, le=100)
     # every point and seed also trains the static ablation: each strategy's gain over it
@@ -159,77 +157,37 @@ def sweep_markdown(rows: list[dict[str, Any]], keys: list[str], seeds: list[int]
 
 
 @flow(name="elmo-news-sweep", task_runner=ThreadPoolTaskRunner(max_workers=PARALLEL))
-def elmo_news_sweep(
-    grid: dict[str, list[Any]],
-    seeds: int = 3,
-    profile: Profile = "smoke",
-    data: str = AG_NEWS_URL,
-    pretrain_corpus: list[str] | None = None,
-    home: str | None = None,
-    strategies: list[Strategy] | None = None,
-    device: str = "auto",
-    text_columns: list[str] | None = None,
-    label_column: str = "",
-    overrides: dict[str, dict[str, Any]] | None = None,
-    bilm: str = "",
-    task_runner: str = "",
-    dask_address: str = "",
-    ablation: bool = True,
-) -> dict[str, Any]:
-    """Sweep the classifier over ``grid`` x ``seeds`` seeds (strategies default: wsum; the
-    static ablation beside them unless ``ablation`` is off)."""
-    params = SweepParams(
-        grid=grid,
-        seeds=seeds,
-        profile=profile,
-        data=data,
-        pretrain_corpus=pretrain_corpus or [],
-        home=home,
-        strategies=strategies or ["wsum"],
-        device=device,
-        text_columns=text_columns or [],
-        label_column=label_column,
-        overrides=overrides or {},
-        bilm=bilm,
-        task_runner=task_runner,
-        dask_address=dask_address,
-        ablation=ablation,
-    )
+def elmo_news_sweep(params: SweepParams) -> dict[str, Any]:
+    """Sweep the classifier over the grid x seeds (strategies default: wsum; the static
+    ablation beside them unless ``ablation`` is off)."""
     cfg = params.resolve()
     runner, address = params.runner()
-    h = Home(params.home_dir())
-    home_s = str(h.root)
-    log = get_run_logger()
-    log.info("allocator tuned for training: %s", tune_allocator())
+    device = params.device
     points = params.points()
     seed_list = [cfg.classifier.seed + i for i in range(params.seeds)]
-    tracker = Tracker(h.mlflow_uri())
-    flow_run = get_run_context().flow_run
-    parent = tracker.start_parent(
-        run_name=f"sweep-{flow_run.name}",
-        params={
-            "profile": profile,
-            "data": data,
-            "grid": params.grid,
-            "seeds": seed_list,
-            "strategies": params.strategies,
-            "ablation": params.ablation,
-            "bilm": bilm,
-            "task_runner": runner,
-        },
-        tags={"prefect_flow_run_id": str(flow_run.id), "profile": profile, "kind": "sweep"},
-    )
-    t_all = time.perf_counter()
-    timings: dict[str, float] = {}
+    logged_params = {
+        "profile": params.profile,
+        "data": params.data,
+        "grid": params.grid,
+        "seeds": seed_list,
+        "strategies": params.strategies,
+        "ablation": params.ablation,
+        "bilm": params.bilm,
+        "task_runner": runner,
+    }
     keys = list(params.grid)
-    try:
+    with parent_run(
+        params.home_dir(), params.profile, logged_params, kind="sweep", name_prefix="sweep-"
+    ) as run:
+        h, tracker, parent, timings = run.home, run.tracker, run.run_id, run.timings
+        home_s = str(h.root)
         trained = params.trained()
         n_fits = len(points) * len(trained) * len(seed_list)
         with fanout(runner, address, h.root, n_fits) as fan:
             up = upstream(params, cfg, h, tracker, fan, timings, with_baseline=False)
             logged = log_upstream(tracker, up, params, cfg)
             jobs = []  # (point index, strategy, seed, args, point run id, future)
-            t = time.perf_counter()
+            clock = time.perf_counter()
             for i, point in enumerate(points):
                 for s in trained:
                     point_run = tracker.client.create_run(
@@ -250,7 +208,7 @@ def elmo_news_sweep(
                         future = fan.submit(in_home(classify, h), *args)
                         jobs.append((i, s, seed_list[k], args, point_run, future))
             dirs = [j[5].result() for j in jobs]
-            timings["classifiers"] = time.perf_counter() - t
+            timings["classifiers"] = time.perf_counter() - clock
 
         rows: dict[tuple[int, str], dict[str, Any]] = {}
         for (i, s, seed, _, point_run, _), d in zip(jobs, dirs, strict=True):
@@ -303,8 +261,7 @@ def elmo_news_sweep(
                 {f"{prefix}.{k}": r[k] for k in ("test_accuracy_mean", "elmo_gain_mean") if k in r},
             )
         table = list(rows.values())
-        timings["total"] = time.perf_counter() - t_all
-        tracker.log_metrics(parent, {f"wall_s.{k}": v for k, v in timings.items()})
+        run.log_timings()
         md = sweep_markdown(table, keys, seed_list)
         md += (
             f"\n\n{len(jobs)} classifier fits ({len(points)} points x {len(trained)} "
@@ -313,30 +270,21 @@ def elmo_news_sweep(
             + f": {timings['classifiers']:.0f} s; std is the sample std over seeds"
             + ("; a gain is paired by seed (strategy - static)." if params.ablation else ".")
         )
-        tracker.log_text(parent, md, "summary.md")
-        create_markdown_artifact(
-            markdown=f"# elmo-news sweep ({profile})\n\n{md}",
-            key="elmo-news-sweep",
-            description="Test accuracy per grid point: mean ± std over seeds",
+        return run.publish(
+            f"elmo-news sweep ({params.profile})",
+            md,
+            "elmo-news-sweep",
+            "Test accuracy per grid point: mean ± std over seeds",
+            {
+                "bilm": up.bilm_dir,
+                "features": up.feats,
+                "grid": params.grid,
+                "seeds": seed_list,
+                "points": table,
+                "timings": timings,
+                "task_runner": runner,
+                "dask_workers": fan.workers,
+                "markdown": md,
+            },
+            h.runs / "sweeps" / f"{parent}.json",
         )
-        log.info("sweep\n%s", md)
-        log.info("MLflow UI: http://127.0.0.1:5000/#%s", runs_path(tracker.experiment_id, parent))
-        summary = {
-            "parent_run_id": parent,
-            "home": home_s,
-            "bilm": up.bilm_dir,
-            "features": up.feats,
-            "grid": params.grid,
-            "seeds": seed_list,
-            "points": table,
-            "timings": timings,
-            "task_runner": runner,
-            "dask_workers": fan.workers,
-            "markdown": md,
-        }
-        write_json(h.runs / "sweeps" / f"{parent}.json", summary)
-        tracker.finish(parent)
-        return summary
-    except BaseException:
-        tracker.finish(parent, "FAILED")
-        raise

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import os
-import tempfile
-from pathlib import Path
 
 import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from elmo_core.checkpoint import atomic_file
 from storage.errors import DataError
 
 DATASET_SCHEMA = pa.schema(
@@ -26,17 +25,9 @@ DATASET_SCHEMA = pa.schema(
 
 
 def write_parquet(table: pa.Table, path: str | os.PathLike[str]) -> None:
-    """Atomic Parquet write (temp file + rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        pq.write_table(table, tmp, compression="zstd")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """Atomic Parquet write (``atomic_file``)."""
+    with atomic_file(path) as f:
+        pq.write_table(table, f, compression="zstd")
 
 
 def rows_table(rows: list[dict], split: str) -> pa.Table:

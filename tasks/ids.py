@@ -4,12 +4,12 @@ what the biLM's training windows are read from."""
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
 import polars as pl
 
+from elmo_core.checkpoint import atomic_file
 from storage.datasets import read_dataset
 from storage.errors import DataError
 from storage.paths import write_json
@@ -99,10 +99,8 @@ def _build_ids(
 
 
 def _save_npy(path: Path, arr: np.ndarray) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as f:
+    with atomic_file(path) as f:
         np.save(f, arr)
-    os.replace(tmp, path)
 
 
 def id_shards(ids_dir: str) -> list[Path]:

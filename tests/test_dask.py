@@ -14,6 +14,8 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from flows.fanout import check_workers, resolve_runner, thread_shares
+from flows.params import RunParams
+from flows.sweep import SweepParams
 from storage.tracking import find_runs
 from tests.test_flow_e2e import _task_states
 
@@ -32,10 +34,7 @@ MODELS = [
 def _smoke(ag_slice: Path, home: Path, **kw):
     from flows.pipeline import elmo_news
 
-    state = elmo_news(
-        profile="smoke", data=str(ag_slice), home=str(home), register_model=False,
-        strategies=STRATEGIES, return_state=True, **kw,
-    )  # fmt: skip
+    state = elmo_news(params=RunParams(profile="smoke", data=str(ag_slice), home=str(home), register_model=False, strategies=STRATEGIES, **kw), return_state=True)  # fmt: skip
     return state.result(), _task_states(state.state_details.flow_run_id)
 
 
@@ -125,13 +124,15 @@ def test_sweep_on_the_cluster_reuses_the_runs_layers(runs, dask_cluster, harness
     run_summary, _ = runs["dask1"]
     home = Path(run_summary["home"])
     out = elmo_news_sweep(
-        grid={"classifier.lr": [0.005, 0.01]},
-        seeds=2,
-        profile="smoke",
-        data=str(ag_slice),
-        home=str(home),
-        strategies=["wsum"],
-        dask_address=address,
+        params=SweepParams(
+            grid={"classifier.lr": [0.005, 0.01]},
+            seeds=2,
+            profile="smoke",
+            data=str(ag_slice),
+            home=str(home),
+            strategies=["wsum"],
+            dask_address=address,
+        )
     )
     assert out["features"] == run_summary["features"] and out["bilm"] == run_summary["bilm"]
     # 2 points x (wsum + the static ablation)

@@ -69,7 +69,14 @@ def team(tmp_path_factory, ag_slice):
                 "home": str(root / "home"),
             }
             out = _prefect(
-                ["deployment", "run", "elmo-news/elmo-news", "--params", json.dumps(params)], env
+                [
+                    "deployment",
+                    "run",
+                    "elmo-news/elmo-news",
+                    "--params",
+                    json.dumps({"params": params}),
+                ],
+                env,
             )
             run_id = re.search(r"UUID:\s*([0-9a-f-]{36})", out).group(1)
             from prefect.client.orchestration import get_client
@@ -97,14 +104,15 @@ def test_deployments_as_declared(team):
     with temporary_settings({PREFECT_API_URL: team["prefect_api"]}):
         with get_client(sync_client=True) as client:
             pre = client.read_deployment_by_name("elmo-news-pretrain/pretrain-bilm")
-            assert pre.parameters["profile"] == "news" and len(pre.parameters["corpus"]) == 2
+            pre_params = pre.parameters["params"]
+            assert pre_params["profile"] == "news" and len(pre_params["corpus"]) == 2
             scheduled = client.read_deployment_by_name("elmo-news/scheduled-retrain")
             limit = scheduled.global_concurrency_limit
             assert (limit.limit if limit is not None else scheduled.concurrency_limit) == 1
             schedules = [s.schedule for s in scheduled.schedules]
             assert [(s.cron, s.timezone) for s in schedules] == [("0 3 * * 1", "UTC")]
             on_demand = client.read_deployment_by_name("elmo-news/elmo-news")
-            assert on_demand.parameters["profile"] == "sample" and not on_demand.schedules
+            assert on_demand.parameters["params"]["profile"] == "sample" and not on_demand.schedules
             # the container deployment: the docker pool, the image, the tracking server's env
             docker = client.read_deployment_by_name("elmo-news/elmo-news-docker")
             assert docker.work_pool_name == "elmo-news-docker"

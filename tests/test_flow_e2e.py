@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from flows.params import RunParams
 from storage.errors import DataError
 from storage.registry import logged_model_id
 from storage.tracking import find_runs
@@ -51,13 +52,15 @@ def _run(harness, ag_slice: Path, home: Path, overrides: dict | None = None, **k
     from flows.pipeline import elmo_news
 
     state = elmo_news(
-        profile="smoke",
-        data=str(ag_slice),
-        pretrain_corpus=[str(REUTERS)],
-        home=str(home),
+        params=RunParams(
+            profile="smoke",
+            data=str(ag_slice),
+            pretrain_corpus=[str(REUTERS)],
+            home=str(home),
+            overrides={**CORPUS, **(overrides or {})},
+            **kw,
+        ),
         return_state=True,
-        overrides={**CORPUS, **(overrides or {})},
-        **kw,
     )
     return state.result(), _task_states(state.state_details.flow_run_id)
 
@@ -245,7 +248,7 @@ def test_bad_input_file_fails_with_a_clear_error(harness, env, tmp_path):
     from flows.pipeline import elmo_news
 
     with pytest.raises(DataError, match=r"train\.csv: file is empty"):
-        elmo_news(profile="smoke", data=str(bad), home=str(home))
+        elmo_news(params=RunParams(profile="smoke", data=str(bad), home=str(home)))
 
 
 def test_invalidation_matrix_and_corrupt_outputs(harness, env, ag_slice, tmp_path):

@@ -16,6 +16,7 @@ import torch
 
 from elmo_core.bilm_checkpoint import load_bilm
 from elmo_core.classifier_checkpoint import load_classifier
+from flows.params import PretrainParams, RunParams
 from tests.conftest import REUTERS
 from tests.test_flow_e2e import _task_states
 
@@ -44,10 +45,12 @@ def pretrained(harness, corpus_dir, tmp_path_factory):
     mp = pytest.MonkeyPatch()
     mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{home / 'mlflow.db'}")
     state = elmo_news_pretrain(
-        corpus=[str(corpus_dir)],
-        profile="smoke",
-        home=str(home),
-        overrides={"corpus": {"holdout_fraction": 0.05}},
+        params=PretrainParams(
+            corpus=[str(corpus_dir)],
+            profile="smoke",
+            home=str(home),
+            overrides={"corpus": {"holdout_fraction": 0.05}},
+        ),
         return_state=True,
     )
     yield home, state.result(), _task_states(state.state_details.flow_run_id)
@@ -91,10 +94,12 @@ def test_a_second_pretrain_is_served_from_cache_and_keeps_its_version(pretrained
 
     home, first, _ = pretrained
     state = elmo_news_pretrain(
-        corpus=[str(corpus_dir)],
-        profile="smoke",
-        home=str(home),
-        overrides={"corpus": {"holdout_fraction": 0.05}},
+        params=PretrainParams(
+            corpus=[str(corpus_dir)],
+            profile="smoke",
+            home=str(home),
+            overrides={"corpus": {"holdout_fraction": 0.05}},
+        ),
         return_state=True,
     )
     again = state.result()
@@ -184,12 +189,14 @@ def _reuse(ag_slice: Path, home: Path, bilm: str):
     from flows.pipeline import elmo_news
 
     state = elmo_news(
-        profile="smoke",
-        data=str(ag_slice),
-        home=str(home),
-        strategies=["wsum"],
-        bilm=bilm,
-        register_model=False,
+        params=RunParams(
+            profile="smoke",
+            data=str(ag_slice),
+            home=str(home),
+            strategies=["wsum"],
+            bilm=bilm,
+            register_model=False,
+        ),
         return_state=True,
     )
     return state.result(), _task_states(state.state_details.flow_run_id)
@@ -234,21 +241,23 @@ def test_adapting_a_reused_biLM_lowers_its_perplexity_on_the_task_text(pretraine
 
     home, pre, _ = pretrained
     state = elmo_news(
-        profile="smoke",
-        data=str(ag_slice),
-        home=str(home),
-        strategies=["wsum"],
-        bilm="models:/elmo-news-bilm/1",
-        register_model=False,
-        overrides={
-            "adapt": {
-                "epochs": 2,
-                "batch_size": 16,
-                "lr": 3e-3,
-                "val_tokens": 500,
-                "new_words_min_count": 2,
-            }
-        },
+        params=RunParams(
+            profile="smoke",
+            data=str(ag_slice),
+            home=str(home),
+            strategies=["wsum"],
+            bilm="models:/elmo-news-bilm/1",
+            register_model=False,
+            overrides={
+                "adapt": {
+                    "epochs": 2,
+                    "batch_size": 16,
+                    "lr": 3e-3,
+                    "val_tokens": 500,
+                    "new_words_min_count": 2,
+                }
+            },
+        ),
         return_state=True,
     )
     summary = state.result()

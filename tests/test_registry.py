@@ -10,6 +10,7 @@ import pytest
 from typer.testing import CliRunner
 
 from flows.cli import app
+from flows.params import RunParams
 from storage.registry import MODEL_NAME
 from tests.conftest import free_port, wait_http
 
@@ -37,11 +38,13 @@ def test_champion_gate_and_predict_with_the_champion(harness, ag_slice, tmp_path
 
     def run(overrides):
         return elmo_news(
-            profile="smoke",
-            data=str(ag_slice),
-            home=str(home),
-            strategies=["sum"],
-            overrides=overrides,
+            params=RunParams(
+                profile="smoke",
+                data=str(ag_slice),
+                home=str(home),
+                strategies=["sum"],
+                overrides=overrides,
+            )
         )
 
     first = run(MEDIUM)
