@@ -5,7 +5,7 @@ PROFILE ?= sample
 DATA ?= ../shared/data/ag_news_sample
 CORPUS ?= ../shared/data/reuters21578/reuters21578.csv
 
-.PHONY: run test venv lint bench
+.PHONY: run test venv lint bench docs
 
 # pip compiles every module at install: keep it. Where PYTHONDONTWRITEBYTECODE=1 (as on this
 # project's machines and CI), a module left uncompiled compiles again in every process that
@@ -29,7 +29,12 @@ run: venv
 TEST_PROCS ?= 2
 test: venv
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy
+	$(VENV)/bin/mkdocs build --strict --quiet
 	$(PY) -m pytest -n $(TEST_PROCS) --dist loadfile --no-loadscope-reorder --durations=15
 
 bench: venv
 	$(PY) bench/bilm_throughput.py
+
+docs: venv
+	$(VENV)/bin/mkdocs serve

@@ -73,7 +73,7 @@ class Stage:
         folder verifies."""
         return task(
             name=name,
-            cache_policy=StageCache(self),
+            cache_policy=StageCache(stage=self),
             persist_result=True,
             cache_result_in_memory=False,
             **options,
@@ -95,8 +95,9 @@ def stage(
 
 @dataclasses.dataclass
 class StageCache(CachePolicy):
-    """Prefect's cache key = the stage's key, offered only while the stage's folder is
-    complete: otherwise no key, so the task runs and rebuilds the folder."""
+    """Prefect's cache key = the stage's key. A cached result is offered only while the
+    stage's folder verifies: otherwise its stale record (in the home, ``in_home``) is dropped
+    first, so the task runs, rebuilds the folder and records its result under the key again."""
 
     stage: Stage | None = None
 
@@ -108,9 +109,12 @@ class StageCache(CachePolicy):
         **kwargs: Any,
     ) -> str | None:
         assert self.stage is not None
+        home = Home(inputs["home"])
         key = self.stage.key(inputs)
-        ok, _ = verify_complete(Home(inputs["home"]).stage_dir(self.stage.folder_name, key))
-        return key if ok else None
+        ok, _ = verify_complete(home.stage_dir(self.stage.folder_name, key))
+        if not ok:
+            (home.prefect_results / key).unlink(missing_ok=True)
+        return key
 
 
 def in_home(t: Task[P, R], home: Home) -> Task[P, R]:
