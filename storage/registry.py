@@ -19,6 +19,8 @@ from storage.tracking import _store_lock
 
 MODEL_NAME = "elmo-news-classifier"
 MODEL_CODE = ROOT / "serving" / "classifier_model.py"
+# the project packages a served model's code imports (copied beside it, on its sys.path)
+MODEL_PACKAGES = [str(ROOT / p) for p in ("elmo_core", "storage", "serving")]
 
 
 def _val_accuracy(model_uri: str, texts: list[str], labels: np.ndarray) -> float:
@@ -133,7 +135,7 @@ def register_and_gate(
                 name="elmo-news-classifier",
                 python_model=str(MODEL_CODE),
                 artifacts={"bilm": str(bilm_pt), "classifier": str(classifier_pt)},
-                code_paths=[str(ROOT / "elmo_core")],
+                code_paths=MODEL_PACKAGES,
                 signature=model_signature(label_names),
                 input_example=example,
                 pip_requirements=["torch==2.13.0", "mlflow>=3.17", "pandas", "numpy"],
@@ -249,7 +251,7 @@ def register_bilm(uri: str, run_id: str, bilm_dir: Path, tags: dict[str, str]) -
                 name="elmo-news-bilm",
                 python_model=str(BILM_CODE),
                 artifacts={"stage": str(bilm_dir)},
-                code_paths=[str(ROOT / "elmo_core")],
+                code_paths=MODEL_PACKAGES,
                 signature=signature,
                 input_example=example,
                 pip_requirements=["torch==2.13.0", "mlflow>=3.17", "pandas", "numpy"],
