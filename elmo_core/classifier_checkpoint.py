@@ -1,13 +1,15 @@
-"""A classifier checkpoint: its config, mix, weights and label names in one weights-only file."""
+"""A classifier checkpoint: its config, mix, weights, label names and how its documents were
+read (the layer-extraction config) in one weights-only file."""
 
 from __future__ import annotations
 
 import os
-from dataclasses import asdict
+from dataclasses import asdict, fields
 
 from elmo_core.checkpoint import CheckpointError, atomic_save, config_from, safe_load
 from elmo_core.classifier import ELMoClassifier
 from elmo_core.classifier_config import ClassifierConfig, MixConfig
+from elmo_core.layers_config import LayersConfig
 from elmo_core.mix import build_mix
 
 
@@ -17,6 +19,7 @@ def save_classifier(
     mix_config: MixConfig,
     input_dim: int,
     label_names: list[str],
+    layers: LayersConfig,
 ) -> None:
     atomic_save(
         {
@@ -26,6 +29,7 @@ def save_classifier(
             "input_dim": input_dim,
             "vocab_size": model.embedding.num_embeddings if model.embedding is not None else 0,
             "label_names": list(label_names),
+            "layers": asdict(layers),
             "state_dict": model.state_dict(),
         },
         path,
@@ -39,8 +43,9 @@ def load_classifier(path: str | os.PathLike[str]) -> tuple[ELMoClassifier, list[
         raise CheckpointError(f"{path} holds a {ckpt['kind']!r}, not a classifier")
     mix = build_mix(config_from(MixConfig, ckpt["mix_config"]))
     labels = list(ckpt["label_names"])
+    known = {f.name for f in fields(ClassifierConfig)}  # older checkpoints carried more
     model = ELMoClassifier(
-        config_from(ClassifierConfig, ckpt["config"]),
+        config_from(ClassifierConfig, {k: v for k, v in ckpt["config"].items() if k in known}),
         mix,
         ckpt["input_dim"],
         len(labels),
@@ -48,3 +53,13 @@ def load_classifier(path: str | os.PathLike[str]) -> tuple[ELMoClassifier, list[
     )
     model.load_state_dict(ckpt["state_dict"])
     return model.eval(), labels
+
+
+def load_layers_config(path: str | os.PathLike[str]) -> LayersConfig:
+    """How the classifier's documents were read (cap, biLM windows), so inference reads them
+    the same way; checkpoints written before it was recorded carried it in their config."""
+    ckpt = safe_load(path)
+    saved = ckpt.get("layers") or ckpt["config"]
+    return config_from(
+        LayersConfig, {f.name: saved[f.name] for f in fields(LayersConfig) if f.name in saved}
+    )

@@ -21,13 +21,6 @@ class ClassifierConfig:
     lr_decay: float = 1.0  # epoch without val gain: back to the best weights, lr *= this (1 = off)
     epochs: int = 8  # upper bound; early stopping usually ends sooner
     patience: int = 2  # epochs without val-accuracy gain before stopping
-    # T cap: tokens per document read (the rest is cut, and the run counts what was cut);
-    # generous, so whole news articles are read, not their first paragraph
-    max_len: int = 1024
-    # the biLM reads documents longer than this in overlapping pieces of at most this many
-    # tokens (0 = whole); each kept token has `context` tokens of context on both sides
-    window: int = 256
-    context: int = 32
     seed: int = 7  # init, batch order, the `sum` strategy's random weights
     checkpoint_every: int = 200  # steps between mid-epoch checkpoints
     # auto | fp32 | bf16 autocast. fp32 by default: bf16 saves only ~7 % of a CPU classifier
@@ -52,13 +45,8 @@ class ClassifierConfig:
             raise ValueError(f"token_embedding_dim must be >= 0, got {self.token_embedding_dim}")
         if any(h < 1 for h in self.mlp_hidden):
             raise ValueError(f"mlp_hidden sizes must be >= 1, got {self.mlp_hidden}")
-        if self.epochs < 1 or self.patience < 1 or self.max_len < 1:
-            raise ValueError(f"epochs, patience, max_len must be >= 1: {self}")
-        if self.context < 0 or (self.window and self.window <= 2 * self.context):
-            raise ValueError(
-                f"window must be 0 or > 2 * context, got window {self.window}, "
-                f"context {self.context}"
-            )
+        if self.epochs < 1 or self.patience < 1:
+            raise ValueError(f"epochs and patience must be >= 1: {self}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
         if not 0.0 < self.lr_decay <= 1.0:

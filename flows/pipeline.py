@@ -143,8 +143,7 @@ def upstream(
         bilm_dir = in_home(pretrain, h)(*bilm_args)
     timings["pretrain"] = time.perf_counter() - t
     t = time.perf_counter()
-    c = cfg.classifier
-    feats = in_home(features, h)(bilm_dir, dataset, home_s, c.max_len, c.window, c.context, device)
+    feats = in_home(features, h)(bilm_dir, dataset, home_s, cfg.layers, device)
     timings["features"] = time.perf_counter() - t
     return Upstream(data_hash, dataset, vocab, bilm_dir, feats, base_future)
 

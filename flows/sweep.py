@@ -33,9 +33,8 @@ from storage.tracking import Tracker
 from tasks.classify import CLASSIFIER, classify
 from tasks.stage import in_home
 
-# settings a sweep may not vary: the seed has --seeds; max_len, window and context change the
-# stored layers
-FIXED = {"seed", "max_len", "window", "context"}
+# a sweep varies the classifier on fixed layers; the seed has --seeds
+FIXED = {"seed"}
 
 
 def grid_points(grid: dict[str, list[Any]]) -> list[dict[str, Any]]:
@@ -64,10 +63,7 @@ class SweepParams(RunParams):
                     f"(classifier.<field>, one of {sorted(names - FIXED)})"
                 )
             if name in FIXED:
-                raise ValueError(
-                    f"grid key {key!r} cannot be swept: "
-                    + ("use --seeds" if name == "seed" else "it changes the stored layers")
-                )
+                raise ValueError(f"grid key {key!r} cannot be swept: use --seeds")
             if not values:
                 raise ValueError(f"grid key {key!r} has no values")
             if len(set(map(repr, values))) != len(values):

@@ -17,14 +17,14 @@ import numpy as np
 import pandas as pd
 
 from elmo_core.bilm_checkpoint import load_bilm
-from elmo_core.classifier_config import ClassifierConfig
 from elmo_core.device import pick_device
 from elmo_core.extraction import encode_for
+from elmo_core.layers_config import LayersConfig
 from elmo_core.text import tokenize
 from serving.inference import layer_store_for
 
-# how the embedding reads documents: the classifier's defaults (cap, biLM pieces of long ones)
-READ = ClassifierConfig()
+# how the embedding reads documents: the layer stage's defaults (cap, biLM pieces of long ones)
+READ = LayersConfig()
 
 
 class BiLMEmbedder(mlflow.pyfunc.PythonModel):
@@ -37,10 +37,7 @@ class BiLMEmbedder(mlflow.pyfunc.PythonModel):
     ) -> pd.DataFrame:
         toks = [tokenize(str(t)) for t in model_input["text"].tolist()]
         docs, extra = encode_for(self.bilm, self.vocab, toks)
-        store = layer_store_for(
-            self.bilm, docs, READ.max_len, device=self.device, window=READ.window,
-            context=READ.context, extra_words=extra,
-        )  # fmt: skip
+        store = layer_store_for(self.bilm, docs, READ, device=self.device, extra_words=extra)
         out, lens = [], np.diff(store.offsets)
         for i in range(len(docs)):
             rows = store.rows(store.offsets[i], store.offsets[i + 1]).astype(np.float64)

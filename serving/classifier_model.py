@@ -14,7 +14,7 @@ import numpy as np
 import pandas as pd
 
 from elmo_core.bilm_checkpoint import load_bilm
-from elmo_core.classifier_checkpoint import load_classifier
+from elmo_core.classifier_checkpoint import load_classifier, load_layers_config
 from elmo_core.classifier_training import predict_proba
 from elmo_core.device import pick_device
 from elmo_core.extraction import encode_for
@@ -26,15 +26,13 @@ class ELMoNewsModel(mlflow.pyfunc.PythonModel):
     def load_context(self, context: Any) -> None:
         self.bilm, self.vocab = load_bilm(context.artifacts["bilm"])
         self.classifier, self.labels = load_classifier(context.artifacts["classifier"])
+        self.layers = load_layers_config(context.artifacts["classifier"])
         self.device = pick_device()
 
     def predict_tokens(self, tokens: list[list[str]]) -> np.ndarray:
         docs, extra = encode_for(self.bilm, self.vocab, tokens)
-        c = self.classifier.config  # the stage's own cap and biLM windows: the evaluated layers
-        store = layer_store_for(
-            self.bilm, docs, c.max_len, device=self.device, window=c.window, context=c.context,
-            extra_words=extra,
-        )  # fmt: skip
+        # the stage's own cap and biLM windows: the evaluated layers
+        store = layer_store_for(self.bilm, docs, self.layers, device=self.device, extra_words=extra)
         return predict_proba(self.classifier, store, self.device)
 
     def predict(

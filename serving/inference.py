@@ -10,26 +10,25 @@ import torch
 
 from elmo_core.bilm import BiLM
 from elmo_core.extraction import doc_lengths, extract_layers, open_ids, static_layer, vocab_ids
+from elmo_core.layers_config import LayersConfig
 from storage.layers import LayerStore
 
 
 def layer_store_for(
     model: BiLM,
     docs: Sequence[Sequence[int]],
-    max_len: int,
+    layers: LayersConfig,
     labels: np.ndarray | None = None,
     device: torch.device | None = None,
-    window: int = 0,
-    context: int = 0,
     extra_words: Sequence[str] = (),
 ) -> LayerStore:
     """In-memory LayerStore of documents (ids, from ``encode_for``): the same float16 layers
     (layer 0 once per distinct token), batching and truncation as the pipeline's
     layer-extraction stage, so predictions reproduce the evaluated ones."""
-    offsets = np.concatenate([[0], np.cumsum(doc_lengths(docs, max_len))]).astype(np.int64)
+    offsets = np.concatenate([[0], np.cumsum(doc_lengths(docs, layers.max_len))]).astype(np.int64)
     out = np.zeros((int(offsets[-1]), model.config.num_layers, model.output_dim), np.float16)
     extract_layers(
-        model, docs, out, offsets, device=device, window=window, context=context,
+        model, docs, out, offsets, device=device, window=layers.window, context=layers.context,
         extra_words=extra_words, contextual_only=True,
     )  # fmt: skip
     static, rows = static_layer(model, open_ids(docs, offsets), extra_words, device)

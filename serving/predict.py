@@ -93,22 +93,12 @@ def embed_file(model_uri: str, input_path: str, output_path: str, all_layers: bo
 
     wrapper = _load(model_uri).unwrap_python_model()
     df = read_texts(input_path)
-    toks = [
-        tokenize(t)[: wrapper.classifier.config.max_len] or ["<unk>"] for t in df["text"].to_list()
-    ]
+    toks = [tokenize(t)[: wrapper.layers.max_len] or ["<unk>"] for t in df["text"].to_list()]
     rows, positions, words, vectors = [], [], [], []
-    c = wrapper.classifier.config
     mix = wrapper.classifier.mix.eval()
     # the layers as the classifier saw them: the same cap, the same windows over long documents
     docs, extra = encode_for(wrapper.bilm, wrapper.vocab, toks)  # unseen words: spelled (char)
-    store = layer_store_for(
-        wrapper.bilm.eval(),
-        docs,
-        c.max_len,
-        window=c.window,
-        context=c.context,
-        extra_words=extra,
-    )
+    store = layer_store_for(wrapper.bilm.eval(), docs, wrapper.layers, extra_words=extra)
     with torch.no_grad():
         for i, t in enumerate(toks):
             doc = store.rows(store.offsets[i], store.offsets[i + 1])  # (T, L+1, 2H)

@@ -33,7 +33,7 @@ from tasks.common import (
     set_threads,
 )
 from tasks.evaluate import evaluate
-from tasks.features import layer_store
+from tasks.features import layer_store, layers_config
 from tasks.progress import stage_progress
 from tasks.stage import stage
 
@@ -125,7 +125,9 @@ def _build(
         res = train_classifier(
             model, train, val, config, hist, out / "train_state.pt", dev, progress=progress
         )
-        save_classifier(out / "model.pt", head.cpu(), mix_config, dim, label_names)
+        save_classifier(
+            out / "model.pt", head.cpu(), mix_config, dim, label_names, layers_config(features_dir)
+        )
         if config.finetune_bilm:  # the tuned biLM is the one predict / embed must read
             save_bilm(out / "bilm.pt", model.bilm, vocab)
         probs = predict_proba(model, test, dev)

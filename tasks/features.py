@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -17,16 +18,15 @@ from elmo_core.extraction import (
     static_layer,
     vocab_ids,
 )
+from elmo_core.layers_config import LayersConfig
 from storage.datasets import read_dataset
 from storage.layers import LayerStore, RowFile
-from storage.paths import SPLITS, write_json
+from storage.paths import SPLITS, read_json, write_json
 from tasks.common import set_threads
 from tasks.progress import stage_progress
 from tasks.stage import stage
 
-FEATURES = stage(
-    "features", __name__, inputs=["bilm_dir", "dataset"], config=["max_len", "window", "context"]
-)
+FEATURES = stage("features", __name__, inputs=["bilm_dir", "dataset"], config=["config"])
 
 
 @FEATURES.task(name="extract-layers")
@@ -34,25 +34,22 @@ def features(
     bilm_dir: str,
     dataset: str,
     home: str,
-    max_len: int,
-    window: int = 0,
-    context: int = 0,
+    config: LayersConfig,
     device: str = "auto",
     tracking: dict[str, str] | None = None,
 ) -> str:
-    """Run the frozen biLM once over every split, whole documents up to ``max_len`` tokens,
-    long ones in overlapping pieces (``window``, ``context``); the contextual layers stored flat
+    """Run the frozen biLM once over every split, whole documents up to ``config.max_len``
+    tokens, long ones in overlapping pieces (``config.window``, ``config.context``); the
+    contextual layers stored flat
     as float16 .npy files, layer 0 (context-free) once per distinct token, and how many
-    documents ``max_len`` cut, by how much, in metrics.json.
+    documents the cap cut, by how much, in metrics.json; the config in config.json (what
+    the classifier checkpoint carries, so serving reads documents the same way).
     (``tracking`` is accepted like every stage's; this stage has no MLflow run of its own.)"""
-    return FEATURES.build(
-        locals(), lambda d: _build(bilm_dir, dataset, d, max_len, window, context, device)
-    )
+    return FEATURES.build(locals(), lambda d: _build(bilm_dir, dataset, d, config, device))
 
 
-def _build(
-    bilm_dir: str, dataset: str, out: Path, max_len: int, window: int, context: int, device: str
-) -> None:
+def _build(bilm_dir: str, dataset: str, out: Path, config: LayersConfig, device: str) -> None:
+    max_len, window, context = config.max_len, config.window, config.context
     set_threads()
     dev = pick_device(device)
     model, vocab = load_bilm(Path(bilm_dir) / "bilm.pt")
@@ -106,6 +103,12 @@ def _build(
         n_tokens += int(offsets[-1])
     metrics.update({"feature_tokens": n_tokens, "wall_s": time.perf_counter() - t0})
     write_json(out / "metrics.json", metrics)
+    write_json(out / "config.json", asdict(config))
+
+
+def layers_config(features_dir: str) -> LayersConfig:
+    """How the features stage read the documents (its config)."""
+    return LayersConfig(**read_json(Path(features_dir) / "config.json"))
 
 
 def layer_store(features_dir: str, split: str) -> LayerStore:

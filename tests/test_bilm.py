@@ -8,6 +8,7 @@ from elmo_core.bilm_config import BiLMConfig
 from elmo_core.char_encoder import CHAR_BOW, CHAR_EOW, char_ids
 from elmo_core.dropout import locked_dropout
 from elmo_core.extraction import encode_for
+from elmo_core.layers_config import LayersConfig
 from elmo_core.lstm import clipped_lstm, reverse_padded
 from elmo_core.sampled_softmax import SampledNLL, SampledSoftmax
 from elmo_core.vocab import Vocab
@@ -16,6 +17,9 @@ from serving.inference import layer_store_for
 CFG = BiLMConfig(
     vocab_size=50, embedding_dim=6, hidden_dim=8, num_layers=2, dropout=0.0, num_samples=10
 )
+
+
+WHOLE16 = LayersConfig(max_len=16, window=0, context=0)  # documents read whole
 
 
 def _model(cfg: BiLMConfig = CFG) -> BiLM:
@@ -363,7 +367,7 @@ def test_unseen_words_get_their_own_layer_0_vectors_through_the_embedding_path()
         docs, extra = encode_for(model, vocab, docs_tokens)
         if model.open_vocabulary:
             assert extra == ["zebra", "quokka"] and docs[1][1] == len(WORDS) + 1
-        store = layer_store_for(model, docs, max_len=16, extra_words=extra)
+        store = layer_store_for(model, docs, WHOLE16, extra_words=extra)
         zebra, quokka = store.rows(1, 2)[0, 0], store.rows(4, 5)[0, 0]  # layer 0
         assert bool(np.any(zebra != quokka)) is differ
         assert store.tokens[1] == 1  # the task embedding still reads <unk> (V rows)

@@ -7,6 +7,7 @@ from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 from elmo_core.classifier import ELMoClassifier, fast_dropout
 from elmo_core.classifier_config import ClassifierConfig, MixConfig
+from elmo_core.layers_config import LayersConfig
 from elmo_core.mix import build_mix
 
 
@@ -84,7 +85,7 @@ def test_elmo_at_the_output_adds_its_own_mix_that_learns_and_survives_a_checkpoi
         assert layers.grad is not None and layers.grad[1:].abs().sum() == 0
     grouped = [p for g in classifier_param_groups(model, 1e-3)[1:] for p in g["params"]]
     assert {id(p) for p in trainable} <= {id(p) for p in grouped}
-    save_classifier(tmp_path / "c.pt", model, mix_config, 6, ["a", "b", "c"])
+    save_classifier(tmp_path / "c.pt", model, mix_config, 6, ["a", "b", "c"], LayersConfig())
     loaded, _ = load_classifier(tmp_path / "c.pt")
     model.eval()
     assert torch.allclose(loaded(layers, mask), model(layers, mask), atol=1e-6)

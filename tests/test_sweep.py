@@ -56,7 +56,7 @@ def test_each_point_and_seed_is_a_validated_classifier_config():
         ({"bilm.hidden_dim": [64]}, "a sweep varies classifier settings"),
         ({"classifier.nope": [1]}, "a sweep varies classifier settings"),
         ({"classifier.seed": [1, 2]}, "cannot be swept: use --seeds"),
-        ({"classifier.max_len": [32]}, "it changes the stored layers"),
+        ({"layers.max_len": [32]}, "a sweep varies classifier settings"),
         ({"classifier.lr": []}, "has no values"),
         ({"classifier.lr": [1e-3, 1e-3]}, "repeats a value"),
         (

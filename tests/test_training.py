@@ -22,6 +22,7 @@ from elmo_core.classifier_training import (
 )
 from elmo_core.device import autocast, bf16_native, resolve_precision
 from elmo_core.extraction import doc_lengths, extract_layers, window_pieces
+from elmo_core.layers_config import LayersConfig
 from elmo_core.mix import build_mix
 from elmo_core.optim import LazyAdam
 from elmo_core.pretrain_config import PretrainConfig
@@ -239,7 +240,7 @@ def test_a_store_keeps_layer_0_once_per_distinct_token_and_batches_every_layer()
     distinct token; its batches hold exactly the full extraction's L+1 layers."""
     m = _bilm().eval()
     docs = [[5, 6, 7, 5], [8], [], [9, 5, 6, 12, 13, 7]]
-    store = layer_store_for(m, docs, max_len=5)
+    store = layer_store_for(m, docs, LayersConfig(max_len=5, window=0, context=0))
     n_tok = int(store.offsets[-1])
     assert store.features.shape == (n_tok, 2, 16)  # contextual layers only
     assert store.static.shape == (8, 16)  # ids 1 (the empty doc), 5, 6, 7, 8, 9, 12, 13
@@ -274,7 +275,7 @@ def test_window_pieces_refuse_a_window_without_room_for_its_context():
     with pytest.raises(ValueError, match="window 8 must exceed"):
         window_pieces(20, 8, 4)
     with pytest.raises(ValueError, match="window must be 0 or > 2 \\* context"):
-        ClassifierConfig(window=8, context=4)
+        LayersConfig(window=8, context=4)
 
 
 def test_windowed_extraction_places_each_piece_and_keeps_its_context(tmp_path):
@@ -323,7 +324,7 @@ def test_checkpoints_round_trip(tmp_path):
         for a, b in zip(m.state_dict().values(), m2.state_dict().values(), strict=True)
     )
     clf, mix_cfg, _ = _classifier("sum")
-    save_classifier(tmp_path / "c.pt", clf, mix_cfg, 6, ["x", "y", "z"])
+    save_classifier(tmp_path / "c.pt", clf, mix_cfg, 6, ["x", "y", "z"], LayersConfig())
     clf2, labels = load_classifier(tmp_path / "c.pt")
     assert labels == ["x", "y", "z"]
     x = _separable_store(4, 0).batch(np.arange(4))
@@ -346,7 +347,7 @@ def test_token_embedding_is_concatenated_and_initialised_from_the_bilm(tmp_path)
     assert clf.embedding.weight.grad is not None
     with pytest.raises(ValueError, match="pass tokens"):
         clf(layers, mask)
-    save_classifier(tmp_path / "e.pt", clf, mix_cfg, 6, ["a", "b", "c"])
+    save_classifier(tmp_path / "e.pt", clf, mix_cfg, 6, ["a", "b", "c"], LayersConfig())
     clf2, _ = load_classifier(tmp_path / "e.pt")
     assert torch.equal(clf.eval()(layers, mask, tokens), clf2(layers, mask, tokens))
 
