@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import resource
 import shutil
 import subprocess
@@ -33,6 +32,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from bench.machine import machine as bench_machine  # noqa: E402
+
 NEWS = ROOT.parent / "shared" / "data" / "news_corpus" / "news_corpus.parquet"
 
 
@@ -90,16 +91,6 @@ def child(corpus: str, home: str, steps: int) -> None:
             }
         )
     )
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.machine()
 
 
 def make_scaled(tmp: Path, scale: int) -> str:
@@ -163,7 +154,7 @@ def main() -> None:
                 shutil.rmtree(corpus, ignore_errors=True)
     report = {
         "command": "python bench/corpus_memory.py " + " ".join(sys.argv[1:]),
-        "machine": f"{cpu_model()}, {os.cpu_count()} cores",
+        "machine": bench_machine(),
         "results": results,
     }
     if "1x" in results and "4x" in results:

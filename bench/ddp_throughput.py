@@ -86,7 +86,7 @@ def main() -> None:
 
     import torch
 
-    from bench.corpus_memory import cpu_model
+    from bench.machine import machine
     from elmo_core.callbacks import no_log
     from elmo_core.pretrain_config import PretrainConfig
     from elmo_core.vocab_config import VocabConfig
@@ -112,7 +112,7 @@ def main() -> None:
     )
     report: dict[str, object] = {
         "command": "python bench/ddp_throughput.py " + " ".join(sys.argv[1:]),
-        "machine": f"{cpu_model()}, {cores} cores",
+        "machine": machine(),
         "shapes": {**bilm, "batch": train.batch_size, "window": train.window},
         "steps": args.steps,
     }

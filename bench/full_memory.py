@@ -91,7 +91,7 @@ def main() -> None:
     if args.rows < 1:
         raise ValueError(f"--rows must be >= 1, got {args.rows}")
 
-    from bench.learning_curve import machine_info
+    from bench.machine import machine, write_report
     from flows.cli_args import parse_overrides
     from flows.server import prefect_defaults
 
@@ -128,7 +128,7 @@ def main() -> None:
     features = Path(summary["features"])
     report = {
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
-        "machine": machine_info(),
+        "machine": machine(),
         "profile": args.profile,
         "overrides": args.sets,
         "bilm": args.bilm,
@@ -144,10 +144,9 @@ def main() -> None:
         # one sample per 10 s: the memory profile over the run
         "rss_timeline": sampler.samples[::10],
     }
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(report, indent=2))
-    print(json.dumps({k: v for k, v in report.items() if k != "rss_timeline"}, indent=2))
-    print(f"full_peak_rss_gb={peak_bytes / 2**30:.2f}")
+    write_report(
+        args.out, report, f"full_peak_rss_gb={peak_bytes / 2**30:.2f}", hide="rss_timeline"
+    )
 
 
 if __name__ == "__main__":

@@ -18,7 +18,6 @@ Last line: ``disk_ratio_static_vs_full=<bytes of the new layout / bytes of the o
 from __future__ import annotations
 
 import argparse
-import json
 import resource
 import shutil
 import sys
@@ -29,9 +28,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import numpy as np  # noqa: E402
 
-from bench.learning_curve import machine_info  # noqa: E402
+from bench.machine import machine, write_report  # noqa: E402
 from elmo_core.bilm_checkpoint import load_bilm  # noqa: E402
-from elmo_core.extraction import (
+from elmo_core.extraction import (  # noqa: E402  # noqa: E402
     doc_lengths,
     encode_for,
     extract_layers,
@@ -92,7 +91,7 @@ def main() -> None:
     shutil.rmtree(scratch, ignore_errors=True)
     report: dict = {
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
-        "machine": machine_info(),
+        "machine": machine(),
         "documents": len(docs),
         "tokens": int(offsets[-1]),
         "distinct_tokens": int(len(np.unique(open_ids(docs, offsets)))),
@@ -120,10 +119,7 @@ def main() -> None:
     ratio = report["layouts"]["static"]["disk_bytes"] / report["layouts"]["full"]["disk_bytes"]
     report["disk_ratio_static_vs_full"] = ratio
     shutil.rmtree(scratch, ignore_errors=True)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(report, indent=2))
-    print(json.dumps(report, indent=2))
-    print(f"disk_ratio_static_vs_full={ratio:.3f}")
+    write_report(args.out, report, f"disk_ratio_static_vs_full={ratio:.3f}")
 
 
 if __name__ == "__main__":

@@ -17,8 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
-import platform
 import sys
 import time
 from dataclasses import asdict, replace
@@ -28,6 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import numpy as np  # noqa: E402
 
+from bench.machine import machine, write_report  # noqa: E402
 from elmo_core.classifier_config import ClassifierConfig  # noqa: E402
 from elmo_core.classifier_training import predict_proba, train_classifier  # noqa: E402
 from elmo_core.mix import ABLATION  # noqa: E402
@@ -38,30 +37,6 @@ from tasks.baseline import BaselineConfig, fit_baseline  # noqa: E402
 from tasks.classify import new_classifier  # noqa: E402
 from tasks.common import set_threads  # noqa: E402
 from tasks.features import layer_store  # noqa: E402
-
-
-def cpu_model() -> str:
-    """The CPU's model name (Linux /proc/cpuinfo), else platform's guess."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor()
-
-
-def machine_info() -> dict:
-    """What a bench report names as its machine: CPU, cores, torch and its CPU kernel level."""
-    import torch
-
-    return {
-        "platform": platform.platform(),
-        "cpu": cpu_model(),
-        "cpus": os.cpu_count(),
-        "torch": torch.__version__,
-        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-    }
 
 
 def stratified_subset(labels: np.ndarray, fraction: float, seed: int) -> np.ndarray:
@@ -153,7 +128,7 @@ def main() -> None:
         points.append(point)
         print(json.dumps(point), flush=True)
     report: dict = {
-        "machine": machine_info(),
+        "machine": machine(),
         "command": " ".join(sys.argv),
         "run": run["parent_run_id"],
         "strategy": args.strategy,
@@ -169,10 +144,8 @@ def main() -> None:
             report["elmo_docs_for_target_extrapolated"] = round(
                 n2 * 2 ** ((args.target - a2) / slope)
             )
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(report, indent=2))
-    print(json.dumps({k: v for k, v in report.items() if k != "points"}, indent=2))
-    print(f"elmo_gain_per_doubling={report.get('elmo_gain_per_doubling', float('nan')):.4f}")
+    gain = report.get("elmo_gain_per_doubling", float("nan"))
+    write_report(args.out, report, f"elmo_gain_per_doubling={gain:.4f}", hide="points")
 
 
 if __name__ == "__main__":

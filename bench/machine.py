@@ -1,7 +1,8 @@
-"""The machine a benchmark ran on, as every report names it."""
+"""What every benchmark report shares: the machine it ran on, and how it is written."""
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 from pathlib import Path
@@ -36,9 +37,19 @@ def machine() -> dict[str, Any]:
     import torch
 
     return {
+        "platform": platform.platform(),
         "cpu": cpu_model(),
         "bf16": bf16_flags(),
         "cpus": os.cpu_count(),
         "torch": torch.__version__,
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
     }
+
+
+def write_report(path: str | Path, report: dict[str, Any], headline: str, hide: str = "") -> None:
+    """Write ``report`` as JSON to ``path``, print it (less the bulky key ``hide``), then the
+    one ``name=value`` line a reader or a script greps for."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(json.dumps(report, indent=2) + "\n")
+    print(json.dumps({k: v for k, v in report.items() if k != hide}, indent=2))
+    print(headline)

@@ -8,9 +8,7 @@
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import sys
 import tempfile
 import time
@@ -18,6 +16,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench.machine import machine, write_report  # noqa: E402
 from serving.predict import predict_file  # noqa: E402
 from storage.paths import Home  # noqa: E402
 
@@ -43,19 +42,12 @@ def main() -> None:
         stats = predict_file.fn(args.model, args.input, str(Path(tmp) / "pred.parquet"))
         stats["wall_s_with_model_load"] = time.perf_counter() - t0
     report = {
-        "machine": {
-            "platform": platform.platform(),
-            "cpus": os.cpu_count(),
-            "torch": torch.__version__,
-        },
+        "machine": machine(),
         "model": args.model,
         "input": args.input,
         **stats,
     }
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(report, indent=2))
-    print(json.dumps(report, indent=2))
-    print(f"predict_docs_per_s={stats['docs_per_s']:.1f}")
+    write_report(args.out, report, f"predict_docs_per_s={stats['docs_per_s']:.1f}")
 
 
 if __name__ == "__main__":

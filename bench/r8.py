@@ -126,7 +126,7 @@ def main() -> None:
     )
     args = ap.parse_args()
 
-    from bench.learning_curve import machine_info
+    from bench.machine import machine
     from elmo_core.mix import MIX_STRATEGIES
     from flows.cli_args import parse_overrides
     from flows.server import prefect_defaults
@@ -161,7 +161,7 @@ def main() -> None:
     tfidf = models["baseline-tfidf"]
     report = {
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
-        "machine": machine_info(),
+        "machine": machine(),
         "profile": args.profile,
         "bilm": args.bilm or "in-run (R8 pretrain.parquet)",
         "overrides": sets,

@@ -27,7 +27,7 @@ import numpy as np  # noqa: E402
 import polars as pl  # noqa: E402
 import torch  # noqa: E402
 
-from bench.learning_curve import machine_info  # noqa: E402
+from bench.machine import machine  # noqa: E402
 from elmo_core.bilm_checkpoint import load_bilm  # noqa: E402
 from elmo_core.extraction import doc_lengths, extract_layers  # noqa: E402
 from elmo_core.text import tokenize  # noqa: E402
@@ -87,7 +87,7 @@ def main() -> None:
             print(json.dumps(row), flush=True)
     report = {
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
-        "machine": machine_info(),
+        "machine": machine(),
         "docs": len(docs),
         "tokens": n_tok,
         "doc_tokens_mean": n_tok / max(len(docs), 1),

@@ -62,6 +62,17 @@ SECTIONS: dict[str, type] = {
     "baseline": BaselineConfig,
 }
 
+# what the profiles sized for a 2-core CPU share
+CPU_PRETRAIN: dict[str, Any] = {"batch_size": 128, "window": 20, "lr": 2e-3, "val_tokens": 20_000}
+CPU_CLASSIFIER: dict[str, Any] = {
+    "hidden_dim": 128,
+    "mlp_hidden": (128, 64),
+    "dropout": 0.4,
+    "patience": 1,
+    "batch_size": 64,
+    "lr": 2e-3,
+}
+
 PROFILES: dict[str, dict[str, dict[str, Any]]] = {
     # ~2k real rows, tiny dims, two classifier epochs: the end-to-end check that the pipeline
     # learns (every strategy well above chance; 300 rows and one epoch stayed at chance). The
@@ -95,49 +106,20 @@ PROFILES: dict[str, dict[str, dict[str, Any]]] = {
     "sample": {
         "vocab": {"min_count": 2, "max_size": 50_000},
         "bilm": {"embedding_dim": 192, "hidden_dim": 192, "num_samples": 512},
-        "pretrain": {
-            "epochs": 3,
-            "batch_size": 128,
-            "window": 20,
-            "lr": 2e-3,
-            "val_tokens": 20_000,
-        },
+        "pretrain": {**CPU_PRETRAIN, "epochs": 3},
         # with `run --bilm`: the reused biLM learns the train split's words it lacks (3.6 % of
         # AG News' tokens were <unk> to the news-corpus biLM) and adapts 2 passes to its text
         "adapt": {"epochs": 2, "new_words_min_count": 2},
-        "classifier": {
-            "hidden_dim": 128,
-            "mlp_hidden": (128, 64),
-            "token_embedding_dim": 192,  # <= bilm.embedding_dim: initialised from it
-            "dropout": 0.4,
-            "epochs": 6,
-            "patience": 1,
-            "batch_size": 64,
-            "lr": 2e-3,
-        },
+        # token_embedding_dim <= bilm.embedding_dim: initialised from it
+        "classifier": {**CPU_CLASSIFIER, "token_embedding_dim": 192, "epochs": 6},
     },
     # the full 120k AG News on a 2-core CPU: fewer passes over 7x the text
     "full": {
         "vocab": {"min_count": 3, "max_size": 60_000},
         "bilm": {"embedding_dim": 256, "hidden_dim": 256, "num_samples": 512},
-        "pretrain": {
-            "epochs": 2,
-            "batch_size": 128,
-            "window": 20,
-            "lr": 2e-3,
-            "val_tokens": 20_000,
-        },
+        "pretrain": {**CPU_PRETRAIN, "epochs": 2},
         "adapt": {"epochs": 1, "new_words_min_count": 3},
-        "classifier": {
-            "hidden_dim": 128,
-            "mlp_hidden": (128, 64),
-            "token_embedding_dim": 256,
-            "dropout": 0.4,
-            "epochs": 4,
-            "patience": 1,
-            "batch_size": 64,
-            "lr": 2e-3,
-        },
+        "classifier": {**CPU_CLASSIFIER, "token_embedding_dim": 256, "epochs": 4},
     },
     # `elmo-news pretrain` on ../shared/data/news_corpus (+ Reuters): a standalone biLM in
     # <= 60 min on 2 CPU cores without bf16 (E = H = 192 runs ~9.5k tokens/s in fp32 there:
@@ -147,14 +129,7 @@ PROFILES: dict[str, dict[str, dict[str, Any]]] = {
     "news": {
         "vocab": {"min_count": 3, "max_size": 50_000},
         "bilm": {"embedding_dim": 192, "hidden_dim": 192, "num_samples": 512},
-        "pretrain": {
-            "epochs": 1,
-            "max_steps": 7000,
-            "batch_size": 128,
-            "window": 20,
-            "lr": 2e-3,
-            "val_tokens": 20_000,
-        },
+        "pretrain": {**CPU_PRETRAIN, "epochs": 1, "max_steps": 7000},
     },
     # ELMo's published biLM shapes (Peters et al. 2018; 1B Word Benchmark): 2 layers of 4096
     # cells with 512-wide projections, cell and projection clipping at 3, residual connection,
