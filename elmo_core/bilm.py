@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
+from typing import cast
 
 import torch
 from torch import nn
@@ -31,6 +32,8 @@ class BiLM(nn.Module):
 
     With ``projection_dim`` P each LSTM has H cells and a P-wide projected output (ELMo's
     4096 / 512), so D = P below; without it D = H."""
+
+    word_chars: torch.Tensor  # (V, C) character ids of the vocabulary (char encoder; a buffer)
 
     def __init__(self, config: BiLMConfig) -> None:
         super().__init__()
@@ -123,6 +126,7 @@ class BiLM(nn.Module):
         """(V, E) the token encoder's vector of every vocabulary word (before the projection
         to D): the start of a task token embedding."""
         if self.char_encoder is None:
+            assert self.embedding is not None
             return self.embedding.weight.detach()
         out = [
             self.char_encoder(self.word_chars[i : i + chunk])
@@ -132,9 +136,9 @@ class BiLM(nn.Module):
         vecs[0] = 0.0  # <pad>
         return vecs
 
-    def sparse_parameters(self) -> list[nn.Parameter]:
+    def sparse_parameters(self) -> list[torch.Tensor]:
         """Parameters with sparse gradients (embedding, softmax rows): for a row-sparse Adam."""
-        table = [] if self.embedding is None else [self.embedding.weight]
+        table: list[torch.Tensor] = [] if self.embedding is None else [self.embedding.weight]
         if self.config.num_samples == 0:  # full softmax: dense gradients over all V rows
             return table
         return [*table, self.softmax.weight, self.softmax.bias]
@@ -153,6 +157,7 @@ class BiLM(nn.Module):
         Char encoder: the CNN runs once per distinct id of the batch; ids >= V address the
         rows of ``extra`` (W, C), the character ids of out-of-vocabulary words."""
         if self.char_encoder is None:
+            assert self.embedding is not None
             return compute_dtype(self.project(self.embedding(tokens)))
         ids, inv = torch.unique(tokens, return_inverse=True)  # (U,), (B, T)
         table = self.word_chars if extra is None else torch.cat([self.word_chars, extra])
@@ -183,7 +188,7 @@ class BiLM(nn.Module):
         """
         outs = []
         for i, lstm in enumerate(lstms):
-            y = self._lstm(lstm, x if i == 0 else self._drop(x))  # (B, T, D)
+            y = self._lstm(cast(nn.LSTM, lstm), x if i == 0 else self._drop(x))  # (B, T, D)
             if i > 0:
                 y = y + x
             outs.append(y)

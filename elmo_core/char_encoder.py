@@ -37,6 +37,8 @@ class CharEncoder(nn.Module):
     and one that is all padding, so its max-pool (and its vector) does not depend on which
     other words share its batch."""
 
+    tap_mask: torch.Tensor  # (F, 1, K) which taps of the width-K convolution each filter uses
+
     def __init__(self, config: BiLMConfig) -> None:
         super().__init__()
         self.max_width = len(config.char_filters)
@@ -56,6 +58,7 @@ class CharEncoder(nn.Module):
             fan_in = tap_mask.sum((1, 2)) * config.char_dim  # (width,)
             bound = fan_in.rsqrt().unsqueeze(-1).unsqueeze(-1)
             self.conv.weight.uniform_(-1.0, 1.0).mul_(bound).mul_(tap_mask)
+            assert self.conv.bias is not None
             self.conv.bias.uniform_(-1.0, 1.0).mul_(bound.flatten())
         self.highways = nn.ModuleList(Highway(width) for _ in range(config.char_highway))
         self.project = nn.Linear(width, config.embedding_dim)

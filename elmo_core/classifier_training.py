@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import copy
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -32,7 +33,7 @@ from elmo_core.callbacks import (
     try_resume,
 )
 from elmo_core.checkpoint import atomic_save
-from elmo_core.classifier import ELMoClassifier
+from elmo_core.classifier import ELMoClassifier, FineTunedClassifier
 from elmo_core.classifier_config import ClassifierConfig
 from elmo_core.device import autocast, pick_device
 from elmo_core.optim import fused_adam
@@ -44,7 +45,7 @@ def _to(x: torch.Tensor | None, device: torch.device) -> torch.Tensor | None:
 
 @torch.no_grad()
 def predict_proba(
-    model: ELMoClassifier,
+    model: ELMoClassifier | FineTunedClassifier,
     store: DocumentBatches,
     device: torch.device | None = None,
     batch_size: int = 256,
@@ -88,7 +89,9 @@ def ema_decay(num_averaged: int, decay: float = EMA_DECAY) -> float:
 
 @torch.no_grad()
 def _ema_update(
-    averaged: list[torch.Tensor], current: list[torch.Tensor], num_averaged: torch.Tensor
+    averaged: Sequence[torch.Tensor],
+    current: Sequence[torch.Tensor],
+    num_averaged: torch.Tensor | int,
 ) -> None:
     """``AveragedModel``'s multi_avg_fn: averaged <- lerp(averaged, current, 1 - decay)."""
     weight = 1.0 - ema_decay(int(num_averaged))
@@ -118,14 +121,15 @@ def classifier_param_groups(
             taken |= {id(p) for p in params}
     rest = [p for p in head.parameters() if p.requires_grad and id(p) not in taken]
     if head is not model:  # fine-tuning: one group per biLM layer, lr shrinking downwards
-        c = model.config
-        for i, params in enumerate(model.bilm_groups()):
+        tuned = cast(FineTunedClassifier, model)
+        c = tuned.config
+        for i, params in enumerate(tuned.bilm_groups()):
             groups.append({"params": params, "lr": lr * c.bilm_lr_scale / c.bilm_lr_decay**i})
     return [{"params": rest, "lr": lr}, *groups]
 
 
 def train_classifier(
-    model: ELMoClassifier,
+    model: ELMoClassifier | FineTunedClassifier,
     train: DocumentBatches,
     val: DocumentBatches,
     config: ClassifierConfig,
@@ -202,7 +206,7 @@ def train_classifier(
         next_epoch_gen_state = gen.get_state()
         t0 = time.perf_counter()
         t_epoch, tokens_epoch = t0, 0
-        if hasattr(model, "unfreeze"):  # gradual unfreezing (fine-tuning): a function of epoch
+        if isinstance(model, FineTunedClassifier):  # gradual unfreezing: a function of epoch
             model.unfreeze(epoch // config.unfreeze_every)
         model.train()
         while batch_i < len(batches):
@@ -228,7 +232,7 @@ def train_classifier(
                 t0 = time.perf_counter()
                 save()
         seconds += time.perf_counter() - t0
-        probs = predict_proba(ema.module, val, device)
+        probs = predict_proba(cast(ELMoClassifier, ema.module), val, device)
         acc = float((probs.argmax(1) == val.labels).mean())
         log_metrics(
             {

@@ -74,11 +74,11 @@ class _LMLoss(nn.Module):
         self.model = model
 
     def forward(self, x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
-        return self.model.lm_loss(x, generator)
+        return self.model.lm_loss(x, generator)  # type: ignore[operator]  # a BiLM's own loss
 
 
 def ddp_loss(
-    model: nn.Module, sparse: Sequence[nn.Parameter], ctx: DistContext
+    model: nn.Module, sparse: Sequence[torch.Tensor], ctx: DistContext
 ) -> Callable[[torch.Tensor, torch.Generator | None], torch.Tensor]:
     """``lm_loss`` through DistributedDataParallel (dense gradients averaged in backward);
     the ``sparse`` parameters are left to ``all_reduce_sparse_rows``."""
@@ -96,7 +96,7 @@ def ddp_loss(
     )
 
 
-def all_reduce_sparse_rows(params: Sequence[nn.Parameter], ctx: DistContext) -> None:
+def all_reduce_sparse_rows(params: Sequence[torch.Tensor], ctx: DistContext) -> None:
     """Average row-sparse gradients over ranks: gather every rank's (rows, values), sum the
     rows that repeat, divide by the world size. Afterwards every rank holds the same coalesced
     gradient, so every rank's row-sparse Adam makes the same update."""

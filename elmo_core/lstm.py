@@ -3,6 +3,8 @@ LSTM layer stepped by hand with ELMo's cell and projection clipping."""
 
 from __future__ import annotations
 
+from typing import cast
+
 import torch
 from torch import nn
 from torch.nn import functional as F
@@ -37,8 +39,14 @@ def clipped_lstm(
     the cell state and the output can be clipped at every step, as ELMo's LSTMs do (cuDNN /
     oneDNN's fused kernels cannot). Same weights, same gate order (i, f, g, o) and, without
     clipping, the same output as ``lstm(x)[0]``. x: (B, T, I) -> (B, T, P or H)."""
-    w_hh, w_hr = lstm.weight_hh_l0, getattr(lstm, "weight_hr_l0", None)
-    gates_x = F.linear(x, lstm.weight_ih_l0, lstm.bias_ih_l0 + lstm.bias_hh_l0)  # (B, T, 4H)
+
+    def weight(name: str) -> torch.Tensor:
+        return cast(torch.Tensor, getattr(lstm, name))
+
+    w_hh = weight("weight_hh_l0")
+    w_hr = weight("weight_hr_l0") if lstm.proj_size else None
+    bias = weight("bias_ih_l0") + weight("bias_hh_l0")
+    gates_x = F.linear(x, weight("weight_ih_l0"), bias)  # (B, T, 4H)
     b, t = x.shape[:2]
     h = x.new_zeros(b, w_hh.shape[1])  # (B, P or H)
     c = x.new_zeros(b, lstm.hidden_size)  # (B, H)

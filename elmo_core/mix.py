@@ -131,5 +131,6 @@ def build_mix(config: MixConfig) -> nn.Module:
     else:
         assert spec.init_logits is not None
         mix = ScalarMix(spec.init_logits(config), spec.trainable)
-    mix.lr_scale = spec.lr_scale  # read by the training loop for the mix's parameter group
+    # read by the training loop for the mix's parameter group
+    mix.lr_scale = spec.lr_scale  # type: ignore[assignment]  # Module types attributes as tensors
     return mix

@@ -114,6 +114,8 @@ class SampledSoftmax(nn.Module):
     num_samples == 0): the exact full softmax, in chunks.
     """
 
+    proposal: torch.Tensor  # (V,) negative-sampling distribution (a buffer)
+
     def __init__(self, vocab_size: int, dim: int, num_samples: int) -> None:
         super().__init__()
         self.num_samples = num_samples

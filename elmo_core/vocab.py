@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -18,6 +18,7 @@ SPECIALS = (PAD, UNK, BOS, EOS)
 class Vocab:
     tokens: tuple[str, ...]  # id -> token; the specials come first
     counts: tuple[int, ...]  # id -> count in the pretraining text (specials: their stream count)
+    _index: dict[str, int] = field(init=False, repr=False, compare=False)  # token -> id
 
     def __post_init__(self) -> None:
         if self.tokens[: len(SPECIALS)] != SPECIALS:
@@ -46,14 +47,14 @@ class Vocab:
         return 3
 
     def encode(self, tokens: Sequence[str]) -> list[int]:
-        index: dict[str, int] = self._index  # type: ignore[attr-defined]
+        index = self._index
         return [index.get(t, 1) for t in tokens]
 
     def encode_open(self, docs: Sequence[Sequence[str]]) -> tuple[list[list[int]], list[str]]:
         """Documents -> ids where each out-of-vocabulary word gets its own id V, V+1, ... (in
         order of first appearance) instead of <unk>, and the list of those words: the input
         of an open-vocabulary (character) encoder."""
-        index: dict[str, int] = self._index  # type: ignore[attr-defined]
+        index = self._index
         extra: dict[str, int] = {}
         out = []
         for doc in docs:
@@ -75,7 +76,7 @@ class Vocab:
             raise ValueError(
                 f"extend: min_count >= 1 and max_new >= 0 required, got {min_count}, {max_new}"
             )
-        index: dict[str, int] = self._index  # type: ignore[attr-defined]
+        index = self._index
         new = sorted(
             ((t, c) for t, c in counts.items() if c >= min_count and t not in index),
             key=lambda tc: (-tc[1], tc[0]),

@@ -171,7 +171,7 @@ def fanout(kind: str, address: str, home: Path, tasks: int) -> Iterator[FanOut]:
         workers = check_workers(runner.client, home)
         logger().info(
             "Dask cluster %s: %d worker(s), torch threads per task %s",
-            runner.client.scheduler.address,
+            runner.client.scheduler_info()["address"],
             len(workers),
             sorted(set(workers.values())),
         )

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import asdict, dataclass, fields, replace
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, model_validator
 
@@ -25,7 +25,7 @@ from tasks.ingest import IngestConfig
 
 Profile = Literal["smoke", "sample", "full", "seed", "news", "elmo-original"]
 Strategy = Literal["sum", "wsum", "function"]
-assert Strategy.__args__ == MIX_STRATEGIES  # type: ignore[attr-defined]
+assert get_args(Strategy) == MIX_STRATEGIES
 
 
 @dataclass(frozen=True)
@@ -206,7 +206,7 @@ def resolve_sections(profile: str, overrides: dict[str, dict[str, Any]], device:
         raise ValueError(
             f"unknown override sections {sorted(unknown)}; expected {sorted(SECTIONS)}"
         )
-    out = {}
+    out: dict[str, Any] = {}
     for name, cls in SECTIONS.items():
         merged = {**PROFILES[profile].get(name, {}), **overrides.get(name, {})}
         extra = set(merged) - {f.name for f in fields(cls)}
@@ -265,7 +265,9 @@ class RunParams(BaseModel):
     data: str = AG_NEWS_URL  # folder, file or URL of a labelled dataset (train + test)
     pretrain_corpus: list[str] = Field(default_factory=list)  # extra unlabeled text files
     home: str | None = None  # default: $ELMO_NEWS_HOME or ./.elmo-news
-    strategies: list[Strategy] = Field(default_factory=lambda: ["sum", "wsum", "function"])
+    strategies: list[Strategy] = Field(
+        default_factory=lambda: list[Strategy](["sum", "wsum", "function"])
+    )
     device: Literal["auto", "cpu", "cuda"] = "auto"
     text_columns: list[str] = Field(default_factory=list)  # user data: text columns
     label_column: str = ""  # user data: label column

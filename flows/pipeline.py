@@ -34,6 +34,8 @@ from tasks.stage import in_home
 from tasks.vocab import build_vocab
 
 PARALLEL = int(os.environ.get("ELMO_NEWS_PARALLEL_TASKS", "1"))
+# tasks at once in the flow process (Prefect types the bare runner as running no futures)
+THREADS: Any = ThreadPoolTaskRunner(max_workers=PARALLEL)
 
 
 def elmo_gains(rows: list[dict[str, Any]]) -> dict[str, float]:
@@ -97,7 +99,7 @@ def upstream(
     is in, so it trains beside the pretraining."""
     log = get_run_logger()
     home_s = str(h.root)
-    parent = tracker.parent_run_id
+    parent = tracker.parent_id()
     t = time.perf_counter()
     if is_object_store(params.data):  # s3://bucket/prefix (pyarrow.fs)
         source = fetch_remote(params.data, home_s)
@@ -155,14 +157,14 @@ def log_upstream(tracker: Tracker, up: Upstream, params: RunParams, cfg: Resolve
     common = {"data_sha256": up.data_hash}
     splits = split_files(up.dataset)
     stats = read_json(Path(up.dataset) / "metrics.json")
-    tracker.log_metrics(tracker.parent_run_id, stats)
+    tracker.log_metrics(tracker.parent_id(), stats)
     # what max_len cut: documents and tokens per split, and the document lengths
     cut = {
         k: v
         for k, v in read_json(Path(up.feats) / "metrics.json").items()
         if k.startswith(("docs_cut_", "tokens_cut", "doc_tokens_"))
     }
-    tracker.log_metrics(tracker.parent_run_id, cut)
+    tracker.log_metrics(tracker.parent_id(), cut)
     stats = {**stats, **cut}
     tracker.log_stage("ingest", Path(up.dataset), common, splits)
     if not params.bilm:
@@ -182,7 +184,7 @@ def log_upstream(tracker: Tracker, up: Upstream, params: RunParams, cfg: Resolve
     return {"common": common, "splits": splits, "stats": stats}
 
 
-@flow(name="elmo-news", task_runner=ThreadPoolTaskRunner(max_workers=PARALLEL))
+@flow(name="elmo-news", task_runner=THREADS)
 def elmo_news(params: RunParams) -> dict[str, Any]:
     """Run the whole pipeline; returns the summary (metrics per model, stage folders, run ids)."""
     cfg = params.resolve()

@@ -65,7 +65,7 @@ def abandon_server(started: Future[None] | None, status: int) -> None:
         return
     import time
 
-    server = started.server  # type: ignore[attr-defined]
+    server = started.server  # type: ignore[attr-defined]  # set by prestart_ephemeral_server
     deadline = time.monotonic() + 10
     while server.server_process is None and not started.done() and time.monotonic() < deadline:
         time.sleep(0.05)

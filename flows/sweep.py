@@ -19,14 +19,13 @@ from pathlib import Path
 from typing import Any
 
 from prefect import flow
-from prefect.task_runners import ThreadPoolTaskRunner
 from pydantic import Field, ValidationError, model_validator
 
 from elmo_core.classifier_config import ClassifierConfig
 from elmo_core.mix import ABLATION
 from flows.fanout import fanout
 from flows.params import RunParams, Strategy, resolve_sections
-from flows.pipeline import PARALLEL, log_upstream, upstream
+from flows.pipeline import THREADS, log_upstream, upstream
 from flows.skeleton import parent_run
 from storage.paths import read_json
 from storage.tracking import Tracker
@@ -46,7 +45,7 @@ def grid_points(grid: dict[str, list[Any]]) -> list[dict[str, Any]]:
 class SweepParams(RunParams):
     """A run's parameters plus the grid (``classifier.<field>`` -> values) and the seeds."""
 
-    strategies: list[Strategy] = Field(default_factory=lambda: ["wsum"])
+    strategies: list[Strategy] = Field(default_factory=lambda: list[Strategy](["wsum"]))
     grid: dict[str, list[Any]] = Field(min_length=1)
     seeds: int = Field(3, ge=1, le=100)
     # every point and seed also trains the static ablation: each strategy's gain over it
@@ -152,7 +151,7 @@ def sweep_markdown(rows: list[dict[str, Any]], keys: list[str], seeds: list[int]
     return "\n".join(lines)
 
 
-@flow(name="elmo-news-sweep", task_runner=ThreadPoolTaskRunner(max_workers=PARALLEL))
+@flow(name="elmo-news-sweep", task_runner=THREADS)
 def elmo_news_sweep(params: SweepParams) -> dict[str, Any]:
     """Sweep the classifier over the grid x seeds (strategies default: wsum; the static
     ablation beside them unless ``ablation`` is off)."""
@@ -244,7 +243,9 @@ def elmo_news_sweep(params: SweepParams) -> dict[str, Any]:
         add_gains(list(rows.values()))
         for r in rows.values():
             for k, seed in enumerate(r["seeds"]):
-                per_seed = {m: r[m][k] for m in ("test_accuracy", "elmo_gain") if m in r}
+                per_seed: dict[str, float] = {
+                    m: r[m][k] for m in ("test_accuracy", "elmo_gain") if m in r
+                }
                 tracker.log_metrics(r["run_id"], per_seed, step=seed)
             tracker.log_metrics(
                 r["run_id"],

@@ -15,6 +15,7 @@ from typing import Any
 import mlflow
 import numpy as np
 import pandas as pd
+from mlflow.pyfunc import PythonModel
 
 from elmo_core.bilm_checkpoint import load_bilm
 from elmo_core.device import pick_device
@@ -27,7 +28,7 @@ from serving.inference import layer_store_for
 READ = LayersConfig()
 
 
-class BiLMEmbedder(mlflow.pyfunc.PythonModel):
+class BiLMEmbedder(PythonModel):
     def load_context(self, context: Any) -> None:
         self.bilm, self.vocab = load_bilm(Path(context.artifacts["stage"]) / "bilm.pt")
         self.device = pick_device()

@@ -12,6 +12,7 @@ from typing import Any
 import mlflow
 import numpy as np
 import pandas as pd
+from mlflow.pyfunc import PythonModel
 
 from elmo_core.bilm_checkpoint import load_bilm
 from elmo_core.classifier_checkpoint import load_classifier, load_layers_config
@@ -22,7 +23,7 @@ from elmo_core.text import tokenize
 from serving.inference import layer_store_for
 
 
-class ELMoNewsModel(mlflow.pyfunc.PythonModel):
+class ELMoNewsModel(PythonModel):
     def load_context(self, context: Any) -> None:
         self.bilm, self.vocab = load_bilm(context.artifacts["bilm"])
         self.classifier, self.labels = load_classifier(context.artifacts["classifier"])

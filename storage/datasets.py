@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import polars as pl
 import pyarrow as pa
@@ -44,4 +45,4 @@ def read_dataset(path: str | os.PathLike[str]) -> pl.DataFrame:
         raise DataError(f"{path}: unreadable Parquet ({e})") from e
     if not schema.equals(DATASET_SCHEMA, check_metadata=False):
         raise DataError(f"{path}: wrong schema {schema.names}, expected {DATASET_SCHEMA.names}")
-    return pl.read_parquet(path)
+    return pl.read_parquet(Path(path))

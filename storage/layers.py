@@ -107,12 +107,13 @@ class LayerStore:
         x = np.asarray(self.features[lo:hi])  # (n, L or L+1, D)
         if self.static is None:
             return x
+        assert self.static_rows is not None
         first = self.static[self.static_rows[lo:hi]][:, None]  # (n, 1, D)
         return np.concatenate([first, x], axis=1)  # (n, L+1, D)
 
     def batch(
         self, idx: np.ndarray
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    ) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor, torch.Tensor]:
         """Documents idx -> layers (L, B, T, D) float32 (None without features), mask (B, T)
         bool, token ids (B, T) (zeros when the store has none), labels (B,)."""
         lens = self.offsets[idx + 1] - self.offsets[idx]
@@ -131,7 +132,7 @@ class LayerStore:
         for r, i in enumerate(idx):
             lo, hi = self.offsets[i], self.offsets[i + 1]
             x[r, : lens[r], first:] = self.features[lo:hi]
-            if first:
+            if self.static is not None and self.static_rows is not None:
                 x[r, : lens[r], 0] = self.static[self.static_rows[lo:hi]]
         layers = torch.from_numpy(x).permute(2, 0, 1, 3)  # (L, B, T, D)
         return layers, mask, torch.from_numpy(ids), labels

@@ -198,7 +198,7 @@ def read_labelled(
         classes = classes or sorted(set(labels), key=_label_sort)
         names = _label_names(classes, label_column, labels)
         index = {c: i for i, c in enumerate(classes)}
-        out, seen = SplitRows(), set()
+        out, seen = SplitRows(), set[tuple[int, str, str]]()
         texts = [table[c].cast(pl.String).fill_null("").to_list() for c in text_columns]
         for row_no in range(table.height):
             out.rows_in += 1

@@ -79,11 +79,15 @@ def model_signature(label_names: list[str]) -> Any:
     its name and one float64 probability per class out. Declared, not inferred from an example,
     so MLflow has nothing to guess (its "integer column" hint came from inferring it)."""
     from mlflow.models import ModelSignature
-    from mlflow.types import ColSpec, Schema
+    from mlflow.types import ColSpec, Schema, TensorSpec
 
-    outputs = [ColSpec("long", "label"), ColSpec("string", "label_name")]
+    outputs: list[ColSpec | TensorSpec] = [
+        ColSpec("long", "label"),
+        ColSpec("string", "label_name"),
+    ]
     outputs += [ColSpec("double", f"p_{name}") for name in label_names]
-    return ModelSignature(inputs=Schema([ColSpec("string", "text")]), outputs=Schema(outputs))
+    inputs: list[ColSpec | TensorSpec] = [ColSpec("string", "text")]
+    return ModelSignature(inputs=Schema(inputs), outputs=Schema(outputs))
 
 
 def _create_model(client: Any, name: str, description: str) -> None:

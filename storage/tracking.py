@@ -203,7 +203,8 @@ class Tracker:
 
         # the local-file source by name: resolving a bare path leaves MLflow two candidates
         # (and a warning saying so)
-        local = next(c for c in get_registered_sources() if c.__name__.startswith("LocalArtifact"))
+        sources: list[Any] = list(get_registered_sources())  # classes, typed as instances
+        local = next(c for c in sources if c.__name__.startswith("LocalArtifact"))
         inputs = []
         for split, path in datasets.items():
             path = Path(path)
@@ -212,7 +213,7 @@ class Tracker:
             if manifest.exists():
                 sha = read_json(manifest)["files"].get(path.name, {}).get("sha256")
             df = pl.read_parquet(path, columns=["text", "label"])
-            ds = mlflow.data.from_polars(
+            ds = mlflow.data.from_polars(  # type: ignore[attr-defined]  # set by mlflow.data's lazy loader
                 df,
                 source=local(str(path.resolve())),
                 targets="label",
@@ -236,6 +237,12 @@ class Tracker:
         from mlflow.entities import LoggedModelOutput
 
         self.client.log_outputs(run_id, [LoggedModelOutput(model_id, 0)])
+
+    def parent_id(self) -> str:
+        """The parent run's id (``start_parent`` first)."""
+        if self.parent_run_id is None:
+            raise RuntimeError("no parent run: start_parent() first")
+        return self.parent_run_id
 
     def link_input_model(self, run_id: str, model_id: str | None) -> None:
         """Show a logged model (the reused biLM's) among a run's inputs."""

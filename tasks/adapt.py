@@ -109,7 +109,7 @@ def _build_adapt(
         s: shuffled(read_dataset(Path(dataset) / f"{s}.parquet")["tokens"], config.seed)
         for s in ("train", "val")
     }
-    grown = {"new_words": 0}
+    grown: dict[str, float] = {"new_words": 0}
     if config.new_words_min_count:
         model, v, grown = _grow_vocabulary(model, v, tokens["train"], config)
     index = pl.DataFrame({"token": list(v.tokens), "id": np.arange(len(v), dtype=np.int32)})

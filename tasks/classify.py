@@ -106,11 +106,11 @@ def _build(
     train, val, test = (layer_store(features_dir, s) for s in SPLITS)
     label_names = read_json(Path(dataset) / "labels.json")
     n_layers, dim = train.layer_shape
-    model, mix_config = new_classifier(bilm_dir, strategy, config, n_layers, dim, len(label_names))
-    head = model
+    head, mix_config = new_classifier(bilm_dir, strategy, config, n_layers, dim, len(label_names))
+    tuned: FineTunedClassifier | None = None
     if config.finetune_bilm:  # the biLM trains inside: token ids in, no stored layers read
         bilm, vocab = load_bilm(Path(bilm_dir) / "bilm.pt")
-        model = FineTunedClassifier(bilm, head)
+        tuned = FineTunedClassifier(bilm, head)
         for store in (train, val, test):
             store.features = None
     name = f"classifier-{strategy}"
@@ -122,15 +122,16 @@ def _build(
     with stage_run(tracking, name, tags) as run, stage_progress(name) as progress:
         hist = History(name, sink=run.log_metrics)
         t0 = time.perf_counter()
+        trained = tuned if tuned is not None else head
         res = train_classifier(
-            model, train, val, config, hist, out / "train_state.pt", dev, progress=progress
+            trained, train, val, config, hist, out / "train_state.pt", dev, progress=progress
         )
         save_classifier(
             out / "model.pt", head.cpu(), mix_config, dim, label_names, layers_config(features_dir)
         )
-        if config.finetune_bilm:  # the tuned biLM is the one predict / embed must read
-            save_bilm(out / "bilm.pt", model.bilm, vocab)
-        probs = predict_proba(model, test, dev)
+        if tuned is not None:  # the tuned biLM is the one predict / embed must read
+            save_bilm(out / "bilm.pt", tuned.bilm, vocab)
+        probs = predict_proba(trained, test, dev)
         pred = probs.argmax(1)
         metrics = evaluate(test.labels, pred, label_names, out, f"ELMo {strategy}")
         metrics.update(

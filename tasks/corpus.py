@@ -84,7 +84,7 @@ def _build_corpus(spec: str, out: Path, config: CorpusConfig) -> None:
     n_workers = workers() if big and not capped else 1
     t0 = time.perf_counter()
     counts: Counter[str] = Counter()
-    stats = {
+    stats: dict[str, float] = {
         "corpus_files": len(files),
         "corpus_words": 0,
         "corpus_docs": 0,
