@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import numpy as np
 
@@ -19,6 +20,11 @@ class Vocab:
     tokens: tuple[str, ...]  # id -> token; the specials come first
     counts: tuple[int, ...]  # id -> count in the pretraining text (specials: their stream count)
     _index: dict[str, int] = field(init=False, repr=False, compare=False)  # token -> id
+    # the specials' ids (their order in SPECIALS)
+    pad_id: ClassVar[int] = 0
+    unk_id: ClassVar[int] = 1
+    bos_id: ClassVar[int] = 2
+    eos_id: ClassVar[int] = 3
 
     def __post_init__(self) -> None:
         if self.tokens[: len(SPECIALS)] != SPECIALS:
@@ -29,22 +35,6 @@ class Vocab:
 
     def __len__(self) -> int:
         return len(self.tokens)
-
-    @property
-    def pad_id(self) -> int:
-        return 0
-
-    @property
-    def unk_id(self) -> int:
-        return 1
-
-    @property
-    def bos_id(self) -> int:
-        return 2
-
-    @property
-    def eos_id(self) -> int:
-        return 3
 
     def encode(self, tokens: Sequence[str]) -> list[int]:
         index = self._index

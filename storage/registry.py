@@ -101,6 +101,26 @@ def _create_model(client: Any, name: str, description: str) -> None:
             raise
 
 
+def _versions_with(
+    uri: str, name: str, description: str, tag: str, key: str
+) -> tuple[Any, list[Any]]:
+    """(a client of the store at ``uri``, the versions of registered model ``name`` tagged
+    ``tag=key``), the model created first if it is new (under the store's lock)."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    mlflow.set_tracking_uri(uri)
+    client = MlflowClient(uri)
+    with _store_lock(uri):
+        try:
+            client.get_registered_model(name)
+        except MlflowException:
+            _create_model(client, name, description)
+        existing = client.search_model_versions(f"name='{name}' and tags.{tag}='{key}'")
+    return client, list(existing)
+
+
 def register_and_gate(
     uri: str,
     parent_run_id: str,
@@ -118,18 +138,10 @@ def register_and_gate(
     import mlflow
     import pandas as pd
     from mlflow.exceptions import MlflowException
-    from mlflow.tracking import MlflowClient
 
-    mlflow.set_tracking_uri(uri)
-    client = MlflowClient(uri)
-    with _store_lock(uri):
-        try:
-            client.get_registered_model(MODEL_NAME)
-        except MlflowException:
-            _create_model(client, MODEL_NAME, "elmo-news: ELMo features + BiLSTM classifier")
-        existing = client.search_model_versions(
-            f"name='{MODEL_NAME}' and tags.classifier_key='{key}'"
-        )
+    client, existing = _versions_with(
+        uri, MODEL_NAME, "elmo-news: ELMo features + BiLSTM classifier", "classifier_key", key
+    )
     if existing:
         version = existing[0]
     else:
@@ -223,26 +235,17 @@ def register_bilm(uri: str, run_id: str, bilm_dir: Path, tags: dict[str, str]) -
     it already has). ``tags`` (corpus hash, token count, perplexities) go on the version."""
     import mlflow
     import pandas as pd
-    from mlflow.exceptions import MlflowException
     from mlflow.models import infer_signature
-    from mlflow.tracking import MlflowClient
 
     key = bilm_dir.name
-    mlflow.set_tracking_uri(uri)
-    client = MlflowClient(uri)
-    with _store_lock(uri):
-        try:
-            client.get_registered_model(BILM_MODEL_NAME)
-        except MlflowException:
-            _create_model(
-                client,
-                BILM_MODEL_NAME,
-                "elmo-news: a biLM pretrained on unlabeled text, reused by "
-                "`elmo-news run --bilm models:/elmo-news-bilm/<version>`",
-            )
-        existing = client.search_model_versions(
-            f"name='{BILM_MODEL_NAME}' and tags.bilm_key='{key}'"
-        )
+    client, existing = _versions_with(
+        uri,
+        BILM_MODEL_NAME,
+        "elmo-news: a biLM pretrained on unlabeled text, reused by "
+        "`elmo-news run --bilm models:/elmo-news-bilm/<version>`",
+        "bilm_key",
+        key,
+    )
     if existing:
         version = existing[0]
     else:

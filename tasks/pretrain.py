@@ -71,8 +71,17 @@ def _build(
     with stage_run(tracking, "bilm-pretrain", tags) as run, stage_progress("biLM") as progress:
         t0 = time.perf_counter()
         if train.world_size > 1:
+            rank_spec = {
+                "ids": ids,
+                "vocab": vocab,
+                "out": str(out),
+                "bilm": bilm,
+                "train": asdict(train),
+                "device": device,
+                "tracking": run.target(),
+            }
             res, points, config = _train_distributed(
-                ids, vocab, out, bilm, train, device, run, torchrun_args
+                out, rank_spec, train.world_size, torchrun_args
             )
         else:
             set_threads()
@@ -127,38 +136,21 @@ def torchrun_command(spec: Path, world_size: int, torchrun_args: list[str] | Non
 
 
 def _train_distributed(
-    ids: str,
-    vocab: str,
-    out: Path,
-    bilm: dict,
-    train: PretrainConfig,
-    device: str,
-    run: Any,
-    torchrun_args: list[str] | None,
+    out: Path, rank_spec: dict[str, Any], world_size: int, torchrun_args: list[str] | None
 ) -> tuple[TrainResult, list[dict[str, Any]], BiLMConfig]:
-    """Run the ranks under torchrun and wait; rank 0 writes bilm.pt, history.json and
+    """Run ``world_size`` ranks under torchrun (each reads ``rank_spec``: the stage's inputs,
+    configs and tracking target) and wait; rank 0 writes bilm.pt, history.json and
     result.json into the stage folder. A rank that dies fails the stage; the checkpoint it
     leaves is where a re-run resumes."""
     spec = out / ".ddp_spec.json"
-    write_json(
-        spec,
-        {
-            "ids": ids,
-            "vocab": vocab,
-            "out": str(out),
-            "bilm": bilm,
-            "train": asdict(train),
-            "device": device,
-            "tracking": run.target() if run is not None else None,
-        },
-    )
+    write_json(spec, rank_spec)
     env = dict(os.environ)
     # each rank gets its share of the cores: 2 ranks x 2 threads on 2 cores ran ~35x slower
-    env.setdefault("ELMO_NEWS_THREADS", str(max(1, (os.cpu_count() or 1) // train.world_size)))
+    env.setdefault("ELMO_NEWS_THREADS", str(max(1, (os.cpu_count() or 1) // world_size)))
     env.setdefault("OMP_NUM_THREADS", env["ELMO_NEWS_THREADS"])
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
-    cmd = torchrun_command(spec, train.world_size, torchrun_args)
-    logger().info("biLM: %d ranks: %s", train.world_size, " ".join(cmd))
+    cmd = torchrun_command(spec, world_size, torchrun_args)
+    logger().info("biLM: %d ranks: %s", world_size, " ".join(cmd))
     proc = subprocess.run(cmd, env=env, cwd=ROOT)
     if proc.returncode != 0:
         ckpt = out / "train_state.pt"
