@@ -29,15 +29,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import numpy as np  # noqa: E402
 
 from bench.machine import machine, write_report  # noqa: E402
+from elmo_core import extraction  # noqa: E402
 from elmo_core.bilm_checkpoint import load_bilm  # noqa: E402
-from elmo_core.extraction import (  # noqa: E402  # noqa: E402
-    doc_lengths,
-    encode_for,
-    extract_layers,
-    open_ids,
-    static_layer,
-    vocab_ids,
-)
 from storage.datasets import read_dataset  # noqa: E402
 from storage.layers import LayerStore, RowFile
 from tasks.common import set_threads  # noqa: E402
@@ -51,15 +44,15 @@ def _write(model, docs, extra, offsets, folder: Path, static: bool) -> tuple[Lay
     n_layers = model.config.num_layers if static else model.num_output_layers
     t0 = time.perf_counter()
     arr = RowFile(folder / "layers.npy", (int(offsets[-1]), n_layers, model.output_dim))
-    extract_layers(model, docs, arr, offsets, extra_words=extra, contextual_only=static)
+    extraction.extract_layers(model, docs, arr, offsets, extra_words=extra, contextual_only=static)
     arr.close()
     table = rows = None
     if static:
-        table, rows = static_layer(model, open_ids(docs, offsets), extra)
+        table, rows = extraction.static_layer(model, extraction.open_ids(docs, offsets), extra)
         np.save(folder / "static.npy", table)
         np.save(folder / "static_rows.npy", rows)
     seconds = time.perf_counter() - t0
-    tokens = vocab_ids(docs, offsets, model.config.vocab_size)
+    tokens = extraction.vocab_ids(docs, offsets, model.config.vocab_size)
     labels = np.zeros(len(docs), dtype=np.int64)
     store = LayerStore(RowFile(folder / "layers.npy"), offsets, labels, tokens, table, rows)
     return store, seconds
@@ -85,8 +78,10 @@ def main() -> None:
     model, vocab = load_bilm(Path(args.bilm) / "bilm.pt")
     model.eval()
     df = read_dataset(Path(args.dataset) / f"{args.split}.parquet").head(args.max_docs)
-    docs, extra = encode_for(model, vocab, df["tokens"].to_list())
-    offsets = np.concatenate([[0], np.cumsum(doc_lengths(docs, args.max_len))]).astype(np.int64)
+    docs, extra = extraction.encode_for(model, vocab, df["tokens"].to_list())
+    offsets = np.concatenate([[0], np.cumsum(extraction.doc_lengths(docs, args.max_len))]).astype(
+        np.int64
+    )
     scratch = Path(args.scratch)
     shutil.rmtree(scratch, ignore_errors=True)
     report: dict = {
@@ -94,7 +89,7 @@ def main() -> None:
         "machine": machine(),
         "documents": len(docs),
         "tokens": int(offsets[-1]),
-        "distinct_tokens": int(len(np.unique(open_ids(docs, offsets)))),
+        "distinct_tokens": int(len(np.unique(extraction.open_ids(docs, offsets)))),
         "layers": model.num_output_layers,
         "layer_dim": model.output_dim,
         "layouts": {},

@@ -37,6 +37,15 @@ def corpus_dir(tmp_path_factory) -> Path:
     return d
 
 
+def _smoke_pretrain(corpus_dir: Path, home: Path) -> PretrainParams:
+    return PretrainParams(
+        corpus=[str(corpus_dir)],
+        profile="smoke",
+        home=str(home),
+        overrides={"corpus": {"holdout_fraction": 0.05}},
+    )
+
+
 @pytest.fixture(scope="module")
 def pretrained(harness, corpus_dir, tmp_path_factory):
     from flows.pretrain import elmo_news_pretrain
@@ -44,15 +53,7 @@ def pretrained(harness, corpus_dir, tmp_path_factory):
     home = tmp_path_factory.mktemp("pretrain_home")
     mp = pytest.MonkeyPatch()
     mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{home / 'mlflow.db'}")
-    state = elmo_news_pretrain(
-        params=PretrainParams(
-            corpus=[str(corpus_dir)],
-            profile="smoke",
-            home=str(home),
-            overrides={"corpus": {"holdout_fraction": 0.05}},
-        ),
-        return_state=True,
-    )
+    state = elmo_news_pretrain(params=_smoke_pretrain(corpus_dir, home), return_state=True)
     yield home, state.result(), _task_states(state.state_details.flow_run_id)
     mp.undo()
 
@@ -93,15 +94,7 @@ def test_a_second_pretrain_is_served_from_cache_and_keeps_its_version(pretrained
     from flows.pretrain import elmo_news_pretrain
 
     home, first, _ = pretrained
-    state = elmo_news_pretrain(
-        params=PretrainParams(
-            corpus=[str(corpus_dir)],
-            profile="smoke",
-            home=str(home),
-            overrides={"corpus": {"holdout_fraction": 0.05}},
-        ),
-        return_state=True,
-    )
+    state = elmo_news_pretrain(params=_smoke_pretrain(corpus_dir, home), return_state=True)
     again = state.result()
     states = _task_states(state.state_details.flow_run_id)
     assert again["bilm"] == first["bilm"] and again["registry"]["version"] == 1
