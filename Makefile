@@ -30,7 +30,7 @@ TEST_PROCS ?= 2
 test: venv
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy
-	$(VENV)/bin/mkdocs build --strict --quiet
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict --quiet
 	$(PY) -m pytest -n $(TEST_PROCS) --dist loadfile --no-loadscope-reorder --durations=15
 
 bench: venv

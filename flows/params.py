@@ -72,6 +72,14 @@ CPU_CLASSIFIER: dict[str, Any] = {
     "batch_size": 64,
     "lr": 2e-3,
 }
+# ... and the profiles sized for a GPU
+GPU_CLASSIFIER: dict[str, Any] = {
+    "hidden_dim": 256,
+    "epochs": 10,
+    "patience": 3,
+    "batch_size": 32,
+    "lr": 1e-3,
+}
 
 PROFILES: dict[str, dict[str, dict[str, Any]]] = {
     # ~2k real rows, tiny dims, up to four classifier epochs: the end-to-end check that the
@@ -154,14 +162,10 @@ PROFILES: dict[str, dict[str, dict[str, Any]]] = {
         },
         "pretrain": {"epochs": 10, "batch_size": 128, "window": 20, "lr": 1e-3},
         "classifier": {
-            "hidden_dim": 256,
+            **GPU_CLASSIFIER,
             "num_layers": 1,
             "mlp_hidden": (256, 128),
             "token_embedding_dim": 512,
-            "epochs": 10,
-            "patience": 3,
-            "batch_size": 32,
-            "lr": 1e-3,
         },
     },
     # the original system's hyperparameters, for GPU users
@@ -170,14 +174,10 @@ PROFILES: dict[str, dict[str, dict[str, Any]]] = {
         "bilm": {"embedding_dim": 512, "hidden_dim": 512, "num_samples": 4096},
         "pretrain": {"epochs": 5, "batch_size": 128, "window": 20, "lr": 1e-3},
         "classifier": {
-            "hidden_dim": 256,
+            **GPU_CLASSIFIER,
             "num_layers": 2,
             "mlp_hidden": (128, 64),
             "token_embedding_dim": 256,
-            "epochs": 10,
-            "patience": 3,
-            "batch_size": 32,
-            "lr": 1e-3,
         },
     },
 }

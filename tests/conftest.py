@@ -8,6 +8,7 @@ import subprocess
 import time
 import urllib.request
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -194,3 +195,10 @@ def dask_cluster(tmp_path_factory: pytest.TempPathFactory):
     finally:
         for p in reversed(procs):
             stop_group(p)
+
+
+def smoke_params(data: Path, home: Path, **fields: Any) -> Any:
+    """The run parameters of a smoke run on ``data`` in ``home`` (``fields`` on top)."""
+    from flows.params import RunParams
+
+    return RunParams(profile="smoke", data=str(data), home=str(home), **fields)

@@ -16,8 +16,8 @@ import torch
 
 from elmo_core.bilm_checkpoint import load_bilm
 from elmo_core.classifier_checkpoint import load_classifier
-from flows.params import PretrainParams, RunParams
-from tests.conftest import REUTERS
+from flows.params import PretrainParams
+from tests.conftest import REUTERS, smoke_params
 from tests.test_flow_e2e import _task_states
 
 pytestmark = pytest.mark.e2e
@@ -182,10 +182,9 @@ def _reuse(ag_slice: Path, home: Path, bilm: str):
     from flows.pipeline import elmo_news
 
     state = elmo_news(
-        params=RunParams(
-            profile="smoke",
-            data=str(ag_slice),
-            home=str(home),
+        params=smoke_params(
+            ag_slice,
+            home,
             strategies=["wsum"],
             bilm=bilm,
             register_model=False,
@@ -234,10 +233,9 @@ def test_adapting_a_reused_biLM_lowers_its_perplexity_on_the_task_text(pretraine
 
     home, pre, _ = pretrained
     state = elmo_news(
-        params=RunParams(
-            profile="smoke",
-            data=str(ag_slice),
-            home=str(home),
+        params=smoke_params(
+            ag_slice,
+            home,
             strategies=["wsum"],
             bilm="models:/elmo-news-bilm/1",
             register_model=False,

@@ -10,9 +10,8 @@ import pytest
 from typer.testing import CliRunner
 
 from flows.cli import app
-from flows.params import RunParams
 from storage.registry import MODEL_NAME
-from tests.conftest import free_port, wait_http
+from tests.conftest import free_port, smoke_params, wait_http
 
 pytestmark = pytest.mark.e2e
 # three stretches of one deterministic training (smoke `sum` classifier, patience never ends it
@@ -38,10 +37,9 @@ def test_champion_gate_and_predict_with_the_champion(harness, ag_slice, tmp_path
 
     def run(overrides):
         return elmo_news(
-            params=RunParams(
-                profile="smoke",
-                data=str(ag_slice),
-                home=str(home),
+            params=smoke_params(
+                ag_slice,
+                home,
                 strategies=["sum"],
                 overrides=overrides,
             )
