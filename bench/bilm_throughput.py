@@ -61,6 +61,7 @@ from tasks.bilm_training import load_windows  # noqa: E402
 from tasks.corpus import CorpusConfig, read_pretrain_corpus
 from tasks.ids import encode_ids
 from tasks.ingest import IngestConfig, fetch_data, ingest  # noqa: E402
+from tasks.stage import StageContext  # noqa: E402
 from tasks.vocab import build_vocab, load_vocab
 
 SHARED = Path(__file__).resolve().parent.parent.parent / "shared" / "data"
@@ -73,11 +74,13 @@ def pretraining_batches(
     in a seeded random order as an epoch visits them, and the vocabulary's unigram counts (V,)."""
     vocab_config = RunParams(profile="sample").resolve().vocab
     with tempfile.TemporaryDirectory() as home:
-        dataset = ingest.fn(fetch_data.fn(data, home), home, IngestConfig())
-        corpora = [read_pretrain_corpus.fn(corpus, home, CorpusConfig())] if corpus else []
-        v_dir = build_vocab.fn(dataset, corpora, home, vocab_config)
+        dataset = ingest.fn(fetch_data.fn(data, home), IngestConfig(), StageContext(home))
+        corpora = (
+            [read_pretrain_corpus.fn(corpus, CorpusConfig(), StageContext(home))] if corpus else []
+        )
+        v_dir = build_vocab.fn(dataset, corpora, vocab_config, StageContext(home))
         vocab = load_vocab(v_dir)
-        ids = encode_ids.fn(dataset, corpora, v_dir, home, seed)
+        ids = encode_ids.fn(dataset, corpora, v_dir, seed, StageContext(home))
         windows, _ = load_windows(ids, window, window)  # the pipeline's memory-mapped windows
         order = epoch_batches(len(windows), batch, seed, 0)
         batches = [windows.get(next(order)) for _ in range(count)]  # (B, T) each

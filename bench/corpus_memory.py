@@ -32,7 +32,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
 from bench.machine import machine as bench_machine  # noqa: E402
+from tasks.stage import StageContext  # noqa: E402
 
 NEWS = ROOT.parent / "shared" / "data" / "news_corpus" / "news_corpus.parquet"
 
@@ -66,20 +68,20 @@ def child(corpus: str, home: str, steps: int) -> None:
         }
 
     t = time.perf_counter()
-    c = read_pretrain_corpus.fn(corpus, home, CorpusConfig(**prof.get("corpus", {})))
+    c = read_pretrain_corpus.fn(corpus, CorpusConfig(**prof.get("corpus", {})), StageContext(home))
     mark("corpus", t)
     stats = json.loads((Path(c) / "metrics.json").read_text())
     t = time.perf_counter()
-    v = build_vocab.fn(None, [c], home, VocabConfig(**prof["vocab"]))
+    v = build_vocab.fn(None, [c], VocabConfig(**prof["vocab"]), StageContext(home))
     mark("vocab", t)
     t = time.perf_counter()
-    ids = encode_ids.fn(None, [c], v, home, 13)
+    ids = encode_ids.fn(None, [c], v, 13, StageContext(home))
     mark("ids", t)
     t = time.perf_counter()
     train = PretrainConfig(
         **{**prof["pretrain"], "max_steps": steps, "checkpoint_every": 0, "precision": "fp32"}
     )
-    pretrain.fn(ids, v, home, asdict(BiLMParams(**prof["bilm"])), train, "cpu")
+    pretrain.fn(ids, v, asdict(BiLMParams(**prof["bilm"])), train, StageContext(home, "cpu"))
     mark(f"pretrain_{steps}_steps", t)
     print(
         json.dumps(

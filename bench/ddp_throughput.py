@@ -24,6 +24,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from tasks.stage import StageContext  # noqa: E402
+
 REUTERS = ROOT.parent / "shared" / "data" / "reuters21578" / "reuters21578.csv"
 
 
@@ -118,9 +121,9 @@ def main() -> None:
     }
     with tempfile.TemporaryDirectory(prefix="ddp_bench_") as tmp:
         home = str(Path(tmp) / "home")
-        c = read_pretrain_corpus.fn(str(REUTERS), home, CorpusConfig())
-        v = build_vocab.fn(None, [c], home, VocabConfig(**prof["vocab"]))
-        ids = encode_ids.fn(None, [c], v, home, 13)
+        c = read_pretrain_corpus.fn(str(REUTERS), CorpusConfig(), StageContext(home))
+        v = build_vocab.fn(None, [c], VocabConfig(**prof["vocab"]), StageContext(home))
+        ids = encode_ids.fn(None, [c], v, 13, StageContext(home))
 
         torch.set_num_threads(cores)
         _, _, res = train_bilm(ids, v, Path(tmp) / "one", bilm, train, torch.device("cpu"), no_log)

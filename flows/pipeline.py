@@ -30,7 +30,7 @@ from tasks.ingest import fetch_data, ingest, source_hash
 from tasks.pretrain import PRETRAIN, pretrain
 from tasks.registry import fetch_bilm, register_best
 from tasks.remote import fetch_remote
-from tasks.stage import in_home
+from tasks.stage import StageContext, in_home
 from tasks.vocab import build_vocab
 
 PARALLEL = int(os.environ.get("ELMO_NEWS_PARALLEL_TASKS", "1"))
@@ -106,18 +106,16 @@ def upstream(
     else:
         source = fetch_data(params.data, home_s)
     data_hash = source_hash(source)
-    dataset = in_home(ingest, h)(source, home_s, cfg.ingest)
-    corpora = [
-        in_home(read_pretrain_corpus, h)(c, home_s, cfg.corpus) for c in params.pretrain_corpus
-    ]
+    # stages that build open their own child runs under the tracker's target
+    ctx = StageContext(home_s, params.device, tracker.target())
+    dataset = in_home(ingest, h)(source, cfg.ingest, ctx)
+    corpora = [in_home(read_pretrain_corpus, h)(c, cfg.corpus, ctx) for c in params.pretrain_corpus]
     timings["ingest"] = time.perf_counter() - t
-    target = tracker.target()  # stages that build open their own child runs under it
     base_future = None
     if with_baseline:
-        base_future = fan.submit(in_home(baseline, h), dataset, home_s, cfg.baseline, target)
+        base_future = fan.submit(in_home(baseline, h), dataset, cfg.baseline, ctx)
     t = time.perf_counter()
     vocab = None
-    device = params.device
     if params.bilm:  # reuse: no vocabulary, no pretraining; the classifiers get the biLM's vocab
         bilm_path, bilm_info = fetch_bilm(params.bilm, home_s)
         bilm_dir = str(bilm_path)
@@ -126,26 +124,18 @@ def upstream(
         tracker.link_input_model(parent, bilm_info.get("bilm_model_id"))
         log.info("reusing biLM %s (%s)", bilm_info["bilm_source"], bilm_dir)
         if cfg.adapt.epochs:  # a few LM passes over the train split's text first
-            bilm_dir = in_home(adapt, h)(bilm_dir, dataset, home_s, cfg.adapt, device, target)
+            bilm_dir = in_home(adapt, h)(bilm_dir, dataset, cfg.adapt, ctx)
     else:
-        vocab = in_home(build_vocab, h)(dataset, corpora, home_s, cfg.vocab)
-        ids = in_home(encode_ids, h)(dataset, corpora, vocab, home_s, cfg.pretrain.seed)
+        vocab = in_home(build_vocab, h)(dataset, corpora, cfg.vocab, ctx)
+        ids = in_home(encode_ids, h)(dataset, corpora, vocab, cfg.pretrain.seed, ctx)
         timings["vocab"] = time.perf_counter() - t
         t = time.perf_counter()
-        bilm_args = (
-            ids,
-            vocab,
-            home_s,
-            dict(cfg.bilm.__dict__),
-            cfg.pretrain,
-            device,
-            target,
-            {"train": str(Path(dataset) / "train.parquet")},
-        )
-        bilm_dir = in_home(pretrain, h)(*bilm_args)
+        shown = {"train": str(Path(dataset) / "train.parquet")}  # the run's dataset input
+        bilm = dict(cfg.bilm.__dict__)
+        bilm_dir = in_home(pretrain, h)(ids, vocab, bilm, cfg.pretrain, ctx, shown)
     timings["pretrain"] = time.perf_counter() - t
     t = time.perf_counter()
-    feats = in_home(features, h)(bilm_dir, dataset, home_s, cfg.layers, device)
+    feats = in_home(features, h)(bilm_dir, dataset, cfg.layers, ctx)
     timings["features"] = time.perf_counter() - t
     return Upstream(data_hash, dataset, vocab, bilm_dir, feats, base_future)
 
@@ -189,7 +179,6 @@ def elmo_news(params: RunParams) -> dict[str, Any]:
     """Run the whole pipeline; returns the summary (metrics per model, stage folders, run ids)."""
     cfg = params.resolve()
     runner, address = params.runner()
-    device = params.device
     logged_params = {
         "profile": params.profile,
         "data": params.data,
@@ -206,12 +195,9 @@ def elmo_news(params: RunParams) -> dict[str, Any]:
         with fanout(runner, address, h.root, len(trained) + 1) as fan:
             up = upstream(params, cfg, h, tracker, fan, timings)
             dataset, bilm_dir, feats, vocab = up.dataset, up.bilm_dir, up.feats, up.vocab
-            target = tracker.target()
+            ctx = StageContext(home_s, params.device, tracker.target())
             with run.timed("classifiers"):
-                clf_args = {
-                    s: (feats, bilm_dir, dataset, s, home_s, cfg.classifier, device, target)
-                    for s in trained
-                }
+                clf_args = {s: (feats, bilm_dir, dataset, s, cfg.classifier, ctx) for s in trained}
                 futures = {s: fan.submit(in_home(classify, h), *a) for s, a in clf_args.items()}
                 clf_dirs = {s: f.result() for s, f in futures.items()}
             base_dir = up.base_future.result()

@@ -22,7 +22,7 @@ from tasks.corpus import read_pretrain_corpus
 from tasks.ids import encode_ids
 from tasks.pretrain import PRETRAIN, pretrain
 from tasks.registry import registry_slot
-from tasks.stage import in_home
+from tasks.stage import StageContext, in_home
 from tasks.vocab import build_vocab
 
 
@@ -36,25 +36,16 @@ def elmo_news_pretrain(params: PretrainParams) -> dict[str, Any]:
         params.home_dir(), profile, logged_params, kind="pretrain", name_prefix="pretrain-"
     ) as run:
         h, tracker, parent, log = run.home, run.tracker, run.run_id, run.log
-        home_s = str(h.root)
+        ctx = StageContext(str(h.root), params.device, tracker.target())
         with run.timed("corpus"):
-            corpora = [
-                in_home(read_pretrain_corpus, h)(c, home_s, cfg.corpus) for c in params.corpus
-            ]
+            corpora = [in_home(read_pretrain_corpus, h)(c, cfg.corpus, ctx) for c in params.corpus]
         with run.timed("vocab_ids"):
-            vocab = in_home(build_vocab, h)(None, corpora, home_s, cfg.vocab)
-            ids = in_home(encode_ids, h)(None, corpora, vocab, home_s, cfg.pretrain.seed)
+            vocab = in_home(build_vocab, h)(None, corpora, cfg.vocab, ctx)
+            ids = in_home(encode_ids, h)(None, corpora, vocab, cfg.pretrain.seed, ctx)
         with run.timed("pretrain"):
+            bilm = dict(cfg.bilm.__dict__)
             bilm_dir = in_home(pretrain, h)(
-                ids,
-                vocab,
-                home_s,
-                dict(cfg.bilm.__dict__),
-                cfg.pretrain,
-                params.device,
-                tracker.target(),
-                None,
-                params.torchrun_args,
+                ids, vocab, bilm, cfg.pretrain, ctx, None, params.torchrun_args
             )
         corpus_stats = [read_json(Path(c) / "metrics.json") for c in corpora]
         corpus_hash = hash_json([stage_id(c) for c in corpora])[:16]

@@ -30,7 +30,7 @@ from flows.skeleton import parent_run
 from storage.paths import read_json
 from storage.tracking import Tracker
 from tasks.classify import CLASSIFIER, classify
-from tasks.stage import in_home
+from tasks.stage import StageContext, in_home
 
 # a sweep varies the classifier on fixed layers; the seed has --seeds
 FIXED = {"seed"}
@@ -157,7 +157,6 @@ def elmo_news_sweep(params: SweepParams) -> dict[str, Any]:
     ablation beside them unless ``ablation`` is off)."""
     cfg = params.resolve()
     runner, address = params.runner()
-    device = params.device
     points = params.points()
     seed_list = [cfg.classifier.seed + i for i in range(params.seeds)]
     logged_params = {
@@ -197,9 +196,10 @@ def elmo_news_sweep(params: SweepParams) -> dict[str, Any]:
                     ).info.run_id
                     tracker.log_params(point_run, {**point, "strategy": s, "seeds": seed_list})
                     target = {"uri": tracker.uri, "parent_run_id": point_run}
+                    ctx = StageContext(home_s, params.device, target)
                     for k in range(len(seed_list)):
                         c = params.classifier_config(point, k)
-                        args = (up.feats, up.bilm_dir, up.dataset, s, home_s, c, device, target)
+                        args = (up.feats, up.bilm_dir, up.dataset, s, c, ctx)
                         future = fan.submit(in_home(classify, h), *args)
                         jobs.append((i, s, seed_list[k], args, point_run, future))
             dirs = [j[5].result() for j in jobs]

@@ -23,7 +23,7 @@ from storage.paths import mark_complete, stage_id, write_json
 from storage.tracking import stage_run
 from tasks.common import History, set_threads
 from tasks.progress import stage_progress
-from tasks.stage import stage
+from tasks.stage import StageContext, stage
 
 if TYPE_CHECKING:
     import polars as pl
@@ -34,20 +34,13 @@ ADAPT = stage(
 
 
 @ADAPT.task(name="adapt-bilm")
-def adapt(
-    bilm_dir: str,
-    dataset: str,
-    home: str,
-    config: AdaptConfig,
-    device: str = "auto",
-    tracking: dict[str, str] | None = None,
-) -> str:
+def adapt(bilm_dir: str, dataset: str, config: AdaptConfig, ctx: StageContext) -> str:
     """A reused biLM trained ``config.epochs`` more passes as a language model on the train
     split's text (its vocabulary kept, or grown by the split's words it lacks with
     ``config.new_words_min_count``): a new biLM stage folder, the original untouched. Its
     validation perplexity on the val split is measured before and after."""
     return ADAPT.build(
-        locals(), lambda d: _build_adapt(bilm_dir, dataset, d, config, device, tracking)
+        locals(), lambda d: _build_adapt(bilm_dir, dataset, d, config, ctx.device, ctx.tracking)
     )
 
 

@@ -20,7 +20,7 @@ from storage.paths import (
 from storage.tracking import stage_run
 from tasks.common import logger, runtime_tags, task_threads
 from tasks.evaluate import evaluate
-from tasks.stage import stage
+from tasks.stage import StageContext, stage
 
 
 @dataclass(frozen=True)
@@ -51,12 +51,10 @@ def fit_baseline(
 
 
 @BASELINE.task(name="baseline-tfidf")
-def baseline(
-    dataset: str, home: str, config: BaselineConfig, tracking: dict[str, str] | None = None
-) -> str:
-    """TF-IDF + logistic regression on the same splits; ``tracking`` (outside the cache key)
-    opens its MLflow child run when it starts."""
-    return BASELINE.build(locals(), lambda d: _build_tracked(d, dataset, config, tracking))
+def baseline(dataset: str, config: BaselineConfig, ctx: StageContext) -> str:
+    """TF-IDF + logistic regression on the same splits; ``ctx.tracking`` opens its MLflow
+    child run when it starts."""
+    return BASELINE.build(locals(), lambda d: _build_tracked(d, dataset, config, ctx.tracking))
 
 
 def _build_tracked(

@@ -35,7 +35,7 @@ from tasks.common import (
 from tasks.evaluate import evaluate
 from tasks.features import layer_store, layers_config
 from tasks.progress import stage_progress
-from tasks.stage import stage
+from tasks.stage import StageContext, stage
 
 CLASSIFIER = stage(
     "classifier",
@@ -76,18 +76,18 @@ def classify(
     bilm_dir: str,
     dataset: str,
     strategy: str,
-    home: str,
     config: ClassifierConfig,
-    device: str = "auto",
-    tracking: dict[str, str] | None = None,
+    ctx: StageContext,
 ) -> str:
     """Train the BiLSTM+MLP head with one mix strategy on frozen layers, evaluate on test.
 
-    ``tracking`` (the flow's ``Tracker.target()``, outside the cache key) opens the stage's
-    MLflow child run when it starts, so its epochs show while it trains."""
+    ``ctx.tracking`` (the flow's ``Tracker.target()``) opens the stage's MLflow child run
+    when it starts, so its epochs show while it trains."""
     return CLASSIFIER.build(
         locals(),
-        lambda d: _build(features_dir, bilm_dir, dataset, strategy, d, config, device, tracking),
+        lambda d: _build(
+            features_dir, bilm_dir, dataset, strategy, d, config, ctx.device, ctx.tracking
+        ),
     )
 
 

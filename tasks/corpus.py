@@ -27,7 +27,7 @@ from storage.errors import DataError
 from storage.hashing import sha256_file
 from storage.paths import write_json
 from tasks.common import logger
-from tasks.stage import stage
+from tasks.stage import StageContext, stage
 
 POOL_MIN_BYTES = 16 << 20  # corpora smaller than this are tokenised in the task's own process
 
@@ -70,7 +70,7 @@ CORPUS = stage("corpus", __name__, inputs={"spec": corpus_hash}, config=["config
 
 
 @CORPUS.task(name="read-corpus")
-def read_pretrain_corpus(spec: str, home: str, config: CorpusConfig) -> str:
+def read_pretrain_corpus(spec: str, config: CorpusConfig, ctx: StageContext) -> str:
     """Unlabeled pretraining text → ``tokens-*.parquet`` shards + ``counts.parquet`` +
     ``heldout-*.parquet`` shards; streamed batch by batch through ``workers()`` tokenizer processes."""
     return CORPUS.build(locals(), lambda d: _build_corpus(spec, d, config))

@@ -24,28 +24,21 @@ from storage.layers import LayerStore, RowFile
 from storage.paths import SPLITS, read_json, write_json
 from tasks.common import set_threads
 from tasks.progress import stage_progress
-from tasks.stage import stage
+from tasks.stage import StageContext, stage
 
 FEATURES = stage("features", __name__, inputs=["bilm_dir", "dataset"], config=["config"])
 
 
 @FEATURES.task(name="extract-layers")
-def features(
-    bilm_dir: str,
-    dataset: str,
-    home: str,
-    config: LayersConfig,
-    device: str = "auto",
-    tracking: dict[str, str] | None = None,
-) -> str:
+def features(bilm_dir: str, dataset: str, config: LayersConfig, ctx: StageContext) -> str:
     """Run the frozen biLM once over every split, whole documents up to ``config.max_len``
     tokens, long ones in overlapping pieces (``config.window``, ``config.context``); the
     contextual layers stored flat
     as float16 .npy files, layer 0 (context-free) once per distinct token, and how many
     documents the cap cut, by how much, in metrics.json; the config in config.json (what
-    the classifier checkpoint carries, so serving reads documents the same way).
-    (``tracking`` is accepted like every stage's; this stage has no MLflow run of its own.)"""
-    return FEATURES.build(locals(), lambda d: _build(bilm_dir, dataset, d, config, device))
+    the classifier checkpoint carries, so serving reads documents the same way). The stage
+    has no MLflow run of its own: ``ctx.tracking`` goes unused."""
+    return FEATURES.build(locals(), lambda d: _build(bilm_dir, dataset, d, config, ctx.device))
 
 
 def _build(bilm_dir: str, dataset: str, out: Path, config: LayersConfig, device: str) -> None:

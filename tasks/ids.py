@@ -14,7 +14,7 @@ from storage.datasets import read_dataset
 from storage.errors import DataError
 from storage.paths import write_json
 from tasks.corpus import heldout_shards, token_shards
-from tasks.stage import stage
+from tasks.stage import StageContext, stage
 from tasks.vocab import load_vocab
 
 IDS = stage("ids", __name__, inputs=["dataset", "corpora", "vocab"], config=["seed"])
@@ -53,7 +53,9 @@ def encode_docs(tokens: pl.Series, index: pl.DataFrame) -> np.ndarray:
 
 
 @IDS.task(name="encode-ids")
-def encode_ids(dataset: str | None, corpora: list[str], vocab: str, home: str, seed: int) -> str:
+def encode_ids(
+    dataset: str | None, corpora: list[str], vocab: str, seed: int, ctx: StageContext
+) -> str:
     """Token shards → memory-mapped int32 id shards for pretraining (each shard's documents
     in a ``seed``-ed order); ``val.npy`` from the dataset's val split (in-run biLM) or the
     corpora's held-out documents (standalone)."""

@@ -17,7 +17,7 @@ from storage.paths import Home, read_json, write_json
 from storage.quarantine import quarantine_table
 from storage.readers import read_source
 from tasks.common import logger
-from tasks.stage import stage
+from tasks.stage import StageContext, stage
 
 
 @dataclass(frozen=True)
@@ -59,7 +59,7 @@ def _stratified_limit(rows: list[dict], limit: int, seed: int) -> list[dict]:
 
 
 @INGEST.task(name="ingest")
-def ingest(source: str, home: str, config: IngestConfig) -> str:
+def ingest(source: str, config: IngestConfig, ctx: StageContext) -> str:
     """Validate rows, quarantine bad ones, carve a stratified validation split, write Parquet."""
     return INGEST.build(locals(), lambda d: _build_ingest(source, d, config))
 

@@ -21,7 +21,7 @@ from storage.tracking import stage_run
 from tasks import ddp_worker
 from tasks.common import History, logger, set_threads
 from tasks.progress import stage_progress
-from tasks.stage import stage
+from tasks.stage import StageContext, stage
 
 if TYPE_CHECKING:
     pass
@@ -34,11 +34,9 @@ PRETRAIN = stage("bilm", __name__, inputs=["ids", "vocab"], config=["bilm", "tra
 def pretrain(
     ids: str,
     vocab: str,
-    home: str,
     bilm: dict,
     train: PretrainConfig,
-    device: str = "auto",
-    tracking: dict[str, str] | None = None,
+    ctx: StageContext,
     inputs: dict[str, str] | None = None,
     torchrun_args: list[str] | None = None,
 ) -> str:
@@ -46,12 +44,14 @@ def pretrain(
     With ``train.world_size`` > 1 the ranks run data-parallel under torchrun (a subprocess
     this task waits for; ``torchrun_args`` replace the single-node launch flags).
 
-    ``bilm`` holds BiLMConfig fields except vocab_size (set from the vocabulary); ``tracking``,
-    ``inputs`` (Parquet files shown as the run's dataset inputs) and ``torchrun_args`` are
-    outside the cache key: ``tracking`` opens the stage's MLflow child run when it starts."""
+    ``bilm`` holds BiLMConfig fields except vocab_size (set from the vocabulary); ``inputs``
+    (Parquet files shown as the run's dataset inputs) and ``torchrun_args`` are outside the
+    cache key; ``ctx.tracking`` opens the stage's MLflow child run when it starts."""
     return PRETRAIN.build(
         locals(),
-        lambda d: _build(ids, vocab, d, bilm, train, device, tracking, inputs, torchrun_args),
+        lambda d: _build(
+            ids, vocab, d, bilm, train, ctx.device, ctx.tracking, inputs, torchrun_args
+        ),
     )
 
 

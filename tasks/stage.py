@@ -42,6 +42,16 @@ def config_value(value: Any) -> Any:
 
 
 @dataclasses.dataclass(frozen=True)
+class StageContext:
+    """Where a stage's folder lives and how its task runs; none of it enters the key."""
+
+    home: str  # the home folder: the stage's folder is <home>/<stage>/<key>
+    device: str = "auto"  # auto | cpu | cuda
+    # the flow's MLflow target ({"uri", "parent_run_id"}): the stage's live child run
+    tracking: dict[str, str] | None = None
+
+
+@dataclasses.dataclass(frozen=True)
 class Stage:
     name: str  # the stage's name in its key
     module: str  # the module that builds it: its import closure is the stage's code version
@@ -56,13 +66,13 @@ class Stage:
 
     def key(self, params: Mapping[str, Any]) -> str:
         """The stage's key from a task's parameters (the ones it does not declare are
-        outside the key: device, tracking, ...)."""
+        outside the key: the context, ...)."""
         inputs = {n: ref(params.get(n)) for n, ref in self.inputs.items()}
         config = {n: config_value(params.get(n)) for n in self.config}
         return stage_key(self.name, inputs, config, [self.module])
 
     def folder(self, params: Mapping[str, Any]) -> Path:
-        return Home(params["home"]).stage_dir(self.folder_name, self.key(params))
+        return Home(params["ctx"].home).stage_dir(self.folder_name, self.key(params))
 
     def build(self, params: Mapping[str, Any], build: Callable[[Path], Any]) -> str:
         """Build the stage's folder for these parameters (or find it complete)."""
@@ -109,7 +119,7 @@ class StageCache(CachePolicy):
         **kwargs: Any,
     ) -> str | None:
         assert self.stage is not None
-        home = Home(inputs["home"])
+        home = Home(inputs["ctx"].home)
         key = self.stage.key(inputs)
         ok, _ = verify_complete(home.stage_dir(self.stage.folder_name, key))
         if not ok:

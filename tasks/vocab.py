@@ -15,7 +15,7 @@ from elmo_core.vocab import SPECIALS, Vocab
 from elmo_core.vocab_config import VocabConfig
 from storage.datasets import read_dataset, write_parquet
 from storage.paths import write_json
-from tasks.stage import stage
+from tasks.stage import StageContext, stage
 
 VOCAB = stage("vocab", __name__, inputs=["dataset", "corpora"], config=["config"])
 
@@ -27,7 +27,9 @@ def _split_counts(dataset: str) -> tuple[Counter[str], int]:
 
 
 @VOCAB.task(name="build-vocab")
-def build_vocab(dataset: str | None, corpora: list[str], home: str, config: VocabConfig) -> str:
+def build_vocab(
+    dataset: str | None, corpora: list[str], config: VocabConfig, ctx: StageContext
+) -> str:
     """Vocabulary of the pretraining text (train split, if any, + corpora; never test or
     held-out text) → vocab.parquet (id, token, count); merged from counts, never token lists."""
     return VOCAB.build(locals(), lambda d: _build_vocab(dataset, corpora, d, config))

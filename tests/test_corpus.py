@@ -24,6 +24,7 @@ from storage.errors import DataError
 from tasks import corpus as corpus_tasks
 from tasks.corpus import CorpusConfig, heldout_shards, read_pretrain_corpus, token_shards
 from tasks.ids import encode_docs, encode_ids, id_shards
+from tasks.stage import StageContext
 from tasks.vocab import build_vocab, load_vocab
 from tests.conftest import REUTERS
 
@@ -90,7 +91,7 @@ def test_corpus_stage_counts_tokens_and_holds_out_documents(tmp_path, docs, monk
     root = _shards(tmp_path / "c", docs)
     cfg = CorpusConfig(holdout_fraction=0.05, seed=3)
     monkeypatch.setattr("storage.corpus.BATCH_CHARS", 200_000)  # several shards
-    one = Path(read_pretrain_corpus.fn(str(root), str(tmp_path / "h1"), cfg))
+    one = Path(read_pretrain_corpus.fn(str(root), cfg, StageContext(str(tmp_path / "h1"))))
     kept = [toks for p in token_shards(str(one)) for toks in pq.read_table(p)["tokens"].to_pylist()]
     held = [t for p in heldout_shards(str(one)) for t in pq.read_table(p)["tokens"].to_pylist()]
     all_docs = [tokenize(t) for t in docs[300:] + docs[:300]]  # file order
@@ -103,7 +104,7 @@ def test_corpus_stage_counts_tokens_and_holds_out_documents(tmp_path, docs, monk
     # the pool path (2 spawned workers) writes exactly what the in-process path wrote
     monkeypatch.setattr(corpus_tasks, "POOL_MIN_BYTES", 0)
     monkeypatch.setenv("ELMO_NEWS_WORKERS", "2")
-    two = Path(read_pretrain_corpus.fn(str(root), str(tmp_path / "h2"), cfg))
+    two = Path(read_pretrain_corpus.fn(str(root), cfg, StageContext(str(tmp_path / "h2"))))
     assert two.name == one.name
     shards = [p.name for p in [*token_shards(str(one)), *heldout_shards(str(one))]]
     assert sorted(p.name for p in two.glob("*.parquet")) == sorted(["counts.parquet", *shards])
@@ -114,10 +115,12 @@ def test_corpus_stage_counts_tokens_and_holds_out_documents(tmp_path, docs, monk
 def test_corpus_key_follows_content_and_shards(tmp_path, docs):
     root = _shards(tmp_path / "c", docs)
     home = str(tmp_path / "h")
-    first = read_pretrain_corpus.fn(str(root), home, CorpusConfig())
-    assert read_pretrain_corpus.fn(str(root), home, CorpusConfig()) == first  # cached
+    first = read_pretrain_corpus.fn(str(root), CorpusConfig(), StageContext(home))
+    assert read_pretrain_corpus.fn(str(root), CorpusConfig(), StageContext(home)) == first  # cached
     pq.write_table(pa.table({"text": ["one more document"]}), root / "train-00002.parquet")
-    assert read_pretrain_corpus.fn(str(root), home, CorpusConfig()) != first  # a new shard
+    assert (
+        read_pretrain_corpus.fn(str(root), CorpusConfig(), StageContext(home)) != first
+    )  # a new shard
 
 
 def test_vocab_from_counts_equals_vocab_from_documents(docs):
@@ -130,11 +133,11 @@ def test_vocab_from_counts_equals_vocab_from_documents(docs):
 def test_id_shards_are_the_documents_between_boundaries(tmp_path, docs):
     home = str(tmp_path / "h")
     c = read_pretrain_corpus.fn(
-        str(REUTERS), home, CorpusConfig(max_docs=400, holdout_fraction=0.1)
+        str(REUTERS), CorpusConfig(max_docs=400, holdout_fraction=0.1), StageContext(home)
     )
-    v_dir = build_vocab.fn(None, [c], home, VocabConfig(min_count=2))
+    v_dir = build_vocab.fn(None, [c], VocabConfig(min_count=2), StageContext(home))
     vocab = load_vocab(v_dir)
-    ids_dir = encode_ids.fn(None, [c], v_dir, home, 5)
+    ids_dir = encode_ids.fn(None, [c], v_dir, 5, StageContext(home))
     stream = np.concatenate([np.load(p, mmap_mode="r") for p in id_shards(ids_dir)])
     kept = []
     for p in token_shards(c):  # each shard's documents in the seeded order

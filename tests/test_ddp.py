@@ -27,6 +27,7 @@ from tasks.bilm_training import train_bilm
 from tasks.corpus import CorpusConfig, read_pretrain_corpus
 from tasks.ids import encode_ids
 from tasks.pretrain import pretrain, torchrun_command
+from tasks.stage import StageContext
 from tasks.vocab import build_vocab
 from tests.conftest import REUTERS
 
@@ -47,10 +48,10 @@ TRAIN = PretrainConfig(
 def stages(tmp_path_factory):
     home = str(tmp_path_factory.mktemp("ddp_home"))
     c = read_pretrain_corpus.fn(
-        str(REUTERS), home, CorpusConfig(max_docs=400, holdout_fraction=0.05)
+        str(REUTERS), CorpusConfig(max_docs=400, holdout_fraction=0.05), StageContext(home)
     )
-    v = build_vocab.fn(None, [c], home, VocabConfig(min_count=2, max_size=3000))
-    return home, encode_ids.fn(None, [c], v, home, 3), v
+    v = build_vocab.fn(None, [c], VocabConfig(min_count=2, max_size=3000), StageContext(home))
+    return home, encode_ids.fn(None, [c], v, 3, StageContext(home)), v
 
 
 def _env(mark: str = "") -> dict[str, str]:
@@ -138,10 +139,10 @@ def test_a_killed_rank_fails_the_stage_and_a_rerun_resumes(stages, monkeypatch):
     t = threading.Thread(target=killer, daemon=True)
     t.start()
     with pytest.raises(RuntimeError, match="a re-run resumes from it"):
-        pretrain.fn(ids, vocab, home, BILM, train, "cpu")
+        pretrain.fn(ids, vocab, BILM, train, StageContext(home, "cpu"))
     t.join(5)
     assert killed, "no rank was killed"
-    stage = pretrain.fn(ids, vocab, home, BILM, train, "cpu")  # resumes
+    stage = pretrain.fn(ids, vocab, BILM, train, StageContext(home, "cpu"))  # resumes
     hist = json.loads((Path(stage) / "history.json").read_text())
     resumed = [h["value"] for h in hist if h["key"] == "resumed_from_step"]
     assert resumed and resumed[0] >= 10 and resumed[0] % 10 == 0

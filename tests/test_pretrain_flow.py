@@ -17,6 +17,7 @@ import torch
 from elmo_core.bilm_checkpoint import load_bilm
 from elmo_core.classifier_checkpoint import load_classifier
 from flows.params import PretrainParams
+from tasks.stage import StageContext
 from tests.conftest import REUTERS, smoke_params
 from tests.test_flow_e2e import _task_states
 
@@ -151,7 +152,12 @@ def test_finetuning_trains_the_biLM_inside_the_classifier_and_keeps_it(pretraine
     cfg = ClassifierConfig(**{**smoke.__dict__, "finetune_bilm": True, "unfreeze_every": 1})
     out = Path(
         classify.fn(
-            summary["features"], summary["bilm"], summary["dataset"], "wsum", str(home), cfg, "cpu"
+            summary["features"],
+            summary["bilm"],
+            summary["dataset"],
+            "wsum",
+            cfg,
+            StageContext(str(home), "cpu"),
         )
     )
     frozen, _ = load_bilm(Path(summary["bilm"]) / "bilm.pt")

@@ -15,6 +15,7 @@ from storage.errors import DataError
 from storage.paths import read_json
 from tasks.ingest import IngestConfig, ingest
 from tasks.remote import fetch_remote
+from tasks.stage import StageContext
 from tests.conftest import SHARED, free_port, stop_group, wait_http
 
 LARGE = SHARED / "ag_news_large"
@@ -73,7 +74,7 @@ def test_sharded_parquet_dataset_from_s3(s3, tmp_path):
     assert sorted(p.name for p in folder.iterdir() if not p.name.startswith(".")) == sorted(sent)
     for name, data in sent.items():
         assert (folder / name).read_bytes() == data
-    dataset = ingest.fn(str(folder), str(home), IngestConfig())
+    dataset = ingest.fn(str(folder), IngestConfig(), StageContext(str(home)))
     stats = read_json(Path(dataset) / "metrics.json")
     # every shard: rows in = accepted + quarantined = both train shards' rows
     assert stats["rows_in_train"] == 900

@@ -15,13 +15,14 @@ from storage.datasets import DATASET_SCHEMA
 from storage.paths import Home, safe_name, write_json
 from tasks.baseline import BaselineConfig, baseline
 from tasks.ingest import IngestConfig, ingest
+from tasks.stage import StageContext
 from tasks.vocab import build_vocab, load_vocab
 
 
 @pytest.fixture(scope="module")
 def dataset(ag_slice, tmp_path_factory) -> tuple[str, str]:
     home = str(tmp_path_factory.mktemp("home"))
-    return ingest.fn(str(ag_slice), home, IngestConfig(val_fraction=0.2)), home
+    return ingest.fn(str(ag_slice), IngestConfig(val_fraction=0.2), StageContext(home)), home
 
 
 def test_ingest_writes_schema_splits_and_accounting(dataset, ag_slice):
@@ -45,21 +46,23 @@ def test_ingest_writes_schema_splits_and_accounting(dataset, ag_slice):
 
 def test_ingest_is_keyed_by_content(dataset, ag_slice, tmp_path):
     d, home = dataset
-    assert ingest.fn(str(ag_slice), home, IngestConfig(val_fraction=0.2)) == d
+    assert ingest.fn(str(ag_slice), IngestConfig(val_fraction=0.2), StageContext(home)) == d
     copy = tmp_path / "copy"
     shutil.copytree(ag_slice, copy)
-    assert ingest.fn(str(copy), home, IngestConfig(val_fraction=0.2)) == d  # same bytes, same key
+    assert (
+        ingest.fn(str(copy), IngestConfig(val_fraction=0.2), StageContext(home)) == d
+    )  # same bytes, same key
     with open(copy / "train.csv", "a") as f:
         f.write('"1","New row","Added later."\n')
-    assert ingest.fn(str(copy), home, IngestConfig(val_fraction=0.2)) != d
+    assert ingest.fn(str(copy), IngestConfig(val_fraction=0.2), StageContext(home)) != d
 
 
 def test_vocab_and_baseline_tasks(dataset):
     d, home = dataset
-    v_dir = build_vocab.fn(d, [], home, VocabConfig(min_count=1, max_size=2000))
+    v_dir = build_vocab.fn(d, [], VocabConfig(min_count=1, max_size=2000), StageContext(home))
     vocab = load_vocab(v_dir)
     assert len(vocab) <= 2000 and vocab.tokens[:2] == ("<pad>", "<unk>")
-    b_dir = baseline.fn(d, home, BaselineConfig(max_iter=200))
+    b_dir = baseline.fn(d, BaselineConfig(max_iter=200), StageContext(home))
     metrics = __import__("json").loads((Path(b_dir) / "metrics.json").read_text())
     assert 0.3 < metrics["test_accuracy"] <= 1.0
     assert (Path(b_dir) / "confusion_matrix.png").stat().st_size > 1000
