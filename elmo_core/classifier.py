@@ -18,8 +18,8 @@ from elmo_core.lstm import reverse_padded
 def fast_dropout(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
     """Inverted dropout, element-wise as ``nn.Dropout``, with the mask drawn as uniforms < 1-p.
 
-    (B, T, D) -> (B, T, D). Same distribution; on this CPU ~4x cheaper than nn.Dropout's Bernoulli
-    sampling, which was ~15 % of a classifier step on its (B, T, D+E) input.
+    (B, T, D) -> (B, T, D). Same distribution; cheaper than nn.Dropout's Bernoulli sampling,
+    a visible share of a classifier step on its (B, T, D+E) input.
     """
     if not training or p == 0.0:
         return x

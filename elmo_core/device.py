@@ -25,7 +25,7 @@ def pick_device(prefer: str = "auto") -> torch.device:
 
 def bf16_native(device: torch.device) -> bool:
     """Does ``device`` run bf16 matmuls natively? CUDA with bf16 support; a CPU with AMX or
-    AVX512-BF16 (there an LSTM step runs ~2-4x faster in bf16; elsewhere bf16 is emulated, slow)."""
+    AVX512-BF16 (elsewhere bf16 is emulated: slower than float32)."""
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported()
     if device.type == "cpu":

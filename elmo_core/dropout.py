@@ -7,7 +7,7 @@ import torch
 
 def dropout_mask(like: torch.Tensor, shape: tuple[int, ...], p: float) -> torch.Tensor:
     """An inverted-dropout mask of ``shape`` in like's dtype and device: Bernoulli(1 - p) / (1 - p),
-    drawn as uniforms < 1 - p (the same distribution as ``bernoulli_``, ~4x cheaper here)."""
+    drawn as uniforms < 1 - p (the same distribution as ``bernoulli_``, cheaper to draw)."""
     keep = 1.0 - p
     return like.new_empty(shape).uniform_().lt_(keep).div_(keep)
 

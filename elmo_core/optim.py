@@ -4,8 +4,8 @@ The update of ``torch.optim.SparseAdam`` — only the rows present in a step's s
 their moments and values updated, with the bias correction of a per-parameter step count — done
 as: gather the rows of the values and both moments, one fused Adam kernel over all parameters'
 rows (``torch.optim.adam.adam(fused=True)``), scatter the three back. Sparse-tensor arithmetic
-(SparseAdam) was ~3x slower here, and an elementwise update on the gathered rows made 11 passes
-over them where this makes 7. It runs on every biLM step. (eps is added to the bias-corrected
+(SparseAdam) was several times slower, and an elementwise update on the gathered rows makes
+more passes over them. It runs on every biLM step. (eps is added to the bias-corrected
 root as in Adam, not to the raw root as in SparseAdam: a difference of order eps.)
 """
 
@@ -88,6 +88,6 @@ class LazyAdam(torch.optim.Optimizer):
 
 
 def fused_adam(params: Any, **kwargs: Any) -> torch.optim.Adam:
-    """torch's Adam, fused into one kernel per step (CPU and CUDA): ~6x cheaper than the
-    per-tensor loop on this CPU for the biLM's LSTM weights; same update rule."""
+    """torch's Adam, fused into one kernel per step (CPU and CUDA): far cheaper than the
+    per-tensor loop for the biLM's LSTM weights; same update rule."""
     return torch.optim.Adam(params, fused=True, **kwargs)

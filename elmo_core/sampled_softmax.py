@@ -143,8 +143,8 @@ class SampledSoftmax(nn.Module):
 
         Draws with replacement from the proposal until S distinct ids came up and keeps those
         (TensorFlow's ``unique=True`` candidate samplers), so every step has the same S and the
-        softmax's matmuls the same shapes: with S varying from step to step they ran ~2.5x
-        slower here (oneDNN builds a kernel per new shape). Expected counts use the number of
+        softmax's matmuls the same shapes: with S varying from step to step they run much
+        slower (oneDNN builds a kernel per new shape). Expected counts use the number of
         draws. S is capped at the number of ids the proposal can draw.
         """
         k = min(self.num_samples, int((self.proposal > 0).sum()))

@@ -245,9 +245,8 @@ def cli() -> None:
     """The console entry point: ``app``, then a quick interpreter exit.
 
     After a run the process holds millions of objects (torch, MLflow, Prefect, pydantic); the
-    interpreter's final garbage collection walked them for ~4 s on a 2-core CPU (py-spy: all of
-    it in gc_collect_main, after the atexit handlers had stopped the server and flushed logs),
-    longer than a cached run's own flow. Freezing them first leaves that collection nothing to
+    interpreter's final garbage collection walks them all (after the atexit handlers have
+    stopped the server and flushed logs), which can take longer than a cached run's own flow. Freezing them first leaves that collection nothing to
     walk; nothing is skipped that a process exit does not drop anyway. Only here, not in ``run``,
     so an embedding process (tests, notebooks) keeps its normal collector.
     """

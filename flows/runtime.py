@@ -2,9 +2,8 @@
 
 glibc's malloc hands large blocks back to the kernel on free (blocks above its mmap threshold,
 and the heap's free top above the trim threshold), so every training step that allocates the
-same big activations again pays fresh page faults for them. On this project's 2-core CPU box,
-bench/bilm_throughput.py with and without ``ELMO_NEWS_MALLOC_TUNING=0``: bf16 biLM step 29.4k ->
-33.6k tokens/s, classifier step 15.5k -> 22.3k. ``tune_allocator`` keeps freed memory in the
+same big activations again pays fresh page faults for them (``bench/bilm_throughput.py``
+with and without ``ELMO_NEWS_MALLOC_TUNING=0`` measures the difference). ``tune_allocator`` keeps freed memory in the
 process instead; the price is that the resident size stays near its peak until the process ends.
 """
 

@@ -25,8 +25,8 @@ def prestart_ephemeral_server() -> Future[None] | None:
     """Start Prefect's ephemeral API server in a background thread when no API URL is set.
 
     The server boots in its own process; the flow would otherwise start it only after the
-    pipeline's imports (torch, MLflow, scikit-learn: ~9 s on a 2-core CPU), so the two ran one
-    after the other. Started here they overlap. Wait on the returned future before the flow
+    pipeline's imports (torch, MLflow, scikit-learn: seconds), so the two ran one after the
+    other. Started here they overlap. Wait on the returned future before the flow
     starts (a failed start raises there); the flow then reuses this server (Prefect keeps one
     instance per process). None when a server is configured (``PREFECT_API_URL``) or ephemeral
     servers are turned off (``PREFECT_SERVER_EPHEMERAL_ENABLED``): Prefect would not use one.
@@ -59,7 +59,7 @@ def prestart_ephemeral_server() -> Future[None] | None:
 
 def abandon_server(started: Future[None] | None, status: int) -> None:
     """Exit now with ``status``, killing a prestarted server that is still booting: a run
-    refused for a bad parameter must not wait ~20 s for a boot it will never use (the start
+    refused for a bad parameter must not wait for a boot it will never use (the start
     thread would hold the interpreter's exit until the server answered)."""
     if started is None:
         return
@@ -88,7 +88,7 @@ def guard_server(server_pid: int) -> subprocess.Popen[bytes]:
 
 def await_server(started: Future[None] | None, home_dir: str) -> None:
     """Before the flow starts: while the prestarted server still boots, create / migrate the
-    MLflow store (~2 s on a new home) instead of at the flow's start; then wait until the
+    MLflow store (seconds on a new home) instead of at the flow's start; then wait until the
     server is up (the flow must find it up, not half-started)."""
     if started is None:
         return

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from storage.hashing import ROOT
-from storage.tracking import _store_lock
+from storage.tracking import store_lock
 
 MODEL_NAME = "elmo-news-classifier"
 MODEL_CODE = ROOT / "serving" / "classifier_model.py"
@@ -112,7 +112,7 @@ def _versions_with(
 
     mlflow.set_tracking_uri(uri)
     client = MlflowClient(uri)
-    with _store_lock(uri):
+    with store_lock(uri):
         try:
             client.get_registered_model(name)
         except MlflowException:
@@ -199,7 +199,7 @@ def register_and_gate(
     # (no lock here) may still refuse a concurrent alias insert: decide again on the new state
     for attempt in range(3):
         try:
-            with _store_lock(uri):
+            with store_lock(uri):
                 decision, champion_acc, alias = gate()
             break
         except MlflowException:

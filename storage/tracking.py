@@ -76,7 +76,7 @@ def _flat(prefix: str, obj: Any, out: dict[str, str]) -> None:
         out[prefix] = json.dumps(obj) if isinstance(obj, list | tuple) else str(obj)
 
 
-def _store_lock(uri: str) -> AbstractContextManager[None]:
+def store_lock(uri: str) -> AbstractContextManager[None]:
     """Serialise first use of a local sqlite store: MLflow creates and migrates its schema on first
     connection, and two processes doing that at once collide."""
     db = _sqlite_db(uri)
@@ -88,7 +88,7 @@ class Tracker:
 
     def __init__(self, uri: str, parent_run_id: str | None = None) -> None:
         self.uri = uri
-        with _store_lock(uri):
+        with store_lock(uri):
             self.client = _client(uri)
             self.experiment_id = _experiment_id(self.client, uri)
         self.parent_run_id = parent_run_id

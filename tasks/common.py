@@ -49,9 +49,9 @@ def dask_worker() -> Any | None:
 def task_threads() -> tuple[int, str]:
     """How many torch threads a task should use, and why.
 
-    A task must use only its share of the cores: measured here, a biLM step with 2 torch
-    threads while another process held one of the 2 cores ran at 1.2k tokens/s instead of
-    44k, 35x slower, not 2x (threads of one op wait on each other). ``ELMO_NEWS_THREADS``
+    A task must use only its share of the cores: a biLM step whose threads share their
+    cores with another process runs many times slower, not 2x (threads of one op wait on
+    each other). ``ELMO_NEWS_THREADS``
     wins; in a Dask worker the share the flow set from the cluster's layout, else the
     worker's cores over its thread count; in the flow process the cores over the tasks the
     thread runner runs at once (``ELMO_NEWS_PARALLEL_TASKS``)."""
