@@ -26,11 +26,14 @@ from flows.cli_args import (
     StoreHomeOpt,
     TaskRunnerOpt,
     TextColumnOpt,
+    check_home,
     check_readable,
     check_run_inputs,
     check_serving_inputs,
     parse_grid,
     parse_overrides,
+    project_errors,
+    run_errors,
     user_errors,
 )
 from flows.server import abandon_server, await_server, prefect_defaults, prestart_ephemeral_server
@@ -60,13 +63,18 @@ def _load(ref: str) -> Any:
 
 def launch(params_ref: str, fields: dict[str, Any], flow_ref: str) -> Any:
     """The one launch path of run, sweep and pretrain: the ephemeral server boots in its own
-    process while the parameters validate and the flow's modules import; bad parameters exit
-    with one line before the flow starts (not waiting for that boot); the flow then runs with
-    a live display, taking the validated parameters whole."""
+    process while the parameters validate, the data passes its preflight and the flow's
+    modules import; bad parameters or data exit with one line before the flow starts (not
+    waiting for that boot); the flow then runs with a live display, taking the validated
+    parameters whole, and a project error inside it also ends as one line."""
     server = prestart_ephemeral_server()
     try:
         with user_errors():
             params = _load(params_ref)(**fields)
+        preflight = getattr(params, "preflight", None)
+        if preflight is not None:
+            with user_errors(project_errors()):
+                preflight()
     except typer.Exit as e:
         abandon_server(server, e.exit_code)
         raise
@@ -74,7 +82,7 @@ def launch(params_ref: str, fields: dict[str, Any], flow_ref: str) -> Any:
     from tasks.progress import live_display
 
     await_server(server, params.home_dir())
-    with live_display():
+    with live_display(), run_errors():
         return flow_fn(params=params)
 
 
@@ -181,6 +189,7 @@ def pretrain_cmd(
 ) -> None:
     """Pretrain a biLM on unlabeled text alone and register it as elmo-news-bilm."""
     prefect_defaults()
+    check_home(home)
     with user_errors():
         overrides = parse_overrides(set_ or [])
         if nproc_per_node > 1:

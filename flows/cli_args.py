@@ -36,20 +36,68 @@ def _one_line(e: BaseException) -> str:
     return " ".join(str(e).split())
 
 
+def project_errors() -> tuple[type[Exception], ...]:
+    """The errors about what the user gave (arguments, data, home, checkpoints): one line at
+    the command line. Any other exception inside a run is a bug and keeps its traceback."""
+    from elmo_core.checkpoint import CheckpointError
+    from storage.errors import DataError, HomeError
+
+    return (UserError, DataError, HomeError, CheckpointError)
+
+
 @contextmanager
-def user_errors() -> Iterator[None]:
+def user_errors(
+    types: tuple[type[BaseException], ...] | None = None,
+) -> Iterator[None]:
     """Bad input ends as ``error: <what and which value>`` on stderr and exit status 2; the
-    traceback is kept for bugs (any other exception) and for everything under --debug."""
+    traceback is kept for bugs (any other exception) and for everything under --debug.
+    Default ``types``: what argument checks raise (value, OS and MLflow errors)."""
     from mlflow.exceptions import MlflowException
 
+    caught = types or (ValueError, OSError, MlflowException, typer.BadParameter)
     try:
         yield
-    except (ValueError, OSError, MlflowException, typer.BadParameter) as e:
+    except caught as e:
         if DEBUG["on"]:
             raise
         logging.getLogger("prefect").disabled = True  # no "Stopping temporary server" line
         typer.echo(f"error: {_one_line(e)}", err=True)
         raise typer.Exit(2) from None
+
+
+class _HideProjectTracebacks(logging.Filter):
+    """On the console, a task or flow failing with a project error prints no traceback (the
+    command's ``error:`` line says it); Prefect's API log handler still records it."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        return DEBUG["on"] or not isinstance(exc, project_errors())
+
+
+@contextmanager
+def run_errors() -> Iterator[None]:
+    """Around a flow: a project error raised in a task ends the command as one ``error:``
+    line and exit 2 (the traceback in Prefect's logs, and on the console with --debug)."""
+    from tasks.progress import prefect_console_handler
+
+    handler = prefect_console_handler()
+    hide = _HideProjectTracebacks()
+    if handler is not None:
+        handler.addFilter(hide)
+    try:
+        with user_errors(project_errors()):
+            yield
+    finally:
+        if handler is not None:
+            handler.removeFilter(hide)
+
+
+def check_home(home: str | None) -> None:
+    """The home is a writable folder (or can become one) before anything starts."""
+    from storage.paths import Home
+
+    with user_errors():
+        Home(home).check_writable()
 
 
 def check_readable(what: str, raw: str) -> None:
@@ -73,6 +121,7 @@ def check_readable(what: str, raw: str) -> None:
 def check_run_inputs(data: str | None, corpora: list[str], bilm: str, home: str | None) -> None:
     """``run`` and ``sweep``: the data, corpora and biLM exist (a ``models:/`` biLM in the
     home's registry) before anything starts; a miss exits as a user error."""
+    check_home(home)
     with user_errors():
         for what, path in [
             ("data", data or "https://"),

@@ -304,3 +304,12 @@ class RunParams(BaseModel):
 
     def home_dir(self) -> str:
         return self.home or os.environ.get("ELMO_NEWS_HOME") or ".elmo-news"
+
+    def preflight(self) -> None:
+        """A local dataset checked by ingestion's own rules before anything starts (a URL or
+        an object store is checked by the flow's first task, once fetched)."""
+        if "://" in self.data:
+            return
+        from tasks.ingest import preflight
+
+        preflight(self.data, self.resolve().ingest)

@@ -26,7 +26,7 @@ from tasks.classify import CLASSIFIER, classify
 from tasks.corpus import read_pretrain_corpus
 from tasks.features import features
 from tasks.ids import encode_ids
-from tasks.ingest import fetch_data, ingest, source_hash
+from tasks.ingest import INGEST, fetch_data, ingest, preflight_data, source_hash
 from tasks.pretrain import PRETRAIN, pretrain
 from tasks.registry import fetch_bilm, register_best
 from tasks.remote import fetch_remote
@@ -108,6 +108,9 @@ def upstream(
     data_hash = source_hash(source)
     # stages that build open their own child runs under the tracker's target
     ctx = StageContext(home_s, params.device, tracker.target())
+    if not INGEST.built({"source": source, "config": cfg.ingest, "ctx": ctx}):
+        # data ingestion would refuse ends here, in one sentence, before any stage
+        preflight_data(source, cfg.ingest, params.data)
     dataset = in_home(ingest, h)(source, cfg.ingest, ctx)
     corpora = [in_home(read_pretrain_corpus, h)(c, cfg.corpus, ctx) for c in params.pretrain_corpus]
     timings["ingest"] = time.perf_counter() - t

@@ -70,6 +70,7 @@ def parent_run(
     """Open the flow run's parent run (named after the Prefect flow run, tagged with its id,
     the profile and ``kind``); a raise inside marks it FAILED."""
     home = Home(home_dir)
+    home.check_writable()  # a deployment's home: one clear error before any stage
     log = get_run_logger()
     # reuse freed memory instead of page-faulting it in again every training step
     log.info("allocator tuned for training: %s", tune_allocator())

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from elmo_core.checkpoint import atomic_file
+from storage.errors import HomeError
 
 DEFAULT_HOME = ".elmo-news"
 _SAFE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
@@ -62,6 +63,15 @@ class Home:
 
     def mlflow_uri(self) -> str:
         return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{self.root / 'mlflow.db'}"
+
+    def check_writable(self) -> None:
+        """The home is (or can become) a folder this process writes; HomeError otherwise."""
+        existing = next((p for p in [self.root, *self.root.parents] if p.exists()), None)
+        if existing is not None and not existing.is_dir():
+            what = "the home" if existing == self.root else f"its parent {existing}"
+            raise HomeError(f"{self.root}: {what} is a file, not a folder")
+        if existing is not None and not os.access(existing, os.W_OK | os.X_OK):
+            raise HomeError(f"{self.root}: home folder is not writable ({existing})")
 
 
 def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:

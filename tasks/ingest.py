@@ -3,11 +3,12 @@ path is what the task returns). Pretraining text is ``tasks.corpus``."""
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 from prefect import task
-from sklearn.model_selection import train_test_split
 
 from storage.datasets import rows_table, write_parquet
 from storage.download import fetch_source
@@ -16,6 +17,7 @@ from storage.hashing import sha256_dir, sha256_file
 from storage.paths import Home, read_json, write_json
 from storage.quarantine import quarantine_table
 from storage.readers import read_source
+from storage.splits import check_usable, plan_splits
 from tasks.common import logger
 from tasks.stage import StageContext, stage
 
@@ -50,24 +52,63 @@ def source_hash(source: str) -> str:
 INGEST = stage("ingest", __name__, inputs={"source": source_hash}, config=["config"])
 
 
-def _stratified_limit(rows: list[dict], limit: int, seed: int) -> list[dict]:
-    if not limit or limit >= len(rows):
-        return rows
-    labels = [r["label"] for r in rows]
-    keep, _ = train_test_split(rows, train_size=limit, stratify=labels, random_state=seed)
-    return sorted(keep, key=lambda r: r["id"])
-
-
 @INGEST.task(name="ingest")
 def ingest(source: str, config: IngestConfig, ctx: StageContext) -> str:
     """Validate rows, quarantine bad ones, carve a stratified validation split, write Parquet."""
     return INGEST.build(locals(), lambda d: _build_ingest(source, d, config))
 
 
-def _build_ingest(source: str, out: Path, config: IngestConfig) -> None:
+def _read(source: str, config: IngestConfig, keep: bool) -> tuple[dict, list[str], dict]:
+    """The source read under the ingestion's rules, and each split's row indices."""
     splits, classes = read_source(
-        Path(source), list(config.text_columns) or None, config.label_column or None
+        Path(source), list(config.text_columns) or None, config.label_column or None, keep
     )
+    check_usable(splits, source)
+    plan = plan_splits(
+        splits["train"].labels,
+        splits["test"].labels,
+        classes,
+        config.val_fraction,
+        config.seed,
+        config.limit_train,
+        config.limit_test,
+        source,
+    )
+    return splits, classes, plan
+
+
+def preflight(source: str, config: IngestConfig) -> dict[str, Any]:
+    """Everything ingestion would refuse, found by the same rules without tokenising or
+    writing anything: raises DataError naming the file, column or class; returns the counts."""
+    splits, classes, plan = _read(source, config, keep=False)
+    counts = {
+        name: Counter(splits["test" if name == "test" else "train"].labels[i] for i in idx)
+        for name, idx in plan.items()
+    }
+    return {
+        "classes": len(classes),
+        "rows": {name: len(idx) for name, idx in plan.items()},
+        "quarantined": {name: len(rows.quarantine) for name, rows in splits.items()},
+        "smallest_class_train": min(counts["train"].values()),
+    }
+
+
+@task(name="preflight-data")
+def preflight_data(source: str, config: IngestConfig, shown: str = "") -> dict[str, Any]:
+    """The flow's first check of the data (deployments start here, not at the CLI); errors
+    name ``shown`` (the URL the user gave) instead of its download folder."""
+    try:
+        report = preflight(source, config)
+    except DataError as e:
+        if not shown or shown == source:
+            raise
+        raise DataError(str(e).replace(source, shown)) from e
+    logger().info("preflight %s: %s", source, report)
+    return report
+
+
+def _build_ingest(source: str, out: Path, config: IngestConfig) -> None:
+    splits, classes, plan = _read(source, config, keep=True)
     stats: dict[str, float] = {}
     quarantine: list[dict] = []
     for name, rows in splits.items():
@@ -76,20 +117,10 @@ def _build_ingest(source: str, out: Path, config: IngestConfig) -> None:
         stats[f"rows_quarantined_{name}"] = len(rows.quarantine)
         stats[f"rows_duplicate_{name}"] = rows.duplicates
         quarantine += rows.quarantine
-        if not rows.rows:
-            raise DataError(f"{source}: no usable {name} rows ({len(rows.quarantine)} quarantined)")
-    train = _stratified_limit(splits["train"].rows, config.limit_train, config.seed)
-    test = _stratified_limit(splits["test"].rows, config.limit_test, config.seed)
-    labels = [r["label"] for r in train]
-    tr, va = train_test_split(
-        train, test_size=config.val_fraction, stratify=labels, random_state=config.seed
-    )
-    parts = {"train": tr, "val": va, "test": test}
-    for name, rows in parts.items():
-        write_parquet(
-            rows_table(sorted(rows, key=lambda r: r["id"]), name), out / f"{name}.parquet"
-        )
-        stats[f"rows_{name}"] = len(rows)
+    for name, idx in plan.items():
+        rows = splits["test" if name == "test" else "train"].rows
+        write_parquet(rows_table([rows[i] for i in idx], name), out / f"{name}.parquet")
+        stats[f"rows_{name}"] = len(idx)
     write_parquet(quarantine_table(quarantine), out / "quarantine.parquet")
     write_json(out / "labels.json", classes)
     write_json(out / "metrics.json", stats)

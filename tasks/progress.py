@@ -24,7 +24,7 @@ _display: Any = None  # the rich Progress of the running CLI command, if any
 _lock = threading.Lock()
 
 
-def _prefect_console_handler() -> Any:
+def prefect_console_handler() -> Any:
     """Prefect's own log handler (it prints through a rich Console), if one is installed."""
     from rich.console import Console
 
@@ -44,7 +44,7 @@ def live_display(enabled: bool = True) -> Iterator[None]:
     the bars' console instead, so log lines scroll above the bars instead of tearing them
     (Prefect's console has a theme without rich's default styles, so the bars cannot use it)."""
     global _display
-    handler = _prefect_console_handler() if enabled else None
+    handler = prefect_console_handler() if enabled else None
     if handler is None or not handler.console.is_terminal:
         yield
         return

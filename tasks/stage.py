@@ -74,6 +74,10 @@ class Stage:
     def folder(self, params: Mapping[str, Any]) -> Path:
         return Home(params["ctx"].home).stage_dir(self.folder_name, self.key(params))
 
+    def built(self, params: Mapping[str, Any]) -> bool:
+        """Whether the folder for these parameters is complete (a run would reuse it)."""
+        return verify_complete(self.folder(params))[0]
+
     def build(self, params: Mapping[str, Any], build: Callable[[Path], Any]) -> str:
         """Build the stage's folder for these parameters (or find it complete)."""
         return build_stage(self.folder(params), build)
