@@ -17,8 +17,30 @@ from torch import nn
 from elmo_core.bilm_config import BiLMConfig
 from elmo_core.char_encoder import CharEncoder, char_ids
 from elmo_core.dropout import locked_dropout
-from elmo_core.lstm import clipped_lstm, compute_dtype, reverse_padded
+from elmo_core.lstm import clipped_lstm, compute_dtype, lstm_steps, reverse_padded
 from elmo_core.sampled_softmax import SampledSoftmax
+from elmo_core.vocab import Vocab
+
+# the stateful reading's states: direction -> per layer (h (B, D), c (B, H))
+Carry = dict[str, list[tuple[torch.Tensor, torch.Tensor]]]
+
+
+def _direction(
+    carry: Carry | None, direction: str, lengths: torch.Tensor | None
+) -> tuple[list[tuple[torch.Tensor, torch.Tensor]] | None, torch.Tensor | None]:
+    return (None, None) if carry is None else (carry[direction], lengths)
+
+
+def with_sentence_marks(
+    tokens: torch.Tensor, lengths: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-padded rows (B, T), lengths (B,) -> <s> row </s> (B, T+2), lengths + 2."""
+    b, t = tokens.shape
+    out = tokens.new_zeros(b, t + 2)  # (B, T+2)
+    out[:, 0] = Vocab.bos_id
+    out[:, 1 : t + 1] = tokens * (torch.arange(t, device=tokens.device) < lengths.unsqueeze(1))
+    out[torch.arange(b, device=tokens.device), lengths + 1] = Vocab.eos_id
+    return out, lengths + 2
 
 
 @dataclass
@@ -72,7 +94,7 @@ class BiLM(nn.Module):
             return
         if len(words) != self.config.vocab_size:
             raise ValueError(f"set_words got {len(words)} words for V = {self.config.vocab_size}")
-        self.word_chars.copy_(char_ids(words, self.config.max_chars))
+        self.word_chars.copy_(self._spell(words))
 
     @torch.no_grad()
     def with_new_words(self, words: Sequence[str], log_share: torch.Tensor) -> BiLM:
@@ -104,10 +126,14 @@ class BiLM(nn.Module):
         state["softmax.proposal"] = proposal / proposal.sum()
         if "word_chars" in state:
             state["word_chars"] = torch.cat(
-                [state["word_chars"], char_ids(words, self.config.max_chars).to(proposal.device)]
+                [state["word_chars"], self._spell(words).to(proposal.device)]
             )
         grown.load_state_dict(state)
         return grown.train(self.training)
+
+    def _spell(self, words: Sequence[str]) -> torch.Tensor:
+        """(W, C) character ids of ``words`` in this biLM's id scheme."""
+        return char_ids(words, self.config.max_chars, self.config.char_ids)
 
     @property
     def open_vocabulary(self) -> bool:
@@ -119,7 +145,7 @@ class BiLM(nn.Module):
         ``forward``; None for the word encoder or when there are none."""
         if self.char_encoder is None or not words:
             return None
-        return char_ids(words, self.config.max_chars).to(self.word_chars.device)
+        return self._spell(words).to(self.word_chars.device)
 
     @torch.no_grad()
     def input_vectors(self, chunk: int = 4096) -> torch.Tensor:
@@ -180,16 +206,31 @@ class BiLM(nn.Module):
             return clipped_lstm(lstm, x, self.config.cell_clip, self.config.proj_clip)
         return lstm(x)[0]
 
-    def _stack(self, lstms: nn.ModuleList, x: torch.Tensor) -> list[torch.Tensor]:
-        """Run one direction's stack; residual after the first layer. (B, T, D) -> L x (B, T, D).
+    def _stack(
+        self,
+        lstms: nn.ModuleList,
+        x: torch.Tensor,
+        carry: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
+        lengths: torch.Tensor | None = None,
+    ) -> list[torch.Tensor]:
+        """Run one direction's stack; residual after the first layer (``config.residual``).
+        (B, T, D) -> L x (B, T, D).
 
         ``x`` arrives with dropout applied (once, shared by both directions); dropout is applied
-        again between layers. All dropout is variational (``locked_dropout``).
+        again between layers. All dropout is variational (``locked_dropout``). ``carry``: each
+        layer's (h (B, D), c (B, H)) to start from, replaced by each row's final state at its
+        ``lengths`` (the stateful reading); None starts every layer from zeros.
         """
         outs = []
         for i, lstm in enumerate(lstms):
-            y = self._lstm(cast(nn.LSTM, lstm), x if i == 0 else self._drop(x))  # (B, T, D)
-            if i > 0:
+            inp = x if i == 0 else self._drop(x)
+            if carry is None:
+                y = self._lstm(cast(nn.LSTM, lstm), inp)  # (B, T, D)
+            else:
+                clips = self.config.cell_clip, self.config.proj_clip
+                y, h, c = lstm_steps(cast(nn.LSTM, lstm), inp, *clips, carry[i], lengths)
+                carry[i] = (h, c)
+            if i > 0 and self.config.residual:
                 y = y + x
             outs.append(y)
             x = y
@@ -200,34 +241,49 @@ class BiLM(nn.Module):
         tokens: torch.Tensor,
         lengths: torch.Tensor | None = None,
         extra: torch.Tensor | None = None,
+        carry: Carry | None = None,
     ) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
         """tokens (B, T) -> token vectors (B, T, H), forward and backward layer states L x (B, T, H).
 
         ``lengths`` (B,) marks right padding; None means every row is full (training windows).
-        Backward states are returned in the original time order. ``extra``: see ``forward``.
+        Backward states are returned in the original time order. ``extra``: see ``forward``;
+        ``carry``: the stateful reading's states per direction (``elmo_core.stateful``).
         """
         x = self._embed(tokens, extra)  # (B, T, H)
         xd = self._drop(x)
-        fwd = self._stack(self.forward_lstms, xd)
+        if carry is not None and lengths is None:
+            lengths = torch.full((tokens.shape[0],), tokens.shape[1], device=tokens.device)
+        fwd = self._stack(self.forward_lstms, xd, *_direction(carry, "forward", lengths))
         if lengths is None:
             bwd = [y.flip(1) for y in self._stack(self.backward_lstms, xd.flip(1))]
         else:
             rev = reverse_padded(xd, lengths)  # (B, T, H)
-            bwd = [reverse_padded(y, lengths) for y in self._stack(self.backward_lstms, rev)]
+            back = self._stack(self.backward_lstms, rev, *_direction(carry, "backward", lengths))
+            bwd = [reverse_padded(y, lengths) for y in back]
         return x, fwd, bwd
 
     def forward(
-        self, tokens: torch.Tensor, mask: torch.Tensor, extra: torch.Tensor | None = None
+        self,
+        tokens: torch.Tensor,
+        mask: torch.Tensor,
+        extra: torch.Tensor | None = None,
+        carry: Carry | None = None,
     ) -> BiLMOutput:
         """tokens (B, T) long, mask (B, T) bool (right padding) -> BiLMOutput, layers (L+1, B, T, 2H).
 
         ``extra`` (W, C), char encoder only: character ids of out-of-vocabulary words, which
-        ``tokens`` address as ids V .. V+W-1 (``extra_chars``)."""
+        ``tokens`` address as ids V .. V+W-1 (``extra_chars``). With ``config.sentence_marks``
+        each row is read as <s> row </s> and the marks' positions are dropped again."""
         lengths = mask.sum(1)  # (B,)
-        x, fwd, bwd = self.states(tokens, lengths, extra)
+        if self.config.sentence_marks:
+            tokens, lengths = with_sentence_marks(tokens, lengths)  # (B, T+2), (B,)
+        x, fwd, bwd = self.states(tokens, lengths, extra, carry)
         layers = [torch.cat([x, x], dim=-1)]  # (B, T, 2H)
         layers += [torch.cat([f, b], dim=-1) for f, b in zip(fwd, bwd, strict=True)]
-        stacked = torch.stack(layers) * mask.unsqueeze(0).unsqueeze(-1)  # (L+1, B, T, 2H)
+        stacked = torch.stack(layers)  # (L+1, B, T or T+2, 2H)
+        if self.config.sentence_marks:
+            stacked = stacked[:, :, 1 : mask.shape[1] + 1]  # (L+1, B, T, 2H): marks dropped
+        stacked = stacked * mask.unsqueeze(0).unsqueeze(-1)  # (L+1, B, T, 2H)
         return BiLMOutput(layers=stacked, mask=mask)
 
     def lm_loss(

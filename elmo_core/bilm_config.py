@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 TOKEN_ENCODERS = ("word", "char")  # BiLMConfig.token_encoder
+CHAR_IDS = ("compact", "elmo")  # BiLMConfig.char_ids
+ACTIVATIONS = ("relu", "tanh")  # BiLMConfig.char_activation
 
 
 @dataclass(frozen=True)
@@ -30,11 +32,27 @@ class BiLMConfig:
     char_filters: tuple[int, ...] = (32, 32, 64, 128, 128, 128, 128)
     char_highway: int = 2  # highway layers over the pooled filters (ELMo: 2)
     max_chars: int = 50  # bytes per word read by the CNN, word boundaries included (ELMo: 50)
+    # compact: 259 ids (bytes + word marks; padding embeds to zero, a word is read up to the
+    # batch's longest word); elmo: ELMo's 262 ids (bytes + 1, sentence and word marks, a
+    # learned padding character, every word read over all max_chars positions)
+    char_ids: str = "compact"
+    char_activation: str = "relu"  # after the max-pool (ELMo's options: relu or tanh)
+    residual: bool = True  # skip connections around every LSTM layer after the first
+    # wrap every sequence the biLM reads in <s> ... </s> and drop them from its output (ELMo)
+    sentence_marks: bool = False
+    # False for a biLM imported from published weights, which carry no softmax: its output
+    # layer is untrained and adaptation (which needs one) is skipped
+    lm_head: bool = True
 
     def __post_init__(self) -> None:
         if self.token_encoder not in TOKEN_ENCODERS:
             raise ValueError(
                 f"token_encoder must be one of {TOKEN_ENCODERS}, got {self.token_encoder!r}"
+            )
+        if self.char_ids not in CHAR_IDS or self.char_activation not in ACTIVATIONS:
+            raise ValueError(
+                f"char_ids must be one of {CHAR_IDS} and char_activation one of {ACTIVATIONS}, "
+                f"got {self.char_ids!r}, {self.char_activation!r}"
             )
         if self.char_dim < 1 or not self.char_filters or min(self.char_filters) < 1:
             raise ValueError(

@@ -39,6 +39,21 @@ def clipped_lstm(
     the cell state and the output can be clipped at every step, as ELMo's LSTMs do (cuDNN /
     oneDNN's fused kernels cannot). Same weights, same gate order (i, f, g, o) and, without
     clipping, the same output as ``lstm(x)[0]``. x: (B, T, I) -> (B, T, P or H)."""
+    return lstm_steps(lstm, x, cell_clip, proj_clip)[0]
+
+
+def lstm_steps(
+    lstm: nn.LSTM,
+    x: torch.Tensor,
+    cell_clip: float,
+    proj_clip: float,
+    state: tuple[torch.Tensor, torch.Tensor] | None = None,
+    lengths: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``clipped_lstm`` from a given state, also returning the final state: x (B, T, I),
+    state (h (B, P or H), c (B, H); zeros if None), lengths (B,) -> outputs (B, T, P or H),
+    final h, final c, each row's taken at its own last step (``lengths``; the last step if
+    None), as a stateful reader carries them into its next batch."""
 
     def weight(name: str) -> torch.Tensor:
         return cast(torch.Tensor, getattr(lstm, name))
@@ -48,8 +63,13 @@ def clipped_lstm(
     bias = weight("bias_ih_l0") + weight("bias_hh_l0")
     gates_x = F.linear(x, weight("weight_ih_l0"), bias)  # (B, T, 4H)
     b, t = x.shape[:2]
-    h = x.new_zeros(b, w_hh.shape[1])  # (B, P or H)
-    c = x.new_zeros(b, lstm.hidden_size)  # (B, H)
+    if state is None:
+        h = x.new_zeros(b, w_hh.shape[1])  # (B, P or H)
+        c = x.new_zeros(b, lstm.hidden_size)  # (B, H)
+    else:
+        h, c = state[0].to(gates_x.dtype), state[1].to(gates_x.dtype)
+    last = None if lengths is None else (lengths.to(x.device) - 1).unsqueeze(1)  # (B, 1)
+    h_end, c_end = h, c
     outs = []
     for step in range(t):
         g = torch.addmm(gates_x[:, step], h, w_hh.t())  # (B, 4H)
@@ -63,4 +83,9 @@ def clipped_lstm(
         if proj_clip:
             h = h.clamp(-proj_clip, proj_clip)
         outs.append(h)
-    return torch.stack(outs, 1)  # (B, T, P or H)
+        if last is not None:  # rows whose last real step this is keep this state
+            here = last == step  # (B, 1)
+            h_end, c_end = torch.where(here, h, h_end), torch.where(here, c, c_end)
+    if last is None:
+        h_end, c_end = h, c
+    return torch.stack(outs, 1), h_end, c_end  # (B, T, P or H), (B, P or H), (B, H)
