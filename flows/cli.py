@@ -250,6 +250,50 @@ def embed(
     typer.echo(f"{n} token vectors -> {output}")
 
 
+@app.command("import-bilm")
+def import_bilm(
+    options: Annotated[str, typer.Option(help="a published ELMo options.json: path or URL")],
+    weights: Annotated[str, typer.Option(help="its weights HDF5: path or URL")],
+    home: StoreHomeOpt = None,
+) -> None:
+    """Turn a published ELMo model (AllenNLP / bilm-tf files) into this product's biLM and
+    register it as elmo-news-bilm, for run --bilm, embed and predict."""
+    prefect_defaults()
+    check_home(home)
+    for what, ref in (("options", options), ("weights", weights)):
+        with user_errors():
+            check_readable(what, ref)
+    from storage.paths import Home
+    from storage.published_models import import_and_register
+
+    with user_errors(project_errors()):
+        info = import_and_register(options, weights, Home(home))
+    typer.echo(json.dumps(info, indent=2))
+
+
+@app.command("export-bilm")
+def export_bilm(
+    model: Annotated[
+        str, typer.Argument(help="models:/elmo-news-bilm/N (or @ALIAS) or a biLM folder")
+    ],
+    out: Annotated[str, typer.Option(help="folder for options.json + weights.hdf5")],
+    home: StoreHomeOpt = None,
+) -> None:
+    """Write a char-encoder biLM in ELMo's published layout (options.json + weights.hdf5),
+    which AllenNLP and bilm-tf load."""
+    prefect_defaults()
+    from pathlib import Path
+
+    from storage.paths import Home
+    from storage.published_models import export_model
+
+    with user_errors():  # an unknown model version, a folder that is not a biLM, a word biLM
+        if not model.startswith("models:/"):
+            check_readable("biLM", model)
+        info = export_model(model, Path(out), Home(home))
+    typer.echo(json.dumps(info, indent=2))
+
+
 def cli() -> None:
     """The console entry point: ``app``, then a quick interpreter exit.
 

@@ -40,9 +40,10 @@ def project_errors() -> tuple[type[Exception], ...]:
     """The errors about what the user gave (arguments, data, home, checkpoints): one line at
     the command line. Any other exception inside a run is a bug and keeps its traceback."""
     from elmo_core.checkpoint import CheckpointError
+    from elmo_core.published import PublishedFormatError
     from storage.errors import DataError, HomeError
 
-    return (UserError, DataError, HomeError, CheckpointError)
+    return (UserError, DataError, HomeError, CheckpointError, PublishedFormatError)
 
 
 @contextmanager

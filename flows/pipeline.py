@@ -73,6 +73,12 @@ def summary_markdown(rows: list[dict[str, Any]], timings: dict[str, float]) -> s
     return "\n".join(lines)
 
 
+def has_lm_head(bilm_dir: str) -> bool:
+    """Whether a biLM folder's model has a trained LM softmax (an imported one has none)."""
+    config = Path(bilm_dir) / "config.json"
+    return not config.exists() or read_json(config).get("bilm", {}).get("lm_head", True)
+
+
 @dataclass
 class Upstream:
     """What the fanned-out stages read: stage folders up to the stored layers."""
@@ -126,7 +132,9 @@ def upstream(
             tracker.client.set_tag(parent, k, v)
         tracker.link_input_model(parent, bilm_info.get("bilm_model_id"))
         log.info("reusing biLM %s (%s)", bilm_info["bilm_source"], bilm_dir)
-        if cfg.adapt.epochs:  # a few LM passes over the train split's text first
+        # a few LM passes over the train split's text first; a biLM without an LM softmax
+        # (published ELMo weights) only learns the split's words
+        if cfg.adapt.epochs or not has_lm_head(bilm_dir):
             bilm_dir = in_home(adapt, h)(bilm_dir, dataset, cfg.adapt, ctx)
     else:
         vocab = in_home(build_vocab, h)(dataset, corpora, cfg.vocab, ctx)

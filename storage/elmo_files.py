@@ -44,7 +44,9 @@ def read_weights(path: str | os.PathLike[str]) -> dict[str, np.ndarray]:
     return arrays
 
 
-def write_elmo(folder: str | os.PathLike[str], options: dict, arrays: dict[str, np.ndarray]) -> None:
+def write_elmo(
+    folder: str | os.PathLike[str], options: dict, arrays: dict[str, np.ndarray]
+) -> None:
     """``options.json`` and ``weights.hdf5`` in ``folder``, each written atomically."""
     folder = Path(folder)
     with atomic_file(folder / "options.json") as f:

@@ -4,7 +4,7 @@ task's train split (its vocabulary kept, or grown by the split's frequent words)
 from __future__ import annotations
 
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -21,7 +21,7 @@ from elmo_core.windows import TokenWindows, make_windows
 from storage.charts import plot_curves
 from storage.paths import mark_complete, stage_id, write_json
 from storage.tracking import stage_run
-from tasks.common import History, set_threads
+from tasks.common import History, logger, set_threads
 from tasks.progress import stage_progress
 from tasks.stage import StageContext, stage
 
@@ -82,6 +82,31 @@ def _grow_vocabulary(
     )
 
 
+def _spell_task_words(
+    model: BiLM, v: Vocab, train: pl.Series, config: AdaptConfig, out: Path, bilm_dir: str
+) -> None:
+    """A biLM imported from published weights has no LM softmax, so no LM pass can adapt it:
+    it only learns the train split's words (at least ``new_words_min_count`` times, 1 if
+    unset), spelled by its character encoder, so the classifier's task token embedding starts
+    from those words' vectors instead of <unk>'s."""
+    min_count = max(1, config.new_words_min_count)
+    model, v, grown = _grow_vocabulary(
+        model, v, train, replace(config, new_words_min_count=min_count)
+    )
+    logger().info(
+        "adapt: the biLM has no LM softmax (published ELMo weights): no LM passes; its "
+        "vocabulary learns %d train-split words for the classifier's token embedding",
+        grown["new_words"],
+    )
+    save_bilm(out / "bilm.pt", model.cpu(), v)
+    write_json(
+        out / "config.json",
+        {"bilm": asdict(model.config), "adapt": asdict(config), "from": stage_id(bilm_dir)},
+    )
+    write_json(out / "metrics.json", {**grown, "train_steps": 0, "lm_passes_skipped": 1})
+    mark_complete(out)
+
+
 def _build_adapt(
     bilm_dir: str,
     dataset: str,
@@ -103,6 +128,9 @@ def _build_adapt(
         for s in ("train", "val")
     }
     grown: dict[str, float] = {"new_words": 0}
+    if not model.config.lm_head:  # published weights: no softmax to adapt through
+        _spell_task_words(model, v, tokens["train"], config, out, bilm_dir)
+        return
     if config.new_words_min_count:
         model, v, grown = _grow_vocabulary(model, v, tokens["train"], config)
     index = pl.DataFrame({"token": list(v.tokens), "id": np.arange(len(v), dtype=np.int32)})

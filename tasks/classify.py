@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import polars as pl
@@ -58,6 +58,9 @@ def new_classifier(
     mix_config = MixConfig(strategy=strategy, num_layers=num_layers, dim=dim, seed=config.seed)
     torch.manual_seed(config.seed)
     bilm, vocab = load_bilm(Path(bilm_dir) / "bilm.pt")
+    if not bilm.config.lm_head and config.token_embedding_dim > bilm.config.embedding_dim:
+        # a published biLM narrower than the profile's own: the task embedding takes its width
+        config = replace(config, token_embedding_dim=bilm.config.embedding_dim)
     check_token_embedding(config, bilm.config.embedding_dim)
     model = ELMoClassifier(
         config,
