@@ -74,8 +74,12 @@ def extract_layers(
     context: int = 0,
     extra_words: Sequence[str] = (),
     contextual_only: bool = False,
+    precision: str = "fp32",
 ) -> None:
     """Run the frozen biLM over documents and write their layers into ``out``.
+
+    ``precision``: fp32 (the stored features then do not depend on the machine's bf16) or
+    bf16 / auto autocast (the speed benchmark measures both).
 
     ``extra_words``: the out-of-vocabulary words that ids >= V in ``docs`` stand for
     (``encode_for``; char encoder only).
@@ -113,7 +117,7 @@ def extract_layers(
             ids = list(docs[d])[start:stop] or [1]  # an empty document: one <unk>
             tokens[r, : len(ids)] = torch.tensor(ids)
         mask = tokens != 0  # (B, T)
-        with autocast(device, "fp32"):  # stored features do not depend on the machine's bf16
+        with autocast(device, precision):
             layers = model(tokens.to(device), mask.to(device), extra).layers  # (L+1, B, T, 2H)
         layers = layers[int(contextual_only) :]  # (L' = L+1 or L, B, T, 2H)
         layers = layers.permute(1, 2, 0, 3).to("cpu", torch.float16).numpy()  # (B, T, L', 2H)

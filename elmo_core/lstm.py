@@ -60,6 +60,11 @@ def lstm_steps(
 
     w_hh = weight("weight_hh_l0")
     w_hr = weight("weight_hr_l0") if lstm.proj_size else None
+    kind = x.device.type
+    if torch.is_autocast_enabled(kind):  # cast once, not at every step's matmul (same values)
+        dtype = torch.get_autocast_dtype(kind)
+        w_hh = w_hh.to(dtype)
+        w_hr = None if w_hr is None else w_hr.to(dtype)
     bias = weight("bias_ih_l0") + weight("bias_hh_l0")
     gates_x = F.linear(x, weight("weight_ih_l0"), bias)  # (B, T, 4H)
     b, t = x.shape[:2]

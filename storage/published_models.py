@@ -36,6 +36,18 @@ def local_copy(ref: str, home: Home) -> Path:
     return download(ref, folder / (ref.rstrip("/").rsplit("/", 1)[-1] or "file"))
 
 
+def load_published(options_path: Path, weights_path: Path) -> BiLM:
+    """A published ELMo model as a biLM (eval mode; vocabulary: the specials, every word
+    spelled by its character encoder)."""
+    config = config_from_options(read_options(options_path))
+    model = BiLM(config)
+    model.set_words(SPECIALS)
+    model.load_state_dict(
+        state_from_published(read_weights(weights_path), config, model.state_dict())
+    )
+    return model.eval()
+
+
 def import_published(options_ref: str, weights_ref: str, home: Home) -> dict[str, Any]:
     """Build (or find) the biLM stage folder of a published ELMo model and register it.
     Returns the folder, the registered version's URI and the recorded tags."""
@@ -53,10 +65,7 @@ def import_published(options_ref: str, weights_ref: str, home: Home) -> dict[str
     folder = home.stage_dir("bilm", key)
 
     def build(out: Path) -> None:
-        model = BiLM(config)
-        model.set_words(SPECIALS)
-        state = state_from_published(read_weights(weights_path), config, model.state_dict())
-        model.load_state_dict(state)
+        model = load_published(options_path, weights_path)
         save_bilm(out / "bilm.pt", model, Vocab(SPECIALS, (1,) * len(SPECIALS)))
         write_json(out / "config.json", {"bilm": asdict(config), "imported": tags})
         write_json(out / "metrics.json", {"parameters": sum(p.numel() for p in model.parameters())})

@@ -39,6 +39,8 @@ HEAVY_FIRST = (
     "test_pretrain_flow",
     "test_ddp",
     "test_cli",
+    "test_published_cli",
+    "test_preflight",
     "test_flow_e2e",
     "test_registry",
 )

@@ -5,6 +5,7 @@ export -> import, and the one clear error for files that disagree."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import shutil
 from pathlib import Path
@@ -18,75 +19,58 @@ from elmo_core.bilm import BiLM
 from elmo_core.bilm_config import BiLMConfig
 from elmo_core.published import (
     PublishedFormatError,
-    config_from_options,
     exported_config,
     options_from_config,
     published_from_state,
-    state_from_published,
 )
 from elmo_core.stateful import StatefulReader
-from elmo_core.vocab import SPECIALS, Vocab
-from storage.elmo_files import read_options, read_weights, write_elmo
+from elmo_core.vocab import SPECIALS
+from storage.elmo_files import write_elmo
+from storage.published_models import load_published
 from tests.conftest import SHARED
 
 REF = SHARED / "elmo_reference" / "bilm-tf"
-VOCAB = Vocab(SPECIALS, (1, 1, 1, 1))
 
 
 def load(folder: Path, weights: str = "lm_weights.hdf5") -> BiLM:
-    config = config_from_options(read_options(folder / "options.json"))
-    model = BiLM(config)
-    model.set_words(SPECIALS)
-    model.load_state_dict(
-        state_from_published(read_weights(folder / weights), config, model.state_dict())
-    )
-    return model.eval()
+    return load_published(folder / "options.json", folder / weights)
 
 
-def batch(
-    model: BiLM, sentences: list[list[str]]
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    ids, extra = VOCAB.encode_open(sentences)
-    tokens = torch.zeros(len(ids), max(map(len, ids)), dtype=torch.long)  # (B, T)
-    for r, row in enumerate(ids):
-        tokens[r, : len(row)] = torch.tensor(row)
-    return tokens, tokens != 0, model.extra_chars(extra)
+_spec = importlib.util.spec_from_file_location(
+    "elmo_reference", Path(__file__).resolve().parents[1] / "bench" / "elmo_reference.py"
+)
+elmo_reference = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(elmo_reference)
+batch = elmo_reference.batch
 
 
 def test_the_reference_model_reproduces_the_original_outputs_to_1e6():
-    model = load(REF)
-    sentences = json.loads((REF / "lm_embeddings_sentences.json").read_text())
-    expected = [h5py.File(REF / f"lm_embeddings_{k}.hdf5", "r") for k in range(3)]
-    reader = StatefulReader(model, max_batch=4)
-    worst = 0.0
-    for i in range(10):  # batch i = sentence i of each of the three texts
-        words = [sentences[k][i].strip().split() for k in range(3)]
-        tokens, mask, extra = batch(model, words)
-        out = reader(tokens, mask, extra)
-        assert out.mask.sum(1).tolist() == [len(w) for w in words]  # lengths, marks dropped
-        for k in range(3):
-            e = expected[k][str(i)][...]  # (2, T, 16): forward, backward
-            want = np.concatenate([e[0], e[1]], axis=-1)
-            got = out.layers[2, k, : len(words[k])].numpy()  # the top layer
-            assert got.shape == want.shape
-            worst = max(worst, float(np.abs(got - want).max()))
-            assert not out.layers[:, k, len(words[k]) :].any()  # padding reads as zero
-    assert worst <= 1e-6, worst
+    """The original test's protocol (``bench/elmo_reference.py``): every sentence's top layer
+    within 1e-6, the lengths, zero padding, and its state checks."""
+    res = elmo_reference.run_protocol(REF)
+    assert res["batches"] == 10 and res["rows_per_batch"] == 3
+    assert res["max_abs_diff"] <= 1e-6, res
+    assert res["lengths_ok"] and res["padding_zero"]
+    assert res["spare_row_states_zero"] and res["unfilled_row_states_kept"]
 
-    # the original's state checks: 3-row batches never touch row 4; a 2-row batch keeps row 3
-    third = []
-    for layers in reader.states.values():
-        for h, c in layers:
-            for s in (h, c):
-                assert float(s[3].abs().sum()) < 1e-7
-                assert float(s[2].abs().sum()) > 0
-                third.append(s[2].clone())
-    tokens, mask, extra = batch(model, [["a", "b", "c"], ["d"]])
-    reader(tokens, mask, extra)
-    now = [s[2] for layers in reader.states.values() for h, c in layers for s in (h, c)]
-    assert all(torch.equal(a, b) for a, b in zip(third, now, strict=True))
-    changed = [s[1] for layers in reader.states.values() for h, c in layers for s in (h, c)]
-    assert any(not torch.equal(a, b) for a, b in zip(third, changed, strict=True))
+
+def test_the_stateful_reader_carries_only_the_rows_a_batch_fills():
+    model = load(REF)
+    reader = StatefulReader(model, max_batch=3)
+    words = [["The", "cat", "sat", "."], ["Stocks", "fell", "."]]
+    first = reader(*batch(model, words)).layers
+    again = reader(*batch(model, words)).layers  # the same text again, from carried states
+    assert not torch.equal(first, again)
+    assert all(
+        float(c[2].abs().sum()) == 0
+        for layers in reader.states.values()
+        for hc in layers
+        for c in hc
+    )
+    reader.reset()
+    torch.testing.assert_close(reader(*batch(model, words)).layers, first, atol=0, rtol=0)
+    with pytest.raises(ValueError, match="exceeds the reader's 3"):
+        reader(*batch(model, words * 2))
 
 
 def test_stateless_reading_differs_and_does_not_depend_on_the_batch():
