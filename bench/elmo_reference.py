@@ -47,7 +47,7 @@ def _states(reader: StatefulReader, row: int) -> list[torch.Tensor]:
 
 @torch.no_grad()
 def run_protocol(fixture: Path) -> dict[str, Any]:
-    model = load_published(fixture / "options.json", fixture / "lm_weights.hdf5")
+    model, _ = load_published(fixture / "options.json", fixture / "lm_weights.hdf5")
     sentences = json.loads((fixture / "lm_embeddings_sentences.json").read_text())
     n_lists, n_batches = len(sentences), len(sentences[0])
     reader = StatefulReader(model, max_batch=n_lists + 1)

@@ -12,7 +12,7 @@ cell adds 1 to the forget gate's bias at run time."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
 from typing import Any
 
@@ -88,21 +88,28 @@ def config_from_options(options: Mapping[str, Any]) -> BiLMConfig:
     return config
 
 
-def options_from_config(config: BiLMConfig) -> dict[str, Any]:
-    """A char-encoder BiLMConfig -> the options.json that describes it; what ELMo's schema
-    cannot say (our compact character ids, reading without sentence marks) goes under
-    ``elmo_news``, which bilm-tf and AllenNLP ignore."""
-    if config.token_encoder != "char":
-        raise PublishedFormatError("options: only a char-encoder biLM has ELMo's char_cnn form")
+def _lstm_options(config: BiLMConfig) -> dict[str, Any]:
     return {
-        "lstm": {
-            "dim": config.hidden_dim,
-            "projection_dim": config.projection_dim or config.hidden_dim,
-            "n_layers": config.num_layers,
-            "cell_clip": config.cell_clip or None,
-            "proj_clip": config.proj_clip or None,
-            "use_skip_connections": config.residual,
-        },
+        "dim": config.hidden_dim,
+        "projection_dim": config.projection_dim or config.hidden_dim,
+        "n_layers": config.num_layers,
+        "cell_clip": config.cell_clip or None,
+        "proj_clip": config.proj_clip or None,
+        "use_skip_connections": config.residual,
+    }
+
+
+def options_from_config(config: BiLMConfig) -> dict[str, Any]:
+    """A BiLMConfig -> the options.json that describes it: ELMo's char_cnn form for a char
+    encoder, bilm-tf's token-input form (no char_cnn; the token vectors in a separate
+    embedding file) for a word encoder. What ELMo's schema cannot say (our compact character
+    ids, reading without sentence marks) goes under ``elmo_news``, which bilm-tf and AllenNLP
+    ignore."""
+    hints = {"char_ids": config.char_ids, "sentence_marks": config.sentence_marks}
+    if config.token_encoder != "char":
+        return {"lstm": _lstm_options(config), HINTS: {**hints, "token_input": True}}
+    return {
+        "lstm": _lstm_options(config),
         "char_cnn": {
             "embedding": {"dim": config.char_dim},
             "filters": [[k + 1, n] for k, n in enumerate(config.char_filters)],
@@ -111,8 +118,36 @@ def options_from_config(config: BiLMConfig) -> dict[str, Any]:
             "max_characters_per_token": config.max_chars,
             "activation": config.char_activation,
         },
-        HINTS: {"char_ids": config.char_ids, "sentence_marks": config.sentence_marks},
+        HINTS: hints,
     }
+
+
+def config_from_token_options(options: Mapping[str, Any], vocab_size: int) -> BiLMConfig:
+    """bilm-tf's token-input options (an LSTM section, no char_cnn) and the size of its
+    vocabulary -> a word-encoder BiLMConfig whose table is the published token vectors."""
+    try:
+        lstm = options["lstm"]
+        hidden, proj = int(lstm["dim"]), int(lstm["projection_dim"])
+        hints = dict(options.get(HINTS, {}))
+        return BiLMConfig(
+            vocab_size=vocab_size,
+            embedding_dim=proj,
+            hidden_dim=hidden,
+            num_layers=int(lstm.get("n_layers", 1)),
+            dropout=0.0,
+            num_samples=0,
+            projection_dim=proj if proj < hidden else 0,
+            cell_clip=float(lstm.get("cell_clip") or 0.0),
+            proj_clip=float(lstm.get("proj_clip") or 0.0),
+            token_encoder="word",
+            residual=bool(lstm["use_skip_connections"]),
+            sentence_marks=bool(hints.get("sentence_marks", True)),
+            lm_head=False,
+        )
+    except KeyError as e:
+        raise PublishedFormatError(f"options: missing entry {e}") from e
+    except (TypeError, ValueError) as e:
+        raise PublishedFormatError(f"options: {e}") from e
 
 
 def _gates(x: torch.Tensor) -> torch.Tensor:
@@ -154,8 +189,28 @@ def state_from_published(
     file does not hold, the softmax and the vocabulary's spellings, is kept from it)."""
     w = _Weights(arrays)
     out = dict(state)
-    f, e, k = sum(config.char_filters), config.embedding_dim, len(config.char_filters)
+    if config.token_encoder == "char":
+        out.update(_char_state(w, config))
+    else:  # bilm-tf's token-input form: the token vectors, one row per vocabulary word
+        out["embedding.weight"] = w("embedding", (config.vocab_size, config.embedding_dim))
     d, h = config.projection_dim or config.hidden_dim, config.hidden_dim
+    for direction, stack in enumerate(("forward_lstms", "backward_lstms")):
+        for layer in range(config.num_layers):
+            cell, name = _cell(direction, layer), f"{stack}.{layer}"
+            kernel = _gates(w(f"{cell}/W_0", (d + d, 4 * h)).t())  # (4H, I + P), torch gates
+            b = _gates(w(f"{cell}/B", (4 * h,)))
+            b[h : 2 * h] += FORGET_BIAS
+            out[f"{name}.weight_ih_l0"], out[f"{name}.weight_hh_l0"] = kernel.split(d, 1)
+            out[f"{name}.bias_ih_l0"], out[f"{name}.bias_hh_l0"] = b, torch.zeros(4 * h)
+            if config.projection_dim:
+                out[f"{name}.weight_hr_l0"] = w(f"{cell}/W_P_0", (h, d)).t()
+    return out
+
+
+def _char_state(w: _Weights, config: BiLMConfig) -> dict[str, torch.Tensor]:
+    """The character encoder's tensors from the weight file."""
+    out: dict[str, torch.Tensor] = {}
+    f, e, k = sum(config.char_filters), config.embedding_dim, len(config.char_filters)
     table = w("char_embed", (ELMO_NUM_CHARS - 1, config.char_dim))
     elmo_table = torch.cat([torch.zeros(1, config.char_dim), table])  # (262, char_dim)
     if config.char_ids == "compact":  # a biLM of ours, exported: its rows back in their places
@@ -181,31 +236,45 @@ def state_from_published(
         )
     out["char_encoder.project.weight"] = w("CNN_proj/W_proj", (f, e)).t()
     out["char_encoder.project.bias"] = w("CNN_proj/b_proj", (e,))
-    for direction, stack in enumerate(("forward_lstms", "backward_lstms")):
-        for layer in range(config.num_layers):
-            cell, name = _cell(direction, layer), f"{stack}.{layer}"
-            kernel = _gates(w(f"{cell}/W_0", (d + d, 4 * h)).t())  # (4H, I + P), torch gates
-            b = _gates(w(f"{cell}/B", (4 * h,)))
-            b[h : 2 * h] += FORGET_BIAS
-            out[f"{name}.weight_ih_l0"], out[f"{name}.weight_hh_l0"] = kernel.split(d, 1)
-            out[f"{name}.bias_ih_l0"], out[f"{name}.bias_hh_l0"] = b, torch.zeros(4 * h)
-            if config.projection_dim:
-                out[f"{name}.weight_hr_l0"] = w(f"{cell}/W_P_0", (h, d)).t()
     return out
 
 
 def published_from_state(
     state: Mapping[str, torch.Tensor], config: BiLMConfig
 ) -> dict[str, np.ndarray]:
-    """A char-encoder biLM's state dict -> the weight file's arrays. A projection from the
-    token encoder's E to the LSTMs' width (E != D) is folded into ``CNN_proj``."""
-    if config.token_encoder != "char":
-        raise PublishedFormatError("weights: only a char-encoder biLM has ELMo's char_cnn form")
+    """A biLM's state dict -> the published arrays: char encoder and LSTMs, or (a word
+    encoder, bilm-tf's token-input form) the LSTMs and ``embedding``, the token vectors, which
+    go to their own file. A projection from E to the LSTMs' width (E != D) is folded in."""
     out: dict[str, np.ndarray] = {}
 
     def put(name: str, t: torch.Tensor) -> None:
         out[name] = t.detach().to("cpu", torch.float32).contiguous().numpy()
 
+    if config.token_encoder == "char":
+        _put_char(state, config, put)
+    else:  # the token vectors at the LSTMs' width (E -> D folded in): ``embedding``
+        table = state["embedding.weight"].float()
+        if "project.weight" in state:
+            table = table @ state["project.weight"].t() + state["project.bias"]
+        put("embedding", table)
+    h = config.hidden_dim
+    for direction, stack in enumerate(("forward_lstms", "backward_lstms")):
+        for layer in range(config.num_layers):
+            cell, name = _cell(direction, layer), f"{stack}.{layer}"
+            kernel = torch.cat([state[f"{name}.weight_ih_l0"], state[f"{name}.weight_hh_l0"]], 1)
+            b = (state[f"{name}.bias_ih_l0"] + state[f"{name}.bias_hh_l0"]).clone()
+            b[h : 2 * h] -= FORGET_BIAS
+            put(f"{cell}/W_0", _gates(kernel).t())
+            put(f"{cell}/B", _gates(b))
+            if config.projection_dim:
+                put(f"{cell}/W_P_0", state[f"{name}.weight_hr_l0"].t())
+    return out
+
+
+def _put_char(
+    state: Mapping[str, torch.Tensor], config: BiLMConfig, put: Callable[[str, torch.Tensor], None]
+) -> None:
+    """The character encoder's arrays (its E -> D projection folded into ``CNN_proj``)."""
     table = state["char_encoder.char_embedding.weight"].float()
     if config.char_ids == "compact":
         elmo_table = torch.zeros(ELMO_NUM_CHARS, config.char_dim)
@@ -231,27 +300,31 @@ def published_from_state(
         pw, pb = state["project.weight"] @ pw, state["project.weight"] @ pb + state["project.bias"]
     put("CNN_proj/W_proj", pw.t())
     put("CNN_proj/b_proj", pb)
-    h = config.hidden_dim
-    for direction, stack in enumerate(("forward_lstms", "backward_lstms")):
-        for layer in range(config.num_layers):
-            cell, name = _cell(direction, layer), f"{stack}.{layer}"
-            kernel = torch.cat([state[f"{name}.weight_ih_l0"], state[f"{name}.weight_hh_l0"]], 1)
-            b = (state[f"{name}.bias_ih_l0"] + state[f"{name}.bias_hh_l0"]).clone()
-            b[h : 2 * h] -= FORGET_BIAS
-            put(f"{cell}/W_0", _gates(kernel).t())
-            put(f"{cell}/B", _gates(b))
-            if config.projection_dim:
-                put(f"{cell}/W_P_0", state[f"{name}.weight_hr_l0"].t())
-    return out
 
 
 def exported_config(config: BiLMConfig) -> BiLMConfig:
     """The config a biLM of ours has once exported and imported again."""
     return replace(
         config,
-        vocab_size=4,
+        vocab_size=4 if config.token_encoder == "char" else config.vocab_size,
         embedding_dim=config.projection_dim or config.hidden_dim,
         dropout=0.0,
         num_samples=0,
         lm_head=False,
     )
+
+
+# bilm-tf's vocabulary file spells the sentence marks and the unknown word its own way
+TOKEN_FILE_NAMES = {"<s>": "<S>", "</s>": "</S>", "<unk>": "<UNK>"}
+
+
+def vocab_file_tokens(tokens: Sequence[str]) -> list[str]:
+    """Our vocabulary (id order) as bilm-tf's vocabulary file lists it."""
+    return [TOKEN_FILE_NAMES.get(t, t) for t in tokens]
+
+
+def tokens_from_vocab_file(lines: Sequence[str]) -> list[str]:
+    """A bilm-tf vocabulary file's tokens in our spelling, our specials first (the order our
+    ids need); the file's own order is kept for the rest."""
+    ours = {v: k for k, v in TOKEN_FILE_NAMES.items()}
+    return [ours.get(t, t) for t in lines]

@@ -26,6 +26,7 @@ from flows.cli_args import (
     StoreHomeOpt,
     TaskRunnerOpt,
     TextColumnOpt,
+    UserError,
     check_home,
     check_readable,
     check_run_inputs,
@@ -254,20 +255,28 @@ def embed(
 def import_bilm(
     options: Annotated[str, typer.Option(help="a published ELMo options.json: path or URL")],
     weights: Annotated[str, typer.Option(help="its weights HDF5: path or URL")],
+    embedding: Annotated[
+        str, typer.Option(help="bilm-tf's token-input form: the token vectors HDF5")
+    ] = "",
+    vocab: Annotated[str, typer.Option(help="with --embedding: its vocabulary file")] = "",
     home: StoreHomeOpt = None,
 ) -> None:
     """Turn a published ELMo model (AllenNLP / bilm-tf files) into this product's biLM and
     register it as elmo-news-bilm, for run --bilm, embed and predict."""
     prefect_defaults()
     check_home(home)
-    for what, ref in (("options", options), ("weights", weights)):
-        with user_errors():
-            check_readable(what, ref)
+    files = {"options": options, "weights": weights, "embedding": embedding, "vocab": vocab}
+    with user_errors():
+        if bool(embedding) != bool(vocab):
+            raise UserError("--embedding and --vocab go together (bilm-tf's token-input form)")
+        for what, ref in files.items():
+            if ref:
+                check_readable(what, ref)
     from storage.paths import Home
     from storage.published_models import import_and_register
 
     with user_errors(project_errors()):
-        info = import_and_register(options, weights, Home(home))
+        info = import_and_register(options, weights, Home(home), embedding, vocab)
     typer.echo(json.dumps(info, indent=2))
 
 

@@ -45,12 +45,31 @@ def read_weights(path: str | os.PathLike[str]) -> dict[str, np.ndarray]:
 
 
 def write_elmo(
-    folder: str | os.PathLike[str], options: dict, arrays: dict[str, np.ndarray]
+    folder: str | os.PathLike[str],
+    options: dict,
+    arrays: dict[str, np.ndarray],
+    vocab: list[str] | None = None,
 ) -> None:
-    """``options.json`` and ``weights.hdf5`` in ``folder``, each written atomically."""
+    """``options.json`` and ``weights.hdf5`` in ``folder``; for bilm-tf's token-input form
+    (``vocab`` given) the token vectors go to ``embedding.hdf5`` and the words to
+    ``vocab.txt``. Each file is written atomically."""
     folder = Path(folder)
+    arrays = dict(arrays)
     with atomic_file(folder / "options.json") as f:
         f.write(json.dumps(options, indent=2).encode())
+    if vocab is not None:
+        with atomic_file(folder / "embedding.hdf5") as f, h5py.File(f, "w") as h:
+            h.create_dataset("embedding", data=arrays.pop("embedding"))
+        with atomic_file(folder / "vocab.txt") as f:
+            f.write(("\n".join(vocab) + "\n").encode())
     with atomic_file(folder / "weights.hdf5") as f, h5py.File(f, "w") as h:
         for name, a in sorted(arrays.items()):
             h.create_dataset(name, data=a)
+
+
+def read_vocab(path: str | os.PathLike[str]) -> list[str]:
+    """A bilm-tf vocabulary file: one token per line."""
+    try:
+        return [t for t in Path(path).read_text(encoding="utf-8").splitlines() if t]
+    except (OSError, UnicodeDecodeError) as e:
+        raise PublishedFormatError(f"{path}: unreadable vocabulary ({e})") from e

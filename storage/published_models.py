@@ -13,14 +13,18 @@ from typing import Any
 from elmo_core.bilm import BiLM
 from elmo_core.bilm_checkpoint import load_bilm, save_bilm
 from elmo_core.published import (
+    PublishedFormatError,
     config_from_options,
+    config_from_token_options,
     options_from_config,
     published_from_state,
     state_from_published,
+    tokens_from_vocab_file,
+    vocab_file_tokens,
 )
 from elmo_core.vocab import SPECIALS, Vocab
 from storage.download import download
-from storage.elmo_files import read_options, read_weights, write_elmo
+from storage.elmo_files import read_options, read_vocab, read_weights, write_elmo
 from storage.hashing import hash_json, sha256_file, stage_key
 from storage.paths import Home, build_stage, write_json
 
@@ -36,60 +40,93 @@ def local_copy(ref: str, home: Home) -> Path:
     return download(ref, folder / (ref.rstrip("/").rsplit("/", 1)[-1] or "file"))
 
 
-def load_published(options_path: Path, weights_path: Path) -> BiLM:
-    """A published ELMo model as a biLM (eval mode; vocabulary: the specials, every word
-    spelled by its character encoder)."""
-    config = config_from_options(read_options(options_path))
-    model = BiLM(config)
-    model.set_words(SPECIALS)
-    model.load_state_dict(
-        state_from_published(read_weights(weights_path), config, model.state_dict())
-    )
-    return model.eval()
-
-
-def import_published(options_ref: str, weights_ref: str, home: Home) -> dict[str, Any]:
-    """Build (or find) the biLM stage folder of a published ELMo model and register it.
-    Returns the folder, the registered version's URI and the recorded tags."""
-    options_path, weights_path = local_copy(options_ref, home), local_copy(weights_ref, home)
+def load_published(
+    options_path: Path,
+    weights_path: Path,
+    embedding_path: Path | None = None,
+    vocab_path: Path | None = None,
+) -> tuple[BiLM, Vocab]:
+    """A published ELMo model as a biLM (eval mode) and its vocabulary: the char_cnn form
+    (vocabulary: the specials; every word spelled by the character encoder), or bilm-tf's
+    token-input form (``embedding_path`` + ``vocab_path``: a word table)."""
     options = read_options(options_path)
-    config = config_from_options(options)
-    weights_sha = sha256_file(weights_path)
+    arrays = read_weights(weights_path)
+    if embedding_path is None or vocab_path is None:
+        config = config_from_options(options)
+        vocab = Vocab(SPECIALS, (1,) * len(SPECIALS))
+    else:
+        tokens = tokens_from_vocab_file(read_vocab(vocab_path))
+        try:
+            vocab = Vocab(tuple(tokens), (1,) * len(tokens))
+        except ValueError as e:
+            raise PublishedFormatError(f"{vocab_path}: {e}") from e
+        config = config_from_token_options(options, len(tokens))
+        arrays = {**arrays, **read_weights(embedding_path)}
+    model = BiLM(config)
+    model.set_words(vocab.tokens)
+    model.load_state_dict(state_from_published(arrays, config, model.state_dict()))
+    return model.eval(), vocab
+
+
+def import_published(
+    options_ref: str,
+    weights_ref: str,
+    home: Home,
+    embedding_ref: str = "",
+    vocab_ref: str = "",
+) -> dict[str, Any]:
+    """Build (or find) the biLM stage folder of a published ELMo model (with
+    ``embedding_ref`` + ``vocab_ref``: bilm-tf's token-input form). Returns the folder, its
+    config and the tags to record."""
+    refs = [options_ref, weights_ref, *([embedding_ref, vocab_ref] if embedding_ref else [])]
+    paths = [local_copy(r, home) for r in refs]
+    options = read_options(paths[0])
+    weights_sha = sha256_file(paths[1])
     tags = {
-        "source": f"published ELMo: {options_ref} + {weights_ref}",
+        "source": "published ELMo: " + " + ".join(refs),
         "options_sha256": hash_json(options),
         "weights_sha256": weights_sha,
     }
-    inputs = {"options": tags["options_sha256"], "weights": weights_sha}
-    key = stage_key("bilm-import", inputs, asdict(config), IMPORT_MODULES)[:24]
+    inputs = {
+        "options": tags["options_sha256"],
+        "files": ",".join(sha256_file(p) for p in paths[1:]),
+    }
+    key = stage_key("bilm-import", inputs, {}, IMPORT_MODULES)[:24]
     folder = home.stage_dir("bilm", key)
+    config: dict[str, Any] = {}
 
     def build(out: Path) -> None:
-        model = load_published(options_path, weights_path)
-        save_bilm(out / "bilm.pt", model, Vocab(SPECIALS, (1,) * len(SPECIALS)))
-        write_json(out / "config.json", {"bilm": asdict(config), "imported": tags})
+        model, vocab = load_published(*paths)
+        config.update(asdict(model.config))
+        save_bilm(out / "bilm.pt", model, vocab)
+        write_json(out / "config.json", {"bilm": config, "imported": tags})
         write_json(out / "metrics.json", {"parameters": sum(p.numel() for p in model.parameters())})
 
     build_stage(folder, build)
-    return {"bilm": str(folder), "config": asdict(config), "tags": tags}
+    return {"bilm": str(folder), "tags": tags}
 
 
 def export_published(bilm_dir: Path, out: Path) -> dict[str, Any]:
-    """A biLM stage folder -> ``out/options.json`` + ``out/weights.hdf5``."""
-    model, _ = load_bilm(bilm_dir / "bilm.pt")
+    """A biLM stage folder -> ``out/options.json`` + ``out/weights.hdf5`` (a word-encoder
+    biLM: bilm-tf's token-input form, with ``embedding.hdf5`` and ``vocab.txt``)."""
+    model, vocab = load_bilm(bilm_dir / "bilm.pt")
     options = options_from_config(model.config)
-    write_elmo(out, options, published_from_state(model.state_dict(), model.config))
-    return {"options": str(out / "options.json"), "weights": str(out / "weights.hdf5")}
+    arrays = published_from_state(model.state_dict(), model.config)
+    words = None if model.config.token_encoder == "char" else vocab_file_tokens(vocab.tokens)
+    write_elmo(out, options, arrays, words)
+    return {"files": sorted(str(p) for p in out.iterdir() if not p.name.startswith("."))}
 
 
-def import_and_register(options_ref: str, weights_ref: str, home: Home) -> dict[str, Any]:
+def import_and_register(
+    options_ref: str, weights_ref: str, home: Home, embedding_ref: str = "", vocab_ref: str = ""
+) -> dict[str, Any]:
     """``import_published``, then the folder registered as ``elmo-news-bilm`` (once per
     folder: importing the same files again returns the same version), from an MLflow run of
     its own in the home's store."""
     from storage.registry import register_bilm
     from storage.tracking import Tracker
 
-    info = import_published(options_ref, weights_ref, home)
+    info = import_published(options_ref, weights_ref, home, embedding_ref, vocab_ref)
     tracker = Tracker(home.mlflow_uri())
     run_id = tracker.start_parent(
         "import-bilm", {"options": options_ref, "weights": weights_ref}, {"kind": "import-bilm"}

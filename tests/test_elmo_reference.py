@@ -33,7 +33,7 @@ REF = SHARED / "elmo_reference" / "bilm-tf"
 
 
 def load(folder: Path, weights: str = "lm_weights.hdf5") -> BiLM:
-    return load_published(folder / "options.json", folder / weights)
+    return load_published(folder / "options.json", folder / weights)[0]
 
 
 _spec = importlib.util.spec_from_file_location(
@@ -152,3 +152,36 @@ def test_files_that_disagree_fail_with_one_error_naming_the_dataset(tmp_path):
     (folder / "options.json").write_text(json.dumps(options))
     with pytest.raises(PublishedFormatError, match=r"options: missing entry 'projection_dim'"):
         load(folder)
+
+
+def test_a_word_bilm_exports_in_bilm_tf_token_input_form_and_re_imports(tmp_path):
+    from elmo_core.bilm_checkpoint import save_bilm
+    from elmo_core.vocab import Vocab
+    from storage.published_models import export_published
+
+    torch.manual_seed(1)
+    words = ("the", "cat", "sat", "on", "mat")
+    vocab = Vocab((*SPECIALS, *words), (1,) * 9)
+    config = BiLMConfig(
+        vocab_size=9, embedding_dim=12, hidden_dim=24, projection_dim=8, num_layers=2,
+        dropout=0.0, num_samples=0,
+    )  # fmt: skip
+    ours = BiLM(config).eval()
+    save_bilm(tmp_path / "bilm.pt", ours, vocab)
+    out = tmp_path / "exported"
+    export_published(tmp_path, out)
+    assert sorted(p.name for p in out.iterdir()) == [
+        "embedding.hdf5", "options.json", "vocab.txt", "weights.hdf5",
+    ]  # fmt: skip
+    assert (out / "vocab.txt").read_text().split()[:4] == ["<pad>", "<UNK>", "<S>", "</S>"]
+    assert "char_cnn" not in json.loads((out / "options.json").read_text())
+    with h5py.File(out / "embedding.hdf5", "r") as f:
+        assert f["embedding"].shape == (9, 8)  # E -> D folded in
+    back, back_vocab = load_published(
+        *(out / n for n in ("options.json", "weights.hdf5", "embedding.hdf5", "vocab.txt"))
+    )
+    assert back_vocab.tokens == vocab.tokens
+    tokens = torch.tensor([[4, 5, 6, 7, 8], [5, 6, 1, 0, 0]])
+    with torch.no_grad():
+        a, b = ours(tokens, tokens != 0).layers, back(tokens, tokens != 0).layers
+    torch.testing.assert_close(a, b, atol=1e-6, rtol=0)

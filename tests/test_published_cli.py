@@ -77,8 +77,8 @@ def test_import_run_and_export_a_published_model(served, tmp_path):
     out = tmp_path / "exported"
     res = _cli(tmp_path, "export-bilm", info["registry"], "--out", str(out), "--home", str(home))
     assert res.returncode == 0, res.stderr
-    original = load_published(REF / "options.json", REF / "lm_weights.hdf5")
-    back = load_published(out / "options.json", out / "weights.hdf5")
+    original, _ = load_published(REF / "options.json", REF / "lm_weights.hdf5")
+    back, _ = load_published(out / "options.json", out / "weights.hdf5")
     assert back.config == original.config
     theirs = back.state_dict()
     for name, a in original.state_dict().items():
