@@ -47,11 +47,19 @@ from elmo_core.bilm import BiLM  # noqa: E402
 from elmo_core.bilm_config import BiLMConfig  # noqa: E402
 from elmo_core.classifier import ELMoClassifier  # noqa: E402
 from elmo_core.classifier_config import MixConfig  # noqa: E402
+from elmo_core.classifier_training import (  # noqa: E402
+    Optimizers,
+    classifier_param_groups,
+    ema_decay,
+    mark_sparse_parameters,
+    train_step,
+)
 from elmo_core.device import (
     PRECISIONS,  # noqa: E402
     autocast,
     resolve_precision,
 )
+from elmo_core.ema import WeightAverage  # noqa: E402
 from elmo_core.mix import build_mix  # noqa: E402
 from elmo_core.pretraining import bilm_optimizers, bilm_step, dense_parameters
 from elmo_core.windows import epoch_batches
@@ -188,18 +196,20 @@ def main() -> None:
     n_layers, dim = bp.num_layers + 1, 2 * h
     clf = ELMoClassifier(
         cp, build_mix(MixConfig("wsum", n_layers, dim)), dim, 4, vocab_size=vocab_size
-    )
-    copt = torch.optim.Adam(clf.parameters(), lr=cp.lr)
+    ).train()
+    mark_sparse_parameters(clf)
+    cgroups = classifier_param_groups(clf, cp.lr, cp.embedding_lr_scale)
+    cparams = [p for g in cgroups for p in g["params"]]
+    copt = Optimizers(cgroups, cp.lr, cp.weight_decay)
+    cema = WeightAverage(clf, ema_decay)
     layers = torch.randn(n_layers, cp.batch_size, 44, dim)
     cmask = torch.ones(cp.batch_size, 44, dtype=torch.bool)
     y = torch.randint(0, 4, (cp.batch_size,))
     ctok = torch.randint(4, vocab_size, (cp.batch_size, 44))
+    clf_precision = resolve_precision(cp.precision, cpu)
 
-    def clf_step() -> None:
-        loss = nn.functional.cross_entropy(clf(layers, cmask, ctok), y)
-        copt.zero_grad()
-        loss.backward()
-        copt.step()
+    def clf_step() -> None:  # the classifier loop's own step, at the precision it picks
+        train_step(clf, copt, cema, cparams, (layers, cmask, ctok, y), cpu, clf_precision)
 
     # the ratio two ways: in blocks (all full steps, then all LSTM-only steps: the LSTM-only loop
     # runs with warm caches, its best case) and interleaved (one call of each in turn: a slow spell
@@ -258,6 +268,7 @@ def main() -> None:
             "allocator_tuned": allocator_tuned,
         },
         "precision": precision,
+        "classifier_precision": clf_precision,
         "shapes": {
             "B": b,
             "T": t,

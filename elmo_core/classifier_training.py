@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import copy
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
@@ -19,7 +20,6 @@ import numpy as np
 import torch
 from torch import nn
 from torch.nn import functional as F
-from torch.optim.swa_utils import AveragedModel
 
 from elmo_core.batches import DocumentBatches
 from elmo_core.callbacks import (
@@ -36,7 +36,8 @@ from elmo_core.checkpoint import atomic_save
 from elmo_core.classifier import ELMoClassifier, FineTunedClassifier
 from elmo_core.classifier_config import ClassifierConfig
 from elmo_core.device import autocast, pick_device
-from elmo_core.optim import fused_adam
+from elmo_core.ema import WeightAverage
+from elmo_core.optim import LazyAdam, fused_adam
 
 
 def _to(x: torch.Tensor | None, device: torch.device) -> torch.Tensor | None:
@@ -87,16 +88,92 @@ def ema_decay(num_averaged: int, decay: float = EMA_DECAY) -> float:
     return min(decay, (1.0 + num_averaged) / (10.0 + num_averaged))
 
 
-@torch.no_grad()
-def _ema_update(
-    averaged: Sequence[torch.Tensor],
-    current: Sequence[torch.Tensor],
-    num_averaged: torch.Tensor | int,
-) -> None:
-    """``AveragedModel``'s multi_avg_fn: averaged <- lerp(averaged, current, 1 - decay)."""
-    weight = 1.0 - ema_decay(int(num_averaged))
-    for a, c in zip(averaged, current, strict=True):
-        a.lerp_(c, weight)
+# layers (L, B, T, D) or None, mask (B, T), token ids (B, T), labels (B,): ``store.batch``'s
+Batch = tuple[torch.Tensor | None, torch.Tensor, torch.Tensor, torch.Tensor]
+
+
+def clip_grad_norm(params: Sequence[torch.Tensor], max_norm: float) -> torch.Tensor:
+    """``nn.utils.clip_grad_norm_`` over dense and row-sparse gradients (a sparse gradient is
+    coalesced first: its norm is that of the summed rows). Returns the total norm."""
+    grads = []
+    for p in params:
+        if p.grad is None:
+            continue
+        if p.grad.is_sparse:
+            p.grad = p.grad.coalesce()
+            grads.append(p.grad._values())
+        else:
+            grads.append(p.grad)
+    if not grads:
+        return torch.zeros(())
+    total = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
+    coef = (max_norm / (total + 1e-6)).clamp(max=1.0)
+    torch._foreach_mul_(grads, coef)
+    return total
+
+
+class Optimizers:
+    """Adam over the classifier's groups: fused Adam for the dense parameters, the project's
+    row-sparse Adam (``LazyAdam``) for tables with sparse gradients (the task token embedding).
+    A group's learning rate is the same in both."""
+
+    def __init__(self, groups: list[dict[str, Any]], lr: float, weight_decay: float) -> None:
+        dense: list[dict[str, Any]] = []
+        sparse: list[dict[str, Any]] = []
+        for g in groups:
+            for kind, out in ((False, dense), (True, sparse)):
+                params = [p for p in g["params"] if _is_sparse(p) == kind]
+                if params:
+                    out.append({**g, "params": params})
+        self.all: list[torch.optim.Optimizer] = [
+            fused_adam(dense, lr=lr, weight_decay=weight_decay)
+        ]
+        if sparse:
+            self.all.append(LazyAdam(cast(Any, sparse), lr=lr))  # groups, as torch takes
+
+    @property
+    def param_groups(self) -> list[dict[str, Any]]:
+        return [g for o in self.all for g in o.param_groups]
+
+    def zero_grad(self) -> None:
+        for o in self.all:
+            o.zero_grad(set_to_none=True)
+
+    def step(self) -> None:
+        for o in self.all:
+            o.step()
+
+    def state_dict(self) -> list[dict[str, Any]]:
+        return [o.state_dict() for o in self.all]
+
+    def load_state_dict(self, states: list[dict[str, Any]]) -> None:
+        for o, st in zip(self.all, states, strict=True):
+            o.load_state_dict(st)
+
+
+def _is_sparse(p: torch.Tensor) -> bool:
+    """Marked by ``sparse_parameters``: the parameter's gradient is row-sparse."""
+    return bool(getattr(p, "_row_sparse", False))
+
+
+def mark_sparse_parameters(model: nn.Module) -> None:
+    """Tag the weights of embeddings built with ``sparse=True`` (their gradients are sparse)."""
+    for m in model.modules():
+        if isinstance(m, nn.Embedding) and m.sparse:
+            m.weight._row_sparse = True  # type: ignore[attr-defined]  # a marker attribute
+
+
+def prefetched(store: DocumentBatches, batches: list[np.ndarray], start: int) -> Iterator[Batch]:
+    """``store.batch`` of batches[start:], the next one read by a background thread while the
+    caller computes on the current one (the reads and float16 -> float32 copies release the
+    GIL), so a step does not wait on them."""
+    with ThreadPoolExecutor(1, thread_name_prefix="batch-reader") as pool:
+        pending = pool.submit(store.batch, batches[start]) if start < len(batches) else None
+        for i in range(start, len(batches)):
+            assert pending is not None
+            current = pending.result()
+            pending = pool.submit(store.batch, batches[i + 1]) if i + 1 < len(batches) else None
+            yield current
 
 
 def classifier_param_groups(
@@ -128,6 +205,30 @@ def classifier_param_groups(
     return [{"params": rest, "lr": lr}, *groups]
 
 
+def train_step(
+    model: ELMoClassifier | FineTunedClassifier,
+    opt: Optimizers,
+    ema: WeightAverage,
+    params: Sequence[torch.Tensor],
+    batch: Batch,
+    device: torch.device,
+    precision: str,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One optimizer step on a batch (layers, mask, tokens, labels) and the average's update;
+    returns the loss and the batch's mask. The loop's step, and what bench/ times."""
+    layers, mask, tokens, y = batch
+    with autocast(device, precision):
+        logits = model(_to(layers, device), mask.to(device), tokens.to(device))
+    loss = F.cross_entropy(logits.float(), y.to(device))
+    opt.zero_grad()
+    loss.backward()
+    clip_grad_norm(params, 5.0)
+    ema.prepare(model)
+    opt.step()
+    ema.update(model)
+    return loss.detach(), mask
+
+
 def train_classifier(
     model: ELMoClassifier | FineTunedClassifier,
     train: DocumentBatches,
@@ -147,14 +248,15 @@ def train_classifier(
     device = device or pick_device()
     torch.manual_seed(config.seed)
     model.to(device).train()
+    mark_sparse_parameters(model)
     groups = classifier_param_groups(model, config.lr, config.embedding_lr_scale)
     params = [p for g in groups for p in g["params"]]
-    opt = fused_adam(groups, lr=config.lr, weight_decay=config.weight_decay)
+    opt = Optimizers(groups, config.lr, config.weight_decay)
     gen = torch.Generator().manual_seed(config.seed)
     epoch, batch_i, step, seconds = 0, 0, 0, 0.0
     best_acc, best_epoch, bad = -1.0, 0, 0
     # what is evaluated and kept: an exponential moving average of the trained weights
-    ema = AveragedModel(model, multi_avg_fn=_ema_update)
+    ema = WeightAverage(model, ema_decay)
     best_state = copy.deepcopy(model.state_dict())
     epoch_gen_state = gen.get_state()
     state = try_resume(checkpoint, "classifier-train")
@@ -171,7 +273,7 @@ def train_classifier(
         )
         best_acc, best_epoch, bad = state["best_acc"], state["best_epoch"], state["bad"]
         best_state = state["best_model"]
-        ema.load_state_dict(state["ema"])
+        ema.load_averaged_state(state["ema"])
         run_loss, run_n = state["run_loss"], state["run_n"]
     else:
         run_loss, run_n = 0.0, 0
@@ -193,7 +295,7 @@ def train_classifier(
                     "best_epoch": best_epoch,
                     "bad": bad,
                     "best_model": best_state,
-                    "ema": ema.state_dict(),
+                    "ema": ema.averaged_state(),
                     "run_loss": run_loss,
                     "run_n": run_n,
                 },
@@ -209,16 +311,8 @@ def train_classifier(
         if isinstance(model, FineTunedClassifier):  # gradual unfreezing: a function of epoch
             model.unfreeze(epoch // config.unfreeze_every)
         model.train()
-        while batch_i < len(batches):
-            layers, mask, tokens, y = train.batch(batches[batch_i])
-            with autocast(device, config.precision):
-                logits = model(_to(layers, device), mask.to(device), tokens.to(device))
-            loss = F.cross_entropy(logits.float(), y.to(device))
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            nn.utils.clip_grad_norm_(params, 5.0)
-            opt.step()
-            ema.update_parameters(model)
+        for batch in prefetched(train, batches, batch_i):
+            loss, mask = train_step(model, opt, ema, params, batch, device, config.precision)
             batch_i += 1
             step += 1
             run_loss += float(loss.detach())
@@ -232,6 +326,7 @@ def train_classifier(
                 t0 = time.perf_counter()
                 save()
         seconds += time.perf_counter() - t0
+        ema.sync(model)
         probs = predict_proba(cast(ELMoClassifier, ema.module), val, device)
         acc = float((probs.argmax(1) == val.labels).mean())
         log_metrics(
@@ -249,7 +344,7 @@ def train_classifier(
             bad += 1
             if config.lr_decay < 1.0:  # overshot: go back to the best weights, smaller steps
                 model.load_state_dict(best_state)
-                ema.module.load_state_dict(best_state)
+                ema.reset(model)
                 for g in opt.param_groups:
                     g["lr"] *= config.lr_decay
         epoch, batch_i, run_loss, run_n = epoch + 1, 0, 0.0, 0

@@ -31,9 +31,16 @@ class ScalarMix(nn.Module):
         return torch.softmax(self.weights, dim=0)
 
     def forward(self, layers: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        """layers (L, B, T, D), mask (B, T) unused -> (B, T, D)."""
-        w = self.layer_weights().to(layers.dtype)  # (L,)
-        return self.gamma.to(layers.dtype) * torch.einsum("l,lbtd->btd", w, layers)
+        """layers (L, B, T, D), mask (B, T) unused -> (B, T, D).
+
+        A weighted sum in the layers' own dtype, outside autocast: under bf16 autocast the
+        einsum became a cast copy of every layer and a bmm of awkward shapes."""
+        with torch.autocast(layers.device.type, enabled=False):
+            w = (self.gamma * self.layer_weights()).to(layers.dtype)  # (L,)
+            out = layers[0] * w[0]  # (B, T, D)
+            for k in range(1, layers.shape[0]):
+                out = out.add_(layers[k] * w[k])
+            return out
 
 
 class FunctionMix(nn.Module):

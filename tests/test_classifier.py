@@ -5,9 +5,10 @@ import torch
 from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
-from elmo_core.classifier import ELMoClassifier, fast_dropout
+from elmo_core.classifier import ELMoClassifier, fast_dropout, keep_mask, reverse_each
 from elmo_core.classifier_config import ClassifierConfig, MixConfig
 from elmo_core.layers_config import LayersConfig
+from elmo_core.lstm import reverse_padded
 from elmo_core.mix import build_mix
 
 
@@ -51,6 +52,27 @@ def test_fast_dropout_matches_nn_dropout_in_distribution_and_is_identity_in_eval
     assert abs(y.mean().item() - 1.0) < 0.02
     assert fast_dropout(x, 0.4, False) is x
     assert fast_dropout(x, 0.0, True) is x
+
+
+@pytest.mark.parametrize("p", [0.1, 0.4, 0.75])
+def test_keep_mask_keeps_each_element_and_each_lane_with_probability_1_minus_p(p):
+    torch.manual_seed(0)
+    m = keep_mask((101, 203, 9), p, torch.device("cpu"))  # a size not divisible by 4
+    assert m.shape == (101, 203, 9) and m.dtype == torch.bool
+    flat = m.flatten()[: (m.numel() // 4) * 4].view(-1, 4).float()
+    for lane in flat.mean(0).tolist():  # each of the four values a 64-bit draw gives
+        assert abs(lane - (1 - p)) < 0.01
+    # neighbouring elements are independent: P(both kept) = (1-p)^2
+    both = (flat[:, 0] * flat[:, 1]).mean().item()
+    assert abs(both - (1 - p) ** 2) < 0.01
+
+
+def test_reverse_each_flips_full_batches_as_reverse_padded_does():
+    h = torch.randn(3, 6, 2)
+    full = torch.tensor([6, 6, 6])
+    assert torch.equal(reverse_each(h, full, True), reverse_padded(h, full))
+    ragged = torch.tensor([6, 2, 4])
+    assert torch.equal(reverse_each(h, ragged, False), reverse_padded(h, ragged))
 
 
 @pytest.mark.parametrize("strategy", ["wsum", "function", "static"])

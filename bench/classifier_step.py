@@ -1,0 +1,177 @@
+"""The classifier's training step on a run's stored layers, beside its own LSTM and the
+machine's matmul roofline, measured in one process.
+
+Reads a finished run's stages (``--home``, default ``.elmo-news``: the home ``make run`` fills;
+its newest run summary names the layers and the biLM) and times, on the run's own training
+batches (length-bucketed, the profile's batch size), the loop's own ``train_step``:
+  1. at the precision the pipeline picks here (``auto``: bf16 autocast on AMX / AVX512-BF16),
+  2. in float32,
+  3. as the stage ran it before: a dense task-embedding gradient, dense Adam, clipping and
+     weight average over the whole V x E table, float32, batches read in the loop's thread,
+then the classifier's BiLSTM alone at the same shapes (forward + backward of both directions),
+the machine's 2048^2 matmul in float32 and bf16, and (``--stage``) one whole classifier fit as
+the stage runs it, with its wall time.
+
+    .venv/bin/python bench/classifier_step.py [--home .elmo-news] [--steps 30] [--stage] [--out bench/results/classifier_step.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench.elmo_speed import matmul_gflops  # noqa: E402
+from bench.machine import machine, write_report  # noqa: E402
+from elmo_core.classifier_training import (  # noqa: E402
+    Optimizers,
+    classifier_param_groups,
+    ema_decay,
+    mark_sparse_parameters,
+    prefetched,
+    train_classifier,
+    train_step,
+)
+from elmo_core.device import autocast, resolve_precision  # noqa: E402
+from elmo_core.ema import WeightAverage  # noqa: E402
+from flows.params import RunParams  # noqa: E402
+from flows.runtime import tune_allocator  # noqa: E402
+from storage.paths import read_json  # noqa: E402
+from tasks.classify import new_classifier  # noqa: E402
+from tasks.features import layer_store  # noqa: E402
+
+
+def latest_run(home: Path) -> dict:
+    runs = sorted((home / "runs").glob("*.json"), key=lambda p: p.stat().st_mtime)
+    if not runs:
+        raise SystemExit(f"no run summary under {home}/runs: run `make run` first")
+    return json.loads(runs[-1].read_text())
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--home", default=".elmo-news")
+    ap.add_argument("--profile", default="sample")
+    ap.add_argument("--strategy", default="wsum")
+    ap.add_argument("--steps", type=int, default=30)
+    ap.add_argument("--stage", action="store_true", help="also time one whole classifier fit")
+    ap.add_argument(
+        "--out", default=str(Path(__file__).parent / "results" / "classifier_step.json")
+    )
+    args = ap.parse_args()
+    allocator_tuned = tune_allocator()
+    torch.set_num_threads(torch.get_num_threads())
+    cpu = torch.device("cpu")
+    run = latest_run(Path(args.home))
+    features, bilm = run["features"], run["bilm"]
+    config = RunParams(profile=args.profile).resolve().classifier
+    precision = resolve_precision(config.precision, cpu)
+    train = layer_store(features, "train")
+    n_layers, dim = train.layer_shape
+    classes = len(read_json(Path(run["dataset"]) / "labels.json"))
+    order = list(train.batches(config.batch_size, torch.Generator().manual_seed(0)))
+    warmup, steps = 3, args.steps
+    batches = order[: warmup + steps]
+    tokens = sum(int(train.batch(b)[1].sum()) for b in batches[warmup:])
+
+    def time_step(prec: str, legacy: bool = False) -> float:
+        """tokens/s of the loop's step over the same batches."""
+        cfg = replace(config, weight_decay=1e-30) if legacy else config  # dense embedding
+        torch.manual_seed(0)
+        model, _ = new_classifier(bilm, args.strategy, cfg, n_layers, dim, classes)
+        model.train()
+        if not legacy:
+            mark_sparse_parameters(model)
+        groups = classifier_param_groups(model, cfg.lr, cfg.embedding_lr_scale)
+        params = [p for g in groups for p in g["params"]]
+        opt = Optimizers(groups, cfg.lr, 0.0)
+        ema = WeightAverage(model, ema_decay)
+        source = (train.batch(b) for b in batches) if legacy else prefetched(train, batches, 0)
+        for i, batch in enumerate(source):
+            if i == warmup:
+                t0 = time.perf_counter()
+            train_step(model, opt, ema, params, batch, cpu, prec)
+        return tokens / (time.perf_counter() - t0)
+
+    # the BiLSTM alone at the same shapes: input D + E, H, both directions, forward + backward
+    e = config.token_embedding_dim
+    lstms = nn.ModuleList(nn.LSTM(dim + e, config.hidden_dim, batch_first=True) for _ in "fb")
+    shapes = [tuple(train.batch(b)[1].shape) for b in batches]
+
+    def time_lstm(prec: str) -> float:
+        times = []
+        for i, (b, t) in enumerate(shapes):
+            x = torch.randn(b, t, dim + e, requires_grad=True)
+            t0 = time.perf_counter()
+            with autocast(cpu, prec):
+                total = sum(lstm(x)[0].float().sum() for lstm in lstms)
+            total.backward()
+            if i >= warmup:
+                times.append(time.perf_counter() - t0)
+        return tokens / sum(times)
+
+    precisions = sorted({precision, "fp32"}, key=lambda p: p != precision)
+    step = {p: time_step(p) for p in precisions}
+    lstm = {p: time_lstm(p) for p in precisions}
+    legacy = time_step("fp32", legacy=True)
+    roof = {p: matmul_gflops(torch.float32 if p == "fp32" else torch.bfloat16) for p in precisions}
+    report = {
+        "command": " ".join(["python", *sys.argv]),
+        "machine": {**machine(), "threads": torch.get_num_threads()},
+        "allocator_tuned": allocator_tuned,
+        "precision": precision,
+        "shapes": {
+            "B": config.batch_size,
+            "T_mean": statistics.mean(t for _, t in shapes[warmup:]),
+            "L": n_layers,
+            "D": dim,
+            "E": e,
+            "H": config.hidden_dim,
+            "V": int(
+                new_classifier(bilm, args.strategy, config, n_layers, dim, classes)[
+                    0
+                ].embedding.num_embeddings
+            ),  # fmt: skip
+            "steps": steps,
+        },
+        "tokens_per_s": {
+            **{f"step_{p}": round(v) for p, v in step.items()},
+            **{f"lstm_only_{p}": round(v) for p, v in lstm.items()},
+            "step_before_fp32_dense": round(legacy),
+        },
+        "step_vs_lstm_only": {p: step[p] / lstm[p] for p in precisions},
+        "speedup_vs_before": step[precision] / legacy,
+        "matmul_2048_gflop_per_s": {p: round(v, 1) for p, v in roof.items()},
+    }
+    if args.stage:
+        val = layer_store(features, "val")
+        torch.manual_seed(0)
+        model, _ = new_classifier(bilm, args.strategy, config, n_layers, dim, classes)
+        t0 = time.perf_counter()
+        res = train_classifier(model, train, val, config, device=cpu)
+        report["stage"] = {
+            "strategy": args.strategy,
+            "wall_s": round(time.perf_counter() - t0, 1),
+            "epochs_run": res.epochs_run,
+            "best_val_accuracy": res.best_val_accuracy,
+            "docs": len(train),
+        }
+    write_report(
+        args.out,
+        report,
+        f"classifier_step_speedup={report['speedup_vs_before']:.2f}",
+        hide="machine",
+    )
+
+
+if __name__ == "__main__":
+    main()
