@@ -85,7 +85,7 @@ def main() -> None:
 
     def time_step(prec: str, legacy: bool = False) -> float:
         """tokens/s of the loop's step over the same batches."""
-        cfg = replace(config, weight_decay=1e-30) if legacy else config  # dense embedding
+        cfg = replace(config, sparse_embedding=False) if legacy else config
         torch.manual_seed(0)
         model, _ = new_classifier(bilm, args.strategy, cfg, n_layers, dim, classes)
         model.train()

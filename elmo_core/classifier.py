@@ -93,7 +93,7 @@ class ELMoClassifier(nn.Module):
         e = config.token_embedding_dim
         # row-sparse gradients: a step's Adam and weight average touch the batch's rows only
         # (with weight decay, which every row takes, the gradient stays dense)
-        sparse = config.weight_decay == 0.0
+        sparse = config.sparse_embedding and config.weight_decay == 0.0
         self.embedding = nn.Embedding(vocab_size, e, padding_idx=0, sparse=sparse) if e else None
         if self.embedding is not None and init_embedding is not None:
             with torch.no_grad():
