@@ -5,7 +5,7 @@ Reads a finished run's stages (``--home``, default ``.elmo-news``: the home ``ma
 its newest run summary names the layers and the biLM) and times, on the run's own training
 batches (length-bucketed, the profile's batch size), the loop's own ``train_step``:
   1. at the precision the pipeline picks here (``auto``: bf16 autocast on AMX / AVX512-BF16),
-  2. in float32,
+  2. in float32, and at the pipeline's precision with the other ``classifier.sparse_embedding``,
   3. as the stage ran it before: a dense task-embedding gradient, dense Adam, clipping and
      weight average over the whole V x E table, float32, batches read in the loop's thread,
 then the classifier's BiLSTM alone at the same shapes (forward + backward of both directions),
@@ -83,14 +83,14 @@ def main() -> None:
     batches = order[: warmup + steps]
     tokens = sum(int(train.batch(b)[1].sum()) for b in batches[warmup:])
 
-    def time_step(prec: str, legacy: bool = False) -> float:
-        """tokens/s of the loop's step over the same batches."""
-        cfg = replace(config, sparse_embedding=False) if legacy else config
+    def time_step(prec: str, sparse: bool, legacy: bool = False) -> float:
+        """tokens/s of the loop's step over the same batches (``legacy``: batches read in the
+        loop's thread)."""
+        cfg = replace(config, sparse_embedding=sparse)
         torch.manual_seed(0)
         model, _ = new_classifier(bilm, args.strategy, cfg, n_layers, dim, classes)
         model.train()
-        if not legacy:
-            mark_sparse_parameters(model)
+        mark_sparse_parameters(model)
         groups = classifier_param_groups(model, cfg.lr, cfg.embedding_lr_scale)
         params = [p for g in groups for p in g["params"]]
         opt = Optimizers(groups, cfg.lr, 0.0)
@@ -120,15 +120,17 @@ def main() -> None:
         return tokens / sum(times)
 
     precisions = sorted({precision, "fp32"}, key=lambda p: p != precision)
-    step = {p: time_step(p) for p in precisions}
+    step = {p: time_step(p, config.sparse_embedding) for p in precisions}
+    other = time_step(precision, not config.sparse_embedding)
     lstm = {p: time_lstm(p) for p in precisions}
-    legacy = time_step("fp32", legacy=True)
+    legacy = time_step("fp32", sparse=False, legacy=True)
     roof = {p: matmul_gflops(torch.float32 if p == "fp32" else torch.bfloat16) for p in precisions}
     report = {
         "command": " ".join(["python", *sys.argv]),
         "machine": {**machine(), "threads": torch.get_num_threads()},
         "allocator_tuned": allocator_tuned,
         "precision": precision,
+        "sparse_embedding": config.sparse_embedding,
         "shapes": {
             "B": config.batch_size,
             "T_mean": statistics.mean(t for _, t in shapes[warmup:]),
@@ -146,6 +148,7 @@ def main() -> None:
         "tokens_per_s": {
             **{f"step_{p}": round(v) for p, v in step.items()},
             **{f"lstm_only_{p}": round(v) for p, v in lstm.items()},
+            f"step_{precision}_sparse_embedding_{not config.sparse_embedding}": round(other),
             "step_before_fp32_dense": round(legacy),
         },
         "step_vs_lstm_only": {p: step[p] / lstm[p] for p in precisions},
