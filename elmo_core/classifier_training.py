@@ -152,7 +152,7 @@ class Optimizers:
 
 
 def _is_sparse(p: torch.Tensor) -> bool:
-    """Marked by ``sparse_parameters``: the parameter's gradient is row-sparse."""
+    """Marked by ``mark_sparse_parameters``: the parameter's gradient is row-sparse."""
     return bool(getattr(p, "_row_sparse", False))
 
 
