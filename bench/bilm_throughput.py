@@ -256,7 +256,7 @@ def main() -> None:
     ag_tokens = 120_000 * 0.9 * 46
     pretrain_s = tp.epochs * ag_tokens / tps["full_step"]
     extract_s = (120_000 + 7_600) * 44 / tps["extract_forward_only"]
-    clf_s = 3 * cp.epochs * 108_000 * 44 / tps["classifier_step"]
+    clf_s = 3 * cp.max_steps * cp.batch_size * 44 / tps["classifier_step"]
     report = {
         "machine": {
             "platform": platform.platform(),
@@ -302,7 +302,7 @@ def main() -> None:
             "extract_layers": round(extract_s),
             "classifiers_upper_bound": round(clf_s),
             "total": round(pretrain_s + extract_s + clf_s),
-            "assumes": f"120k AG rows x 46 tokens, {tp.epochs} biLM epochs, 3 strategies x {cp.epochs} classifier epochs, no extra corpus",
+            "assumes": f"120k AG rows x 46 tokens, {tp.epochs} biLM epochs, 3 strategies x {cp.max_steps} classifier steps (the cap), no extra corpus",
         },
         "profile_full": PROFILES["full"],
     }

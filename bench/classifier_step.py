@@ -165,6 +165,8 @@ def main() -> None:
             "strategy": args.strategy,
             "wall_s": round(time.perf_counter() - t0, 1),
             "epochs_run": res.epochs_run,
+            "steps": res.steps,
+            "stop_reason": res.stop_reason,
             "best_val_accuracy": res.best_val_accuracy,
             "docs": len(train),
         }

@@ -1,6 +1,6 @@
-"""The classifier's training loop (Adam, an exponential moving average of the weights, early
-stopping on the average's validation accuracy, best average kept) and batch prediction, over
-precomputed biLM layers (``DocumentBatches``).
+"""The classifier's training loop (Adam, an exponential moving average of the weights, a budget
+in optimizer steps with early stopping on the average's validation accuracy, best average kept)
+and batch prediction, over precomputed biLM layers (``DocumentBatches``).
 
 Like the biLM loop it reports through ``log_metrics(metrics, step)``, checkpoints atomically and
 resumes from its checkpoint file.
@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import copy
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Generator, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import closing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
@@ -69,9 +70,31 @@ def predict_proba(
 @dataclass
 class ClassifierResult:
     best_val_accuracy: float
-    best_epoch: int
-    epochs_run: int
+    best_step: int  # the optimizer step whose weight average was kept
+    steps: int  # optimizer steps run
+    epochs_run: float  # passes over the train split (steps / steps per epoch)
     seconds: float
+    stop_reason: str  # a key of STOP_REASONS
+
+
+# why a classifier stopped training (recorded in its metrics and the run's summary)
+STOP_REASONS = {
+    "patience": "validation stopped improving",
+    "max_steps": "reached classifier.max_steps",
+    "max_minutes": "reached classifier.max_minutes",
+}
+
+
+def macro_f1(y_true: np.ndarray, y_pred: np.ndarray, num_classes: int) -> float:
+    """Unweighted mean over the classes present in ``y_true`` or ``y_pred`` of per-class F1
+    (scikit-learn's ``f1_score(average="macro")``): a rare class weighs as much as a common
+    one, which accuracy hides on imbalanced data."""
+    tp = np.bincount(y_true[y_true == y_pred], minlength=num_classes).astype(np.float64)
+    true_n = np.bincount(y_true, minlength=num_classes)
+    pred_n = np.bincount(y_pred, minlength=num_classes)
+    present = (true_n + pred_n) > 0
+    f1 = 2 * tp / np.maximum(true_n + pred_n, 1)
+    return float(f1[present].mean()) if present.any() else 0.0
 
 
 # Validation, early stopping and the kept model use an exponential moving average of the weights
@@ -163,7 +186,9 @@ def mark_sparse_parameters(model: nn.Module) -> None:
             m.weight._row_sparse = True  # type: ignore[attr-defined]  # a marker attribute
 
 
-def prefetched(store: DocumentBatches, batches: list[np.ndarray], start: int) -> Iterator[Batch]:
+def prefetched(
+    store: DocumentBatches, batches: list[np.ndarray], start: int
+) -> Generator[Batch, None, None]:
     """``store.batch`` of batches[start:], the next one read by a background thread while the
     caller computes on the current one (the reads and float16 -> float32 copies release the
     GIL), so a step does not wait on them."""
@@ -239,11 +264,13 @@ def train_classifier(
     device: torch.device | None = None,
     progress: ProgressFn = no_progress,
 ) -> ClassifierResult:
-    """Adam with early stopping on validation accuracy; ``model`` ends holding the best weights
-    (of the exponential moving average, ``EMA_DECAY``).
+    """Adam on a budget in optimizer steps: the weight average (``EMA_DECAY``) is validated
+    every ``config.eval_every`` steps, and training stops after ``config.patience`` validations
+    without a gain once ``config.min_steps`` are done, at ``config.max_steps`` or after
+    ``config.max_minutes``; ``model`` ends holding the best average.
 
-    With ``config.lr_decay < 1`` an epoch without a validation gain also sends the model back to
-    its best weights and shrinks every group's learning rate (restored on resume with the
+    With ``config.lr_decay < 1`` a validation without a gain also sends the model back to its
+    best weights and shrinks every group's learning rate (restored on resume with the
     optimizer's state)."""
     device = device or pick_device()
     torch.manual_seed(config.seed)
@@ -254,11 +281,12 @@ def train_classifier(
     opt = Optimizers(groups, config.lr, config.weight_decay)
     gen = torch.Generator().manual_seed(config.seed)
     epoch, batch_i, step, seconds = 0, 0, 0, 0.0
-    best_acc, best_epoch, bad = -1.0, 0, 0
+    best_acc, best_step, bad, stop = -1.0, 0, 0, ""
     # what is evaluated and kept: an exponential moving average of the trained weights
     ema = WeightAverage(model, ema_decay)
     best_state = copy.deepcopy(model.state_dict())
     epoch_gen_state = gen.get_state()
+    steps_per_epoch = 1
     state = try_resume(checkpoint, "classifier-train")
     if state is not None:
         model.load_state_dict(state["model"])
@@ -271,7 +299,12 @@ def train_classifier(
             state["step"],
             state["seconds"],
         )
-        best_acc, best_epoch, bad = state["best_acc"], state["best_epoch"], state["bad"]
+        best_acc, best_step, bad, stop = (
+            state["best_acc"],
+            state["best_step"],
+            state["bad"],
+            state["stop"],
+        )
         best_state = state["best_model"]
         ema.load_averaged_state(state["ema"])
         run_loss, run_n = state["run_loss"], state["run_n"]
@@ -292,8 +325,9 @@ def train_classifier(
                     "step": step,
                     "seconds": seconds,
                     "best_acc": best_acc,
-                    "best_epoch": best_epoch,
+                    "best_step": best_step,
                     "bad": bad,
+                    "stop": stop,
                     "best_model": best_state,
                     "ema": ema.averaged_state(),
                     "run_loss": run_loss,
@@ -302,43 +336,25 @@ def train_classifier(
                 checkpoint,
             )
 
-    while epoch < config.epochs and bad < config.patience:
-        gen.set_state(epoch_gen_state)  # the epoch's batch order is a function of this state
-        batches = list(train.batches(config.batch_size, gen))
-        next_epoch_gen_state = gen.get_state()
-        t0 = time.perf_counter()
-        t_epoch, tokens_epoch = t0, 0
-        if isinstance(model, FineTunedClassifier):  # gradual unfreezing: a function of epoch
-            model.unfreeze(epoch // config.unfreeze_every)
-        model.train()
-        for batch in prefetched(train, batches, batch_i):
-            loss, mask = train_step(model, opt, ema, params, batch, device, config.precision)
-            batch_i += 1
-            step += 1
-            run_loss += float(loss.detach())
-            run_n += 1
-            tokens_epoch += int(mask.sum())
-            report_epoch_progress(
-                progress, batch_i, len(batches), epoch, config.epochs, tokens_epoch, t_epoch
-            )
-            if config.checkpoint_every and step % config.checkpoint_every == 0:
-                seconds += time.perf_counter() - t0
-                t0 = time.perf_counter()
-                save()
-        seconds += time.perf_counter() - t0
+    def validate() -> str:
+        """Validate the average at ``step``, keep it if best; returns why to stop, or ""."""
+        nonlocal best_acc, best_step, bad, best_state
         ema.sync(model)
         probs = predict_proba(cast(ELMoClassifier, ema.module), val, device)
-        acc = float((probs.argmax(1) == val.labels).mean())
+        model.train()
+        pred = probs.argmax(1)
+        acc = float((pred == val.labels).mean())
         log_metrics(
             {
-                "train_loss": run_loss / max(run_n, 1),
+                "train_loss": run_loss / max(run_n, 1),  # since the last validation
                 "val_accuracy": acc,
-                "lr": opt.param_groups[0]["lr"],  # the lr this epoch trained with
+                "val_macro_f1": macro_f1(val.labels, pred, probs.shape[1]),
+                "lr": opt.param_groups[0]["lr"],  # the lr these steps trained with
             },
-            epoch + 1,
+            step,
         )
         if acc > best_acc:
-            best_acc, best_epoch, bad = acc, epoch + 1, 0
+            best_acc, best_step, bad = acc, step, 0
             best_state = copy.deepcopy(ema.module.state_dict())
         else:
             bad += 1
@@ -347,9 +363,68 @@ def train_classifier(
                 ema.reset(model)
                 for g in opt.param_groups:
                     g["lr"] *= config.lr_decay
-        epoch, batch_i, run_loss, run_n = epoch + 1, 0, 0.0, 0
-        epoch_gen_state = next_epoch_gen_state
-        save()
+        return why_stop()
+
+    def why_stop() -> str:
+        if step >= config.max_steps:
+            return "max_steps"
+        if config.max_minutes and seconds >= 60.0 * config.max_minutes:
+            return "max_minutes"
+        if bad >= config.patience and step >= config.min_steps:
+            return "patience"
+        return ""
+
+    if stop:  # resumed after the last validation: stop, unless a larger budget goes on
+        stop = why_stop()
+
+    while not stop:
+        gen.set_state(epoch_gen_state)  # the epoch's batch order is a function of this state
+        batches = list(train.batches(config.batch_size, gen))
+        steps_per_epoch = len(batches)
+        next_epoch_gen_state = gen.get_state()
+        t0 = time.perf_counter()
+        t_epoch, tokens_epoch = t0, 0
+        if isinstance(model, FineTunedClassifier):  # gradual unfreezing: a function of epoch
+            model.unfreeze(epoch // config.unfreeze_every)
+        model.train()
+        epochs_cap = -(-config.max_steps // steps_per_epoch)
+        with closing(prefetched(train, batches, batch_i)) as reader:
+            for batch in reader:
+                loss, mask = train_step(model, opt, ema, params, batch, device, config.precision)
+                batch_i += 1
+                step += 1
+                run_loss += float(loss.detach())
+                run_n += 1
+                tokens_epoch += int(mask.sum())
+                report_epoch_progress(
+                    progress, batch_i, len(batches), epoch, epochs_cap, tokens_epoch, t_epoch
+                )
+                now = time.perf_counter()
+                timed_out = bool(config.max_minutes) and (
+                    seconds + now - t0 >= 60.0 * config.max_minutes
+                )
+                if step % config.eval_every == 0 or step >= config.max_steps or timed_out:
+                    seconds += now - t0
+                    stop = validate()
+                    run_loss, run_n = 0.0, 0
+                    if batch_i == len(batches):
+                        epoch, batch_i = epoch + 1, 0
+                        epoch_gen_state = next_epoch_gen_state
+                    save()
+                    t0 = time.perf_counter()
+                    if stop:
+                        break
+                elif config.checkpoint_every and step % config.checkpoint_every == 0:
+                    seconds += now - t0
+                    save()
+                    t0 = time.perf_counter()
+        if not stop:
+            seconds += time.perf_counter() - t0
+            if batch_i == len(batches):
+                epoch, batch_i = epoch + 1, 0
+                epoch_gen_state = next_epoch_gen_state
     model.load_state_dict(best_state)
     model.eval()
-    return ClassifierResult(best_acc, best_epoch, epoch, seconds)
+    return ClassifierResult(
+        best_acc, best_step, step, step / max(steps_per_epoch, 1), seconds, stop
+    )

@@ -64,27 +64,37 @@ SECTIONS: dict[str, type] = {
 
 # what the profiles sized for a 2-core CPU share
 CPU_PRETRAIN: dict[str, Any] = {"batch_size": 128, "window": 20, "lr": 2e-3, "val_tokens": 20_000}
+# the classifier's budget is in optimizer steps, so one profile fits 500 documents and 120k:
+# validation every 200 steps (~0.9 of an ag_news_sample epoch, several times an epoch of the
+# full AG News, every ~25 epochs of 500 documents), stop after 3 without a gain, not before
+# 600 steps (a small dataset's first epochs are a few dozen steps: the validation curve is
+# still climbing there)
 CPU_CLASSIFIER: dict[str, Any] = {
     "hidden_dim": 128,
     "mlp_hidden": (128, 64),
     "dropout": 0.4,
-    "patience": 1,
+    "eval_every": 200,
+    "patience": 3,
+    "min_steps": 600,
+    "max_steps": 6000,
     "batch_size": 64,
     "lr": 2e-3,
 }
 # ... and the profiles sized for a GPU
 GPU_CLASSIFIER: dict[str, Any] = {
     "hidden_dim": 256,
-    "epochs": 10,
+    "eval_every": 1000,  # ~0.27 of a 120k-document epoch at batch 32
     "patience": 3,
+    "min_steps": 3000,
+    "max_steps": 40_000,
     "batch_size": 32,
     "lr": 1e-3,
 }
 
 PROFILES: dict[str, dict[str, dict[str, Any]]] = {
-    # ~2k real rows, tiny dims, up to four classifier epochs: the end-to-end check that the
-    # pipeline learns (every strategy well above chance; with two epochs the function mix of
-    # the Reuters run had not left chance). The task embedding learns at 10x lr without
+    # ~2k real rows, tiny dims, up to 340 classifier steps (four epochs of 1,350 documents):
+    # the end-to-end check that the pipeline learns (every strategy well above chance; with two
+    # epochs the function mix of the Reuters run had not left chance). The task embedding learns at 10x lr without
     # dropout: at 1x and dropout 0.1 some seeds sat on the chance plateau for whole epochs
     "smoke": {
         "ingest": {"limit_train": 1500, "limit_test": 200, "val_fraction": 0.1},
@@ -97,12 +107,14 @@ PROFILES: dict[str, dict[str, dict[str, Any]]] = {
             "mlp_hidden": (16,),
             "token_embedding_dim": 24,
             "dropout": 0.0,
-            "epochs": 4,
+            "eval_every": 85,
             "patience": 2,
+            "min_steps": 170,
+            "max_steps": 340,
             "batch_size": 16,
             "lr": 0.005,
             "embedding_lr_scale": 10.0,
-            "checkpoint_every": 50,  # + every epoch; a save per 5 steps was ~1.2 s a classifier
+            "checkpoint_every": 50,  # + every validation; a save per 5 steps cost ~1.2 s
         },
         # AG News documents (~40 tokens) run through the windowed path
         "layers": {"max_len": 32, "window": 24, "context": 4},
@@ -119,7 +131,7 @@ PROFILES: dict[str, dict[str, dict[str, Any]]] = {
         # AG News' tokens were <unk> to the news-corpus biLM) and adapts 2 passes to its text
         "adapt": {"epochs": 2, "new_words_min_count": 2},
         # token_embedding_dim <= bilm.embedding_dim: initialised from it
-        "classifier": {**CPU_CLASSIFIER, "token_embedding_dim": 192, "epochs": 6},
+        "classifier": {**CPU_CLASSIFIER, "token_embedding_dim": 192},
     },
     # the full 120k AG News on a 2-core CPU: fewer passes over 7x the text
     "full": {
@@ -127,7 +139,7 @@ PROFILES: dict[str, dict[str, dict[str, Any]]] = {
         "bilm": {"embedding_dim": 256, "hidden_dim": 256, "num_samples": 512},
         "pretrain": {**CPU_PRETRAIN, "epochs": 2},
         "adapt": {"epochs": 1, "new_words_min_count": 3},
-        "classifier": {**CPU_CLASSIFIER, "token_embedding_dim": 256, "epochs": 4},
+        "classifier": {**CPU_CLASSIFIER, "token_embedding_dim": 256, "max_steps": 8000},
     },
     # `elmo-news pretrain` on ../shared/data/news_corpus (+ Reuters): a standalone biLM in
     # <= 60 min on 2 CPU cores without bf16 (E = H = 192 runs ~9.5k tokens/s in fp32 there:

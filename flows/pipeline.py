@@ -12,6 +12,7 @@ from typing import Any
 from prefect import flow, get_run_logger
 from prefect.task_runners import ThreadPoolTaskRunner
 
+from elmo_core.classifier_training import STOP_REASONS
 from elmo_core.mix import ABLATION
 from flows.fanout import FanOut, fanout
 from flows.params import Resolved, RunParams
@@ -52,12 +53,19 @@ def elmo_gains(rows: list[dict[str, Any]]) -> dict[str, float]:
     }
 
 
+def _steps(metrics: dict[str, Any]) -> str:
+    """A classifier's optimizer steps and, in brackets, the kept (best) step."""
+    if "steps" not in metrics:
+        return ""
+    return f"{metrics['steps']} ({metrics['best_step']})"
+
+
 def summary_markdown(rows: list[dict[str, Any]], timings: dict[str, float]) -> str:
     gains = elmo_gains(rows)
     lines = [
         "| model | test accuracy | gain over static (pt) | macro F1 | weighted F1 "
-        "| best val accuracy | cached |",
-        "|---|---|---|---|---|---|---|",
+        "| best val accuracy | steps (best) | stopped | cached |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         m = r["metrics"]
@@ -66,11 +74,34 @@ def summary_markdown(rows: list[dict[str, Any]], timings: dict[str, float]) -> s
         lines.append(
             f"| {r['name']} | {m['test_accuracy']:.4f} | {gain} | {m['test_macro_f1']:.4f} | "
             f"{m['test_weighted_f1']:.4f} | {m.get('best_val_accuracy', float('nan')):.4f} "
-            f"| {r['cached']} |"
+            f"| {_steps(m)} | {STOP_REASONS.get(m.get('stop_reason', ''), '')} | {r['cached']} |"
         )
     lines += ["", "| stage | wall time (s) |", "|---|---|"]
     lines += [f"| {k} | {v:.1f} |" for k, v in timings.items()]
     return "\n".join(lines)
+
+
+# an in-run biLM pretrained on fewer tokens than this (train split + --pretrain-corpus) added
+# little over static word vectors in bench/datasets.py (the AG News 500 / 2,000-document rows,
+# in-run against a reused news biLM): the run says so and how to reuse one
+SMALL_BILM_CORPUS_TOKENS = 1_000_000
+
+
+def small_bilm_note(params: RunParams, bilm_dir: str) -> str:
+    """A line for the summary when the run pretrained its biLM on too little text."""
+    metrics = Path(bilm_dir) / "metrics.json"
+    if params.bilm or not metrics.exists():
+        return ""
+    tokens = int(read_json(metrics).get("corpus_tokens", 0))
+    if tokens >= SMALL_BILM_CORPUS_TOKENS:
+        return ""
+    return (
+        f"The biLM was pretrained in this run on {tokens:,} tokens, under the "
+        f"{SMALL_BILM_CORPUS_TOKENS:,} below which an in-run biLM added little over static word "
+        "vectors in our measurements. Pretrain one once on a news corpus and reuse it: "
+        "`elmo-news pretrain --profile news --corpus NEWS_TEXT`, then `elmo-news run ... "
+        "--bilm models:/elmo-news-bilm/N` (or add unlabeled text with `--pretrain-corpus`)."
+    )
 
 
 def has_lm_head(bilm_dir: str) -> bool:
@@ -250,7 +281,10 @@ def elmo_news(params: RunParams) -> dict[str, Any]:
                 tracker.link_model(parent, registry.pop("model_id", None))  # "Logged models"
             log.info("registry: %s (strategy %s)", registry["decision"], best)
         run.log_timings()
-        md = summary_markdown(rows, timings)
+        note = small_bilm_note(params, bilm_dir)
+        if note:
+            log.warning(note)
+        md = summary_markdown(rows, timings) + (f"\n\n**Note.** {note}" if note else "")
         chart = h.runs / f"{parent}-comparison.png"
         comparison_chart(rows, chart, f"elmo-news ({params.profile}): test split")
         tracker.log_artifact(parent, chart)
@@ -270,6 +304,7 @@ def elmo_news(params: RunParams) -> dict[str, Any]:
                 "timings": timings,
                 "rows": stats,
                 "registry": registry,
+                "notes": [note] if note else [],
                 "task_runner": runner,
                 "dask_workers": fan.workers,  # address -> torch threads per task
             },

@@ -37,29 +37,26 @@ def _stratified(
     seed: int,
 ) -> tuple[list[int], list[int]]:
     """Stratified cut of ``idx`` into ``n_first`` rows and the rest (each sorted), after the
-    checks scikit-learn's stratified split needs, worded for the user."""
+    checks scikit-learn's stratified split needs, worded for the user. A class with a single
+    document cannot be stratified: that document stays in the first part (train, or the
+    limited sample), so a rare class is learned from, never validated on."""
+    counts = Counter(labels[i] for i in idx)
+    single = [i for i in idx if counts[labels[i]] == 1]
+    idx = [i for i in idx if counts[labels[i]] > 1]
+    n_first = max(n_first - len(single), 0)
     sub = [labels[i] for i in idx]
     counts = Counter(sub)
-    small = sorted((n, c) for c, n in counts.items() if n < 2)
-    if small:
-        n, c = small[0]
-        raise DataError(
-            f"{source}: class {names[c]!r} has {n} usable {split} document"
-            f"{'' if n == 1 else 's'} ({len(small)} of {len(counts)} classes have fewer than "
-            f"2); {what} needs at least 2 per class: add documents of that class or drop it "
-            "from the data"
-        )
     n_rest = len(idx) - n_first
-    if min(n_first, n_rest) < len(counts):
+    if min(n_first, n_rest) < max(len(counts), 1):
         raise DataError(
-            f"{source}: {what} would hold {min(n_first, n_rest)} of {len(idx)} {split} rows, "
-            f"fewer than the {len(counts)} classes it must stratify: use more rows or change "
-            "ingest.val_fraction / the row limits"
+            f"{source}: {what} would hold {min(n_first, n_rest)} of {len(idx)} {split} rows "
+            f"(classes of one document aside), fewer than the {len(counts)} classes it must "
+            "stratify: use more rows or change ingest.val_fraction / the row limits"
         )
     first, rest = train_test_split(
         idx, train_size=n_first, test_size=n_rest, stratify=sub, random_state=seed
     )
-    return sorted(first), sorted(rest)
+    return sorted([*first, *single]), sorted(rest)
 
 
 def plan_splits(

@@ -184,7 +184,11 @@ class Tracker:
         if (stage_dir / "config.json").exists():
             self.log_params(run_id, read_json(stage_dir / "config.json"))
         if (stage_dir / "metrics.json").exists():
-            self.log_metrics(run_id, read_json(stage_dir / "metrics.json"))
+            metrics = read_json(stage_dir / "metrics.json")
+            self.log_metrics(run_id, {k: v for k, v in metrics.items() if not isinstance(v, str)})
+            for k, v in metrics.items():  # words (why training stopped) are tags
+                if isinstance(v, str):
+                    self.client.set_tag(run_id, k, v)
         for p in sorted(stage_dir.iterdir()):
             if p.suffix in ARTIFACT_SUFFIXES and p.is_file() and not p.name.startswith("."):
                 if p.name not in ("mlflow_source.json", "history.json"):

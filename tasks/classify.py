@@ -136,12 +136,17 @@ def _build(
             save_bilm(out / "bilm.pt", tuned.bilm, vocab)
         probs = predict_proba(trained, test, dev)
         pred = probs.argmax(1)
-        metrics = evaluate(test.labels, pred, label_names, out, f"ELMo {strategy}")
+        metrics: dict[str, float | str] = {
+            **evaluate(test.labels, pred, label_names, out, f"ELMo {strategy}")
+        }
         metrics.update(
             {
                 "best_val_accuracy": res.best_val_accuracy,
-                "best_epoch": res.best_epoch,
+                "best_step": res.best_step,
+                "steps": res.steps,
                 "epochs_run": res.epochs_run,
+                "train_s": res.seconds,
+                "stop_reason": res.stop_reason,
                 "wall_s": time.perf_counter() - t0,
             }
         )

@@ -68,8 +68,8 @@ def test_r8_is_the_modapte_single_topic_split_and_pretraining_never_sees_test(tm
 
     from tests.conftest import REUTERS
 
-    r8 = _bench("r8")
-    counts = r8.build_r8(REUTERS, tmp_path)
+    datasets = _bench("datasets")
+    counts = datasets.build_reuters(REUTERS, tmp_path, "r8")
     # the literature's 5,485 / 2,189, less the articles without any text
     assert counts["classes"] == 8
     assert 5400 <= counts["train_docs"] <= 5485 and 2150 <= counts["test_docs"] <= 2189
@@ -84,6 +84,35 @@ def test_r8_is_the_modapte_single_topic_split_and_pretraining_never_sees_test(tm
     assert corpus and not corpus & test_texts  # no TEST article in the pretraining text
     some_train = f"{train['title'][0]}\n{train['body'][0]}".strip()
     assert some_train in corpus
+
+
+def test_r52_keeps_every_single_topic_class_with_a_train_and_a_test_document(tmp_path):
+    import polars as pl
+
+    from tests.conftest import REUTERS
+
+    counts = _bench("datasets").build_reuters(REUTERS, tmp_path, "r52")
+    # the literature's 6,532 / 2,568, less the articles without any text
+    assert counts["classes"] == 52
+    assert 6400 <= counts["train_docs"] <= 6532 and 2500 <= counts["test_docs"] <= 2568
+    train = pl.read_csv(tmp_path / "train.csv")["topic"].value_counts()
+    test = pl.read_csv(tmp_path / "test.csv")["topic"]
+    assert set(train["topic"]) == set(test) and train.height == 52
+    assert train["count"].max() > 1000 * train["count"].min()  # earn beside one-document classes
+
+
+def test_ag_subsets_are_stratified_and_keep_the_whole_test_split(tmp_path):
+    import polars as pl
+
+    from tests.conftest import AG
+
+    counts = _bench("datasets").build_ag_subset(AG, tmp_path, 500)
+    assert counts == {"train_docs": 500, "test_docs": 7600, "classes": 4}
+    sub = pl.read_csv(tmp_path / "train.csv", has_header=False)[:, 0].value_counts()
+    full = pl.read_csv(AG / "train.csv", has_header=False)[:, 0].value_counts()
+    share = dict(zip(full[:, 0], full["count"] / full["count"].sum(), strict=True))
+    for label, n in zip(sub[:, 0], sub["count"], strict=True):
+        assert abs(n - 500 * share[label]) <= 1
 
 
 def test_full_memory_sampler_records_a_peak_and_stops(tmp_path):

@@ -57,12 +57,6 @@ def _case(tmp: Path, name: str) -> tuple[list[str], str]:
             f"error: {d}: the train split holds one class only ('World'); a classifier needs "
             "at least two"
         )
-    if name == "a class of one document":
-        _ag_folder(d, c["1"][:30] + c["2"][:30] + c["3"][:30] + c["4"][:1], test)
-        return ["--data", str(d)], (
-            f"error: {d}: class 'Sci/Tech' has 1 usable train document (1 of 4 classes have "
-            "fewer than 2); the stratified validation split needs at least 2 per class"
-        )
     if name == "every test row quarantined":
         _ag_folder(d, c["1"][:20] + c["2"][:20], [["9", *r[1:]] for r in test])
         return ["--data", str(d)], (
@@ -91,7 +85,6 @@ def _case(tmp: Path, name: str) -> tuple[list[str], str]:
 
 CASES = [
     "one class",
-    "a class of one document",
     "every test row quarantined",
     "integer text column",
     "missing text column",
@@ -191,10 +184,19 @@ def test_the_validation_split_must_hold_every_class():
     assert sorted(plan["train"] + plan["val"]) == list(range(10)) and len(plan["val"]) == 5
 
 
-def test_a_row_limit_that_starves_a_class_names_the_limit():
-    labels = [0] * 50 + [1] * 50 + [2]
-    with pytest.raises(DataError, match=r"ingest.limit_train needs at least 2 per class"):
-        plan_splits(labels, [0], list("abc"), 0.1, 0, 20, 0, "src")
+def test_a_class_of_one_document_is_trained_on_never_validated_on():
+    labels = [0] * 50 + [1] * 50 + [2]  # R52 has such classes (one train document)
+    for limit in (0, 20):
+        plan = plan_splits(labels, [0], list("abc"), 0.1, 0, limit, 0, "src")
+        assert 100 in plan["train"] and 100 not in plan["val"]
+        assert len(plan["train"]) + len(plan["val"]) == (limit or 101)
+        assert {labels[i] for i in plan["val"]} == {0, 1}
+
+
+def test_a_row_limit_too_small_for_its_classes_names_the_limit():
+    labels = [0] * 50 + [1] * 50 + [2] * 50
+    with pytest.raises(DataError, match=r"ingest.limit_train would hold 2 of 150 train rows"):
+        plan_splits(labels, [0], list("abc"), 0.1, 0, 2, 0, "src")
 
 
 def test_a_home_that_is_not_writable_or_a_file_is_refused(tmp_path, monkeypatch):

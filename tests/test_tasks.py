@@ -91,7 +91,8 @@ def test_latest_run_is_the_newest_summary(tmp_path):
     [
         ({"profile": "huge"}, "profile"),
         ({"strategies": ["max"]}, "strategies"),
-        ({"overrides": {"classifier": {"epochs": 0}}}, "epochs"),
+        ({"overrides": {"classifier": {"max_steps": 0}}}, "max_steps"),
+        ({"overrides": {"classifier": {"min_steps": 900, "max_steps": 800}}}, "min_steps"),
         ({"overrides": {"classifier": {"epochz": 3}}}, "epochz"),
         ({"overrides": {"bilm": {"hidden_dim": -1}}}, "hidden_dim"),
         ({"overrides": {"optimizer": {}}}, "optimizer"),

@@ -17,6 +17,7 @@ from elmo_core.classifier_training import (
     EMA_DECAY,
     classifier_param_groups,
     ema_decay,
+    macro_f1,
     predict_proba,
     train_classifier,
 )
@@ -145,8 +146,9 @@ def _separable_store(n: int, seed: int) -> LayerStore:
 
 def _classifier(strategy: str = "wsum") -> tuple[ELMoClassifier, MixConfig, ClassifierConfig]:
     cfg = ClassifierConfig(
-        hidden_dim=8, mlp_hidden=(8,), epochs=6, patience=6, batch_size=16, lr=1e-2, dropout=0.1
-    )
+        hidden_dim=8, mlp_hidden=(8,), eval_every=19, patience=6, min_steps=0, max_steps=114,
+        batch_size=16, lr=1e-2, dropout=0.1,
+    )  # fmt: skip
     mix_cfg = MixConfig(strategy, num_layers=3, dim=6, seed=1)
     torch.manual_seed(0)
     return ELMoClassifier(cfg, build_mix(mix_cfg), 6, 3), mix_cfg, cfg
@@ -195,6 +197,70 @@ def test_lr_decay_returns_to_the_best_weights_with_a_smaller_lr():
     assert after == pytest.approx(res.best_val_accuracy)
 
 
+def _budget(**kw: float) -> ClassifierConfig:
+    _, _, cfg = _classifier("wsum")
+    return ClassifierConfig(**{**cfg.__dict__, **kw})
+
+
+def _noise_val() -> LayerStore:
+    """A validation split whose labels are noise: accuracy wanders, gains stop coming."""
+    val = _separable_store(60, 2)
+    val.labels[:] = np.random.default_rng(0).integers(0, 3, len(val.labels))
+    return val
+
+
+def test_the_budget_stops_on_patience_after_the_floor_and_says_why():
+    model, _, _ = _classifier("wsum")
+    cfg = _budget(eval_every=4, patience=1, min_steps=40, max_steps=400)
+    steps: list[int] = []
+    res = train_classifier(
+        model, _separable_store(200, 1), _noise_val(), cfg, lambda m, s: steps.append(s), device=CPU
+    )
+    assert res.stop_reason == "patience" and 40 <= res.steps < 400
+    assert steps == list(range(4, res.steps + 1, 4))  # validated on the cadence, in steps
+    assert res.best_step in steps and res.epochs_run == pytest.approx(res.steps / 13)
+    # no floor: the first validation without a gain ends it
+    early = train_classifier(
+        _classifier("wsum")[0], _separable_store(200, 1), _noise_val(),
+        _budget(eval_every=4, patience=1, min_steps=0, max_steps=400), device=CPU,
+    )  # fmt: skip
+    assert early.steps < res.steps
+
+
+def test_the_budget_caps_steps_and_minutes_with_a_last_validation():
+    train, val = _separable_store(200, 1), _separable_store(60, 2)
+    steps: list[int] = []
+    res = train_classifier(
+        _classifier("wsum")[0], train, val,
+        _budget(eval_every=10, patience=50, min_steps=0, max_steps=25),
+        lambda m, s: steps.append(s), device=CPU,
+    )  # fmt: skip
+    assert (res.stop_reason, res.steps, steps) == ("max_steps", 25, [10, 20, 25])
+    timed = train_classifier(
+        _classifier("wsum")[0], train, val,
+        _budget(eval_every=10, patience=50, min_steps=0, max_steps=400, max_minutes=1e-9),
+        device=CPU,
+    )  # fmt: skip
+    assert (timed.stop_reason, timed.steps) == ("max_minutes", 1)
+
+
+def test_macro_f1_is_scikit_learns():
+    from sklearn.metrics import f1_score
+
+    rng = np.random.default_rng(3)
+    y, p = rng.integers(0, 5, 300), rng.integers(0, 4, 300)
+    p[:50] = y[:50]
+    assert macro_f1(y, p, 6) == pytest.approx(f1_score(y, p, average="macro"))
+    assert macro_f1(np.array([1, 1]), np.array([1, 1]), 3) == 1.0
+
+
+def test_budget_settings_are_checked():
+    with pytest.raises(ValueError, match="min_steps"):
+        ClassifierConfig(min_steps=10, max_steps=5)
+    with pytest.raises(ValueError, match="eval_every"):
+        ClassifierConfig(eval_every=0)
+
+
 def test_param_groups_scale_the_mix_and_the_token_embedding():
     cfg = ClassifierConfig(hidden_dim=4, mlp_hidden=(4,), token_embedding_dim=3)
     model = ELMoClassifier(cfg, build_mix(MixConfig("function", 3, 6)), 6, 3, vocab_size=20)
@@ -210,11 +276,14 @@ def test_param_groups_scale_the_mix_and_the_token_embedding():
 def test_classifier_resume_matches_uninterrupted(tmp_path):
     train, val = _separable_store(200, 1), _separable_store(60, 2)
     model, _, cfg = _classifier()
-    cfg = ClassifierConfig(**{**cfg.__dict__, "epochs": 3, "checkpoint_every": 5})
+    # 13 steps an epoch; the interrupted run stops at a validation step of the whole one
+    cfg = ClassifierConfig(
+        **{**cfg.__dict__, "eval_every": 10, "max_steps": 39, "checkpoint_every": 5}
+    )
     train_classifier(model, train, val, cfg, device=CPU)
     ckpt = tmp_path / "c.pt"
     part, _, _ = _classifier()
-    short = ClassifierConfig(**{**cfg.__dict__, "epochs": 1})
+    short = ClassifierConfig(**{**cfg.__dict__, "max_steps": 20})
     train_classifier(part, train, val, short, checkpoint=ckpt, device=CPU)
     resumed, _, _ = _classifier()
     train_classifier(resumed, train, val, cfg, checkpoint=ckpt, device=CPU)
@@ -428,8 +497,8 @@ def _finetuned(**overrides):
     from elmo_core.classifier import FineTunedClassifier
 
     cfg = ClassifierConfig(
-        hidden_dim=8, mlp_hidden=(8,), epochs=3, patience=3, batch_size=16, lr=1e-2,
-        dropout=0.0, finetune_bilm=True, bilm_lr_scale=0.5, bilm_lr_decay=2.0, **overrides,
+        hidden_dim=8, mlp_hidden=(8,), eval_every=15, patience=3, min_steps=0, max_steps=45,
+        batch_size=16, lr=1e-2, dropout=0.0, finetune_bilm=True, bilm_lr_scale=0.5, bilm_lr_decay=2.0, **overrides,
     )  # fmt: skip
     bilm = _bilm().eval()
     torch.manual_seed(0)
