@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from elmo_core.classifier_training import STOP_REASONS
 from flows.params import RunParams
 from storage.errors import DataError
 from storage.registry import logged_model_id
@@ -158,6 +159,14 @@ def test_flow_end_to_end(harness, env, ag_slice):
     client = MlflowClient(uri)
     hist = client.get_metric_history(by_name["classifier-sum"].info.run_id, "val_accuracy")
     assert len(hist) >= 1
+    f1_hist = client.get_metric_history(by_name["classifier-sum"].info.run_id, "val_macro_f1")
+    assert [h.step for h in f1_hist] == [h.step for h in hist]
+    # why training stopped: a tag on the run, a word in the summary table
+    sum_run = by_name["classifier-sum"].data
+    assert sum_run.tags["stop_reason"] in STOP_REASONS
+    assert sum_run.metrics["best_step"] <= sum_run.metrics["steps"] <= 340  # smoke's max_steps
+    # the 480-row slice is far too little text for an in-run biLM: the summary says so
+    assert len(first["notes"]) == 1 and "--bilm models:/elmo-news-bilm/N" in first["notes"][0]
     arts = {a.path for a in client.list_artifacts(by_name["classifier-wsum"].info.run_id)}
     # artifacts live beside the sqlite store under the home folder, not in ./mlruns of the cwd
     art_uri = client.get_run(by_name["classifier-wsum"].info.run_id).info.artifact_uri
