@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from elmo_core.classifier_training import STOP_REASONS
-from flows.params import RunParams
+from flows.params import PROFILES, RunParams
 from storage.errors import DataError
 from storage.registry import logged_model_id
 from storage.tracking import find_runs
@@ -307,9 +307,9 @@ def test_invalidation_matrix_and_corrupt_outputs(harness, env, ag_slice, tmp_pat
 def test_stage_metrics_stream_to_mlflow_while_the_flow_runs(
     harness, env, ag_slice, tmp_path, monkeypatch
 ):
-    """A classifier held after its first epoch: its child run is already there, RUNNING, with
-    that epoch's metrics, while the flow has not finished; afterwards it is the run's only
-    classifier-wsum child and holds every epoch."""
+    """A classifier held after its first validation: its child run is already there, RUNNING,
+    with that validation's metrics, while the flow has not finished; afterwards it is the run's
+    only classifier-wsum child and holds every validation."""
     import threading
 
     from mlflow.tracking import MlflowClient
@@ -355,7 +355,8 @@ def test_stage_metrics_stream_to_mlflow_while_the_flow_runs(
         assert len(live) == 1, live
         client = MlflowClient(uri)
         hist = client.get_metric_history(live[0].info.run_id, "val_accuracy")
-        assert [h.step for h in hist] == [1]
+        # logged at the first validation's optimizer step
+        assert [h.step for h in hist] == [PROFILES["smoke"]["classifier"]["eval_every"]]
         parent_id = live[0].data.tags["mlflow.parentRunId"]
         assert client.get_run(parent_id).info.status == "RUNNING"
     finally:

@@ -21,11 +21,11 @@ pytestmark = pytest.mark.e2e
 # 0.24, 0.28, 0.47, 0.46, 0.39, ... on the AMD AVX2 machine (this round) and 0.24, 0.26, 0.42,
 # 0.48, 0.42, ... on the Intel AMX one (an earlier round). The old 3-epoch champion tied the
 # 8-epoch run on AMD: its peak came at epoch 3
-# (the smoke profile validates every 85 steps, about an epoch of its 1,350 training documents)
-STRETCH = {"eval_every": 85, "patience": 8, "min_steps": 0}
-MEDIUM = {"classifier": {**STRETCH, "max_steps": 170}}
-WORSE = {"classifier": {**STRETCH, "max_steps": 85}}
-BETTER = {"classifier": {**STRETCH, "max_steps": 680}}
+# (an epoch of the slice's 432 training documents is 27 steps of 16: validated once an epoch)
+STRETCH = {"eval_every": 27, "patience": 8, "min_steps": 0}
+MEDIUM = {"classifier": {**STRETCH, "max_steps": 54}}
+WORSE = {"classifier": {**STRETCH, "max_steps": 27}}
+BETTER = {"classifier": {**STRETCH, "max_steps": 216}}
 
 
 def test_champion_gate_and_predict_with_the_champion(harness, ag_slice, tmp_path, monkeypatch):
