@@ -7,7 +7,8 @@ batches (length-bucketed, the profile's batch size), the loop's own ``train_step
   1. at the precision the pipeline picks here (``auto``: bf16 autocast on AMX / AVX512-BF16),
   2. in float32, and at the pipeline's precision with the other ``classifier.sparse_embedding``,
   3. as the stage ran it before: a dense task-embedding gradient, dense Adam, clipping and
-     weight average over the whole V x E table, float32, batches read in the loop's thread,
+     weight average over the whole V x E table (not only the rows the train split uses),
+     float32, batches read in the loop's thread,
 then the classifier's BiLSTM alone at the same shapes (forward + backward of both directions),
 the machine's 2048^2 matmul in float32 and bf16, and (``--stage``) one whole classifier fit as
 the stage runs it, with its wall time.
@@ -43,6 +44,7 @@ from elmo_core.classifier_training import (  # noqa: E402
 )
 from elmo_core.device import autocast, resolve_precision  # noqa: E402
 from elmo_core.ema import WeightAverage  # noqa: E402
+from elmo_core.task_embedding import restrict_to_rows  # noqa: E402
 from flows.params import RunParams  # noqa: E402
 from flows.runtime import tune_allocator  # noqa: E402
 from storage.paths import read_json  # noqa: E402
@@ -90,6 +92,8 @@ def main() -> None:
         torch.manual_seed(0)
         model, _ = new_classifier(bilm, args.strategy, cfg, n_layers, dim, classes)
         model.train()
+        if not legacy:  # as the loop does: the task table trains as the rows train uses
+            restrict_to_rows(model, train.tokens)
         mark_sparse_parameters(model)
         groups = classifier_param_groups(model, cfg.lr, cfg.embedding_lr_scale)
         params = [p for g in groups for p in g["params"]]

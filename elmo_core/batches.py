@@ -14,6 +14,7 @@ import torch
 
 class DocumentBatches(Protocol):
     labels: np.ndarray  # (N,) int64 class ids (or -1 when unknown)
+    tokens: np.ndarray | None  # (N_tok,) vocabulary ids of every document's tokens, or None
 
     def __len__(self) -> int: ...
 

@@ -39,6 +39,7 @@ from elmo_core.classifier_config import ClassifierConfig
 from elmo_core.device import autocast, pick_device
 from elmo_core.ema import WeightAverage
 from elmo_core.optim import LazyAdam, fused_adam
+from elmo_core.task_embedding import restore_full, restrict_to_rows
 
 
 def _to(x: torch.Tensor | None, device: torch.device) -> torch.Tensor | None:
@@ -267,7 +268,9 @@ def train_classifier(
     """Adam on a budget in optimizer steps: the weight average (``EMA_DECAY``) is validated
     every ``config.eval_every`` steps, and training stops after ``config.patience`` validations
     without a gain once ``config.min_steps`` are done, at ``config.max_steps`` or after
-    ``config.max_minutes``; ``model`` ends holding the best average.
+    ``config.max_minutes``; ``model`` ends holding the best average. The task token embedding
+    trains as the rows the train split uses (``restrict_to_rows``: the same updates as the
+    whole table's, cheaper) and ends as the whole table again.
 
     With ``config.lr_decay < 1`` a validation without a gain also sends the model back to its
     best weights and shrinks every group's learning rate (restored on resume with the
@@ -275,6 +278,9 @@ def train_classifier(
     device = device or pick_device()
     torch.manual_seed(config.seed)
     model.to(device).train()
+    head = model.head if isinstance(model, FineTunedClassifier) else model
+    if config.weight_decay == 0.0:  # decay moves every row: the whole table trains
+        restrict_to_rows(head, train.tokens)
     mark_sparse_parameters(model)
     groups = classifier_param_groups(model, config.lr, config.embedding_lr_scale)
     params = [p for g in groups for p in g["params"]]
@@ -424,6 +430,7 @@ def train_classifier(
                 epoch, batch_i = epoch + 1, 0
                 epoch_gen_state = next_epoch_gen_state
     model.load_state_dict(best_state)
+    restore_full(head)
     model.eval()
     return ClassifierResult(
         best_acc, best_step, step, step / max(steps_per_epoch, 1), seconds, stop
