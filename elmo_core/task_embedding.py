@@ -21,6 +21,10 @@ class RowSubsetEmbedding(nn.Module):
     """A (V, E) token table whose rows ``rows`` (K,) train as ``weight`` (K, E); the others are
     the fixed ``table`` rows. ``full_table()`` gives the (V, E) table back."""
 
+    table: torch.Tensor  # (V, E) buffer
+    rows: torch.Tensor  # (K,) buffer
+    row_of: torch.Tensor  # (V,) buffer
+
     def __init__(self, table: torch.Tensor, rows: torch.Tensor, padding_idx: int | None) -> None:
         super().__init__()
         v = table.shape[0]
