@@ -47,13 +47,12 @@ from elmo_core.bilm import BiLM  # noqa: E402
 from elmo_core.bilm_config import BiLMConfig  # noqa: E402
 from elmo_core.classifier import ELMoClassifier  # noqa: E402
 from elmo_core.classifier_config import MixConfig  # noqa: E402
-from elmo_core.classifier_training import (  # noqa: E402
+from elmo_core.classifier_optim import (  # noqa: E402
     Optimizers,
     classifier_param_groups,
-    ema_decay,
     mark_sparse_parameters,
-    train_step,
 )
+from elmo_core.classifier_training import ema_decay, train_step  # noqa: E402
 from elmo_core.device import (
     PRECISIONS,  # noqa: E402
     autocast,

@@ -33,11 +33,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.elmo_speed import matmul_gflops  # noqa: E402
 from bench.machine import machine, write_report  # noqa: E402
-from elmo_core.classifier_training import (  # noqa: E402
+from elmo_core.classifier_optim import (  # noqa: E402
     Optimizers,
     classifier_param_groups,
-    ema_decay,
     mark_sparse_parameters,
+)
+from elmo_core.classifier_training import (  # noqa: E402
+    ema_decay,
     prefetched,
     train_classifier,
     train_step,

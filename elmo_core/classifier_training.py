@@ -15,11 +15,10 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import closing
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, cast
+from typing import cast
 
 import numpy as np
 import torch
-from torch import nn
 from torch.nn import functional as F
 
 from elmo_core.batches import DocumentBatches
@@ -36,9 +35,14 @@ from elmo_core.callbacks import (
 from elmo_core.checkpoint import atomic_save
 from elmo_core.classifier import ELMoClassifier, FineTunedClassifier
 from elmo_core.classifier_config import ClassifierConfig
+from elmo_core.classifier_optim import (
+    Optimizers,
+    classifier_param_groups,
+    clip_grad_norm,
+    mark_sparse_parameters,
+)
 from elmo_core.device import autocast, pick_device
 from elmo_core.ema import WeightAverage
-from elmo_core.optim import LazyAdam, fused_adam
 from elmo_core.task_embedding import restore_full, restrict_to_rows
 
 
@@ -116,77 +120,6 @@ def ema_decay(num_averaged: int, decay: float = EMA_DECAY) -> float:
 Batch = tuple[torch.Tensor | None, torch.Tensor, torch.Tensor, torch.Tensor]
 
 
-def clip_grad_norm(params: Sequence[torch.Tensor], max_norm: float) -> torch.Tensor:
-    """``nn.utils.clip_grad_norm_`` over dense and row-sparse gradients (a sparse gradient is
-    coalesced first: its norm is that of the summed rows). Returns the total norm."""
-    grads = []
-    for p in params:
-        if p.grad is None:
-            continue
-        if p.grad.is_sparse:
-            p.grad = p.grad.coalesce()
-            grads.append(p.grad._values())
-        else:
-            grads.append(p.grad)
-    if not grads:
-        return torch.zeros(())
-    total = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
-    coef = (max_norm / (total + 1e-6)).clamp(max=1.0)
-    torch._foreach_mul_(grads, coef)
-    return total
-
-
-class Optimizers:
-    """Adam over the classifier's groups: fused Adam for the dense parameters, the project's
-    row-sparse Adam (``LazyAdam``) for tables with sparse gradients (the task token embedding).
-    A group's learning rate is the same in both."""
-
-    def __init__(self, groups: list[dict[str, Any]], lr: float, weight_decay: float) -> None:
-        dense: list[dict[str, Any]] = []
-        sparse: list[dict[str, Any]] = []
-        for g in groups:
-            for kind, out in ((False, dense), (True, sparse)):
-                params = [p for p in g["params"] if _is_sparse(p) == kind]
-                if params:
-                    out.append({**g, "params": params})
-        self.all: list[torch.optim.Optimizer] = [
-            fused_adam(dense, lr=lr, weight_decay=weight_decay)
-        ]
-        if sparse:
-            self.all.append(LazyAdam(cast(Any, sparse), lr=lr))  # groups, as torch takes
-
-    @property
-    def param_groups(self) -> list[dict[str, Any]]:
-        return [g for o in self.all for g in o.param_groups]
-
-    def zero_grad(self) -> None:
-        for o in self.all:
-            o.zero_grad(set_to_none=True)
-
-    def step(self) -> None:
-        for o in self.all:
-            o.step()
-
-    def state_dict(self) -> list[dict[str, Any]]:
-        return [o.state_dict() for o in self.all]
-
-    def load_state_dict(self, states: list[dict[str, Any]]) -> None:
-        for o, st in zip(self.all, states, strict=True):
-            o.load_state_dict(st)
-
-
-def _is_sparse(p: torch.Tensor) -> bool:
-    """Marked by ``mark_sparse_parameters``: the parameter's gradient is row-sparse."""
-    return bool(getattr(p, "_row_sparse", False))
-
-
-def mark_sparse_parameters(model: nn.Module) -> None:
-    """Tag the weights of embeddings built with ``sparse=True`` (their gradients are sparse)."""
-    for m in model.modules():
-        if isinstance(m, nn.Embedding) and m.sparse:
-            m.weight._row_sparse = True  # type: ignore[attr-defined]  # a marker attribute
-
-
 def prefetched(
     store: DocumentBatches, batches: list[np.ndarray], start: int
 ) -> Generator[Batch, None, None]:
@@ -200,35 +133,6 @@ def prefetched(
             current = pending.result()
             pending = pool.submit(store.batch, batches[i + 1]) if i + 1 < len(batches) else None
             yield current
-
-
-def classifier_param_groups(
-    model: nn.Module, lr: float, embedding_lr_scale: float = 1.0
-) -> list[dict[str, Any]]:
-    """Trainable parameters in Adam groups: the mix at ``lr * mix.lr_scale`` (its strategy's
-    data), the task token embedding at ``lr * embedding_lr_scale``, everything else at ``lr``."""
-    head = getattr(model, "head", model)  # a FineTunedClassifier's head, or the head itself
-    mix = getattr(head, "mix", None)
-    output_mix = getattr(head, "output_mix", None)
-    special = [
-        (mix, getattr(mix, "lr_scale", 1.0)),
-        (output_mix, getattr(output_mix, "lr_scale", 1.0)),
-        (getattr(head, "embedding", None), embedding_lr_scale),
-    ]
-    groups: list[dict[str, Any]] = []
-    taken: set[int] = set()
-    for module, scale in special:
-        params = [p for p in module.parameters() if p.requires_grad] if module is not None else []
-        if params:
-            groups.append({"params": params, "lr": lr * scale})
-            taken |= {id(p) for p in params}
-    rest = [p for p in head.parameters() if p.requires_grad and id(p) not in taken]
-    if head is not model:  # fine-tuning: one group per biLM layer, lr shrinking downwards
-        tuned = cast(FineTunedClassifier, model)
-        c = tuned.config
-        for i, params in enumerate(tuned.bilm_groups()):
-            groups.append({"params": params, "lr": lr * c.bilm_lr_scale / c.bilm_lr_decay**i})
-    return [{"params": rest, "lr": lr}, *groups]
 
 
 def train_step(

@@ -80,7 +80,7 @@ def test_elmo_at_the_output_adds_its_own_mix_that_learns_and_survives_a_checkpoi
     strategy, tmp_path
 ):
     from elmo_core.classifier_checkpoint import load_classifier, save_classifier
-    from elmo_core.classifier_training import classifier_param_groups
+    from elmo_core.classifier_optim import classifier_param_groups
 
     torch.manual_seed(0)
     cfg = ClassifierConfig(hidden_dim=4, mlp_hidden=(4,), dropout=0.0, elmo_output=True)

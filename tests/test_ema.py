@@ -5,12 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from elmo_core.classifier_training import (
-    Optimizers,
-    clip_grad_norm,
-    ema_decay,
-    mark_sparse_parameters,
-)
+from elmo_core.classifier_optim import Optimizers, clip_grad_norm, mark_sparse_parameters
+from elmo_core.classifier_training import ema_decay
 from elmo_core.ema import WeightAverage
 
 

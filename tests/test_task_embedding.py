@@ -1,6 +1,8 @@
 """The task token embedding trained on its train split's rows: the same training as the whole
 table, cheaper."""
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
@@ -13,22 +15,17 @@ from elmo_core.classifier_training import train_classifier
 from elmo_core.mix import build_mix
 from elmo_core.task_embedding import RowSubsetEmbedding, restore_full, restrict_to_rows
 from storage.layers import LayerStore
+from tests.test_training import _separable_store
 
 CPU = torch.device("cpu")
 V, E = 60, 4
 
 
 def _store(n: int, seed: int, vocab: tuple[int, int]) -> LayerStore:
-    """Documents with tokens drawn from ids [lo, hi) whose class shows in one feature."""
+    """``_separable_store``'s documents with token ids drawn from [lo, hi)."""
+    store = _separable_store(n, seed)
     rng = np.random.default_rng(seed)
-    lengths = rng.integers(3, 9, n)
-    labels = rng.integers(0, 3, n)
-    offsets = np.concatenate([[0], np.cumsum(lengths)])
-    feats = rng.normal(size=(offsets[-1], 3, 6)).astype(np.float16)
-    for i in range(n):
-        feats[offsets[i] : offsets[i + 1], :, labels[i]] += 1.0
-    tokens = rng.integers(*vocab, size=offsets[-1]).astype(np.int32)
-    return LayerStore(feats, offsets, labels, tokens)
+    return replace(store, tokens=rng.integers(*vocab, size=store.offsets[-1]).astype(np.int32))
 
 
 def _model(init: torch.Tensor) -> ELMoClassifier:

@@ -13,9 +13,9 @@ from elmo_core.checkpoint import CheckpointError, safe_load
 from elmo_core.classifier import ELMoClassifier
 from elmo_core.classifier_checkpoint import load_classifier, save_classifier
 from elmo_core.classifier_config import ClassifierConfig, MixConfig
+from elmo_core.classifier_optim import classifier_param_groups
 from elmo_core.classifier_training import (
     EMA_DECAY,
-    classifier_param_groups,
     ema_decay,
     macro_f1,
     predict_proba,
