@@ -31,7 +31,9 @@ class RowSubsetEmbedding(nn.Module):
         self.padding_idx = padding_idx  # the full table's, for ``restore_full``
         rows = torch.as_tensor(rows, dtype=torch.long, device=table.device)
         if rows.numel() and (int(rows.min()) < 0 or int(rows.max()) >= v):
-            raise ValueError(f"trained rows must lie in [0, {v}), got {rows.min()}..{rows.max()}")
+            raise ValueError(
+                f"trained rows must lie in [0, {v}), got {int(rows.min())}..{int(rows.max())}"
+            )
         row_of = torch.full((v,), -1, dtype=torch.long, device=table.device)
         row_of[rows] = torch.arange(len(rows), device=table.device)
         # constants of training, rebuilt with the module: not part of its state
@@ -48,7 +50,7 @@ class RowSubsetEmbedding(nn.Module):
         """tokens (B, T) ids in [0, V) -> (B, T, E)."""
         r = self.row_of[tokens]  # (B, T): row of weight, -1 for a fixed row
         trained = F.embedding(r.clamp_min(0), self.weight)  # (B, T, E)
-        if bool((r >= 0).all()):  # a train batch: every token is a trained row
+        if bool((r >= 0).all()):  # no padding or fixed row in the batch
             return trained
         return torch.where((r >= 0).unsqueeze(-1), trained, self.table[tokens])  # (B, T, E)
 

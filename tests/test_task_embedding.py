@@ -59,6 +59,11 @@ def test_forward_matches_the_full_table_and_restores_it():
     assert moved == [3, 5, 7]
 
 
+def test_rows_outside_the_table_are_refused():
+    with pytest.raises(ValueError, match=r"trained rows must lie in \[0, 60\), got 3..60"):
+        RowSubsetEmbedding(torch.zeros(V, E), torch.tensor([3, 60]), 0)
+
+
 def test_sparse_frozen_or_token_free_tables_stay_whole():
     head = nn.Module()
     head.embedding = nn.Embedding(V, E, sparse=True)
