@@ -10,10 +10,12 @@ batches (length-bucketed, the profile's batch size), the loop's own ``train_step
      weight average over the whole V x E table (not only the rows the train split uses),
      float32, batches read in the loop's thread,
 then the classifier's BiLSTM alone at the same shapes (forward + backward of both directions),
-the machine's 2048^2 matmul in float32 and bf16, and (``--stage``) one whole classifier fit as
-the stage runs it, with its wall time.
+the machine's 2048^2 matmul in float32 and bf16, both rates as a share of that roofline (counting
+the BiLSTM's forward + backward FLOPs per token, the bulk of a step's arithmetic), a
+``torch.profiler`` table of the step's most expensive operators (``--ops``), and (``--stage``)
+one whole classifier fit as the stage runs it, with its wall time.
 
-    .venv/bin/python bench/classifier_step.py [--home .elmo-news] [--steps 30] [--stage] [--out bench/results/classifier_step.json]
+    .venv/bin/python bench/classifier_step.py [--home .elmo-news] [--steps 30] [--ops 12] [--stage] [--out bench/results/classifier_step.json]
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -41,6 +44,7 @@ from elmo_core.classifier_optim import (  # noqa: E402
 from elmo_core.classifier_training import (  # noqa: E402
     ema_decay,
     prefetched,
+    reader_has_core,
     train_classifier,
     train_step,
 )
@@ -68,6 +72,7 @@ def main() -> None:
     ap.add_argument("--strategy", default="wsum")
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--stage", action="store_true", help="also time one whole classifier fit")
+    ap.add_argument("--ops", type=int, default=12, help="operators in the profile table (0: none)")
     ap.add_argument(
         "--out", default=str(Path(__file__).parent / "results" / "classifier_step.json")
     )
@@ -87,9 +92,11 @@ def main() -> None:
     batches = order[: warmup + steps]
     tokens = sum(int(train.batch(b)[1].sum()) for b in batches[warmup:])
 
-    def time_step(prec: str, sparse: bool, legacy: bool = False) -> float:
-        """tokens/s of the loop's step over the same batches (``legacy``: batches read in the
-        loop's thread)."""
+    def time_step(
+        prec: str, sparse: bool, legacy: bool = False, profiler: profile | None = None
+    ) -> float:
+        """tokens/s of the loop's step over the same batches, read as the loop reads them
+        (``legacy``: in the loop's thread); ``profiler`` starts with the timed steps."""
         cfg = replace(config, sparse_embedding=sparse)
         torch.manual_seed(0)
         model, _ = new_classifier(bilm, args.strategy, cfg, n_layers, dim, classes)
@@ -101,12 +108,17 @@ def main() -> None:
         params = [p for g in groups for p in g["params"]]
         opt = Optimizers(groups, cfg.lr, 0.0)
         ema = WeightAverage(model, ema_decay)
-        source = (train.batch(b) for b in batches) if legacy else prefetched(train, batches, 0)
+        source = prefetched(train, batches, 0, background=not legacy and reader_has_core(cpu))
         for i, batch in enumerate(source):
             if i == warmup:
+                if profiler is not None:
+                    profiler.start()
                 t0 = time.perf_counter()
             train_step(model, opt, ema, params, batch, cpu, prec)
-        return tokens / (time.perf_counter() - t0)
+        seconds = time.perf_counter() - t0
+        if profiler is not None:
+            profiler.stop()
+        return tokens / seconds
 
     # the BiLSTM alone at the same shapes: input D + E, H, both directions, forward + backward
     e = config.token_embedding_dim
@@ -131,10 +143,33 @@ def main() -> None:
     lstm = {p: time_lstm(p) for p in precisions}
     legacy = time_step("fp32", sparse=False, legacy=True)
     roof = {p: matmul_gflops(torch.float32 if p == "fp32" else torch.bfloat16) for p in precisions}
+    # the BiLSTM's arithmetic per token: per layer and direction a forward of 2 * 4H * (D_in + H)
+    # FLOPs (input and recurrent matmuls) and a backward of twice that (input and weight grads)
+    h = config.hidden_dim
+    sizes_in = [dim + e] + [2 * h] * (config.num_layers - 1)
+    flop_per_token = sum(2 * 3 * 2 * 4 * h * (d + h) for d in sizes_in)
+    ops: list[dict] = []
+    if args.ops:
+        prof = profile(activities=[ProfilerActivity.CPU])
+        time_step(precision, config.sparse_embedding, profiler=prof)
+        events = sorted(prof.key_averages(), key=lambda ev: -ev.self_cpu_time_total)
+        total = sum(ev.self_cpu_time_total for ev in events)
+        ops = [
+            {
+                "operator": ev.key,
+                "calls_per_step": round(ev.count / steps, 1),
+                "self_ms_per_step": round(ev.self_cpu_time_total / 1e3 / steps, 2),
+                "share": round(ev.self_cpu_time_total / total, 4),
+            }
+            for ev in events[: args.ops]
+        ]
+    table = new_classifier(bilm, args.strategy, config, n_layers, dim, classes)[0].embedding
+    vocab_size = table.num_embeddings if table is not None else 0
     report = {
         "command": " ".join(["python", *sys.argv]),
         "machine": {**machine(), "threads": torch.get_num_threads()},
         "allocator_tuned": allocator_tuned,
+        "background_reader": reader_has_core(cpu),
         "precision": precision,
         "sparse_embedding": config.sparse_embedding,
         "shapes": {
@@ -144,11 +179,7 @@ def main() -> None:
             "D": dim,
             "E": e,
             "H": config.hidden_dim,
-            "V": int(
-                new_classifier(bilm, args.strategy, config, n_layers, dim, classes)[
-                    0
-                ].embedding.num_embeddings
-            ),  # fmt: skip
+            "V": vocab_size,
             "steps": steps,
         },
         "tokens_per_s": {
@@ -160,7 +191,17 @@ def main() -> None:
         "step_vs_lstm_only": {p: step[p] / lstm[p] for p in precisions},
         "speedup_vs_before": step[precision] / legacy,
         "matmul_2048_gflop_per_s": {p: round(v, 1) for p, v in roof.items()},
+        "bilstm_flop_per_token": flop_per_token,
+        "share_of_matmul_roofline": {
+            **{f"step_{p}": round(v * flop_per_token / 1e9 / roof[p], 3) for p, v in step.items()},
+            **{
+                f"lstm_only_{p}": round(v * flop_per_token / 1e9 / roof[p], 3)
+                for p, v in lstm.items()
+            },
+        },
     }
+    if ops:
+        report[f"profile_{precision}_top_operators"] = ops
     if args.stage:
         val = layer_store(features, "val")
         torch.manual_seed(0)

@@ -9,6 +9,7 @@ resumes from its checkpoint file.
 from __future__ import annotations
 
 import copy
+import os
 import time
 from collections.abc import Generator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -120,12 +121,23 @@ def ema_decay(num_averaged: int, decay: float = EMA_DECAY) -> float:
 Batch = tuple[torch.Tensor | None, torch.Tensor, torch.Tensor, torch.Tensor]
 
 
+def reader_has_core(device: torch.device) -> bool:
+    """Whether a background batch reader gets a core of its own: with an accelerator, or when the
+    CPU has more cores than torch's compute threads. Where every core computes (a 2-core CPU),
+    the reader's copies took cycles from the step's matmuls and the step ran slower with it."""
+    return device.type != "cpu" or (os.cpu_count() or 1) > torch.get_num_threads()
+
+
 def prefetched(
-    store: DocumentBatches, batches: list[np.ndarray], start: int
+    store: DocumentBatches, batches: list[np.ndarray], start: int, background: bool = True
 ) -> Generator[Batch, None, None]:
-    """``store.batch`` of batches[start:], the next one read by a background thread while the
-    caller computes on the current one (the reads and float16 -> float32 copies release the
-    GIL), so a step does not wait on them."""
+    """``store.batch`` of batches[start:]. With ``background`` the next one is read by a thread
+    while the caller computes on the current one (the reads and float16 -> float32 copies
+    release the GIL), so a step does not wait on them; without, each is read when asked for."""
+    if not background:
+        for i in range(start, len(batches)):
+            yield store.batch(batches[i])
+        return
     with ThreadPoolExecutor(1, thread_name_prefix="batch-reader") as pool:
         pending = pool.submit(store.batch, batches[start]) if start < len(batches) else None
         for i in range(start, len(batches)):
@@ -197,6 +209,7 @@ def train_classifier(
     best_state = copy.deepcopy(model.state_dict())
     epoch_gen_state = gen.get_state()
     steps_per_epoch = 1
+    background = reader_has_core(device)  # read the next batch while this one computes
     state = try_resume(checkpoint, "classifier-train")
     if state is not None:
         model.load_state_dict(state["model"])
@@ -298,7 +311,7 @@ def train_classifier(
             model.unfreeze(epoch // config.unfreeze_every)
         model.train()
         epochs_cap = -(-config.max_steps // steps_per_epoch)
-        with closing(prefetched(train, batches, batch_i)) as reader:
+        with closing(prefetched(train, batches, batch_i, background)) as reader:
             for batch in reader:
                 loss, mask = train_step(model, opt, ema, params, batch, device, config.precision)
                 batch_i += 1

@@ -13,14 +13,16 @@ from torch.nn import functional as F
 def reverse_padded(x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
     """Reverse each sequence of a right-padded batch within its own length (an involution).
 
-    x: (B, T, *) ; lengths: (B,) -> (B, T, *), padding stays at the end.
+    x: (B, T, *) ; lengths: (B,) -> (B, T, *), padding stays at the end. A row permutation of
+    the flattened (B*T, *) batch: ``index_select`` copies whole rows (and its backward adds
+    whole rows), where an element-wise ``gather`` read one index per element.
     """
     b, t = x.shape[:2]
-    pos = torch.arange(t, device=x.device).unsqueeze(0).expand(b, t)  # (B, T)
+    pos = torch.arange(t, device=x.device).unsqueeze(0)  # (1, T)
     lens = lengths.to(x.device).unsqueeze(1)  # (B, 1)
-    idx = torch.where(pos < lens, lens - 1 - pos, pos)  # (B, T)
-    idx = idx.view(b, t, *([1] * (x.dim() - 2))).expand_as(x)
-    return x.gather(1, idx)
+    idx = torch.where(pos < lens, lens - 1 - pos, pos)  # (B, T) position within the document
+    rows = idx + t * torch.arange(b, device=x.device).unsqueeze(1)  # (B, T) row of (B*T, *)
+    return x.reshape(b * t, *x.shape[2:]).index_select(0, rows.view(-1)).view(x.shape)
 
 
 def compute_dtype(x: torch.Tensor) -> torch.Tensor:

@@ -71,6 +71,18 @@ def test_reverse_padded_is_an_involution():
     assert torch.equal(reverse_padded(r, lengths), x)
 
 
+def test_reverse_padded_backward_is_the_same_permutation():
+    x = torch.randn(3, 5, 2, requires_grad=True)
+    lengths = torch.tensor([5, 2, 4])
+    weights = torch.randn(3, 5, 2)
+    (reverse_padded(x, lengths) * weights).sum().backward()
+    assert x.grad is not None
+    # each position's gradient is the weight of the position it moved to: the same reversal
+    assert torch.equal(x.grad, reverse_padded(weights, lengths))
+    ids = torch.tensor([[1, 2, 3, 0], [4, 5, 6, 7]])  # (B, T) without a feature dimension
+    assert reverse_padded(ids, torch.tensor([3, 4])).tolist() == [[3, 2, 1, 0], [7, 6, 5, 4]]
+
+
 def test_exact_nll_matches_log_softmax_reference():
     sm = SampledSoftmax(20, 4, num_samples=0).eval()
     h = torch.randn(7, 4)

@@ -19,6 +19,8 @@ from elmo_core.classifier_training import (
     ema_decay,
     macro_f1,
     predict_proba,
+    prefetched,
+    reader_has_core,
     train_classifier,
 )
 from elmo_core.device import autocast, bf16_native, resolve_precision
@@ -162,6 +164,23 @@ def test_layer_store_batches_cover_every_document_once():
     assert layers.shape[:2] == (3, 3) and layers.dtype == torch.float32  # (L, B, T, D)
     assert mask.sum(1).tolist() == np.diff(store.offsets)[:3].tolist()
     assert tokens.shape == mask.shape and labels.tolist() == store.labels[:3].tolist()
+
+
+def test_batches_read_in_background_or_in_line_are_the_same_from_any_start(monkeypatch):
+    store = _separable_store(40, 0)
+    order = list(store.batches(8, torch.Generator().manual_seed(0)))
+    for start in (0, 2, len(order)):
+        ahead = list(prefetched(store, order, start, background=True))
+        inline = list(prefetched(store, order, start, background=False))
+        assert len(ahead) == len(inline) == len(order) - start
+        for a, b in zip(ahead, inline, strict=True):
+            assert all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
+    # the reader thread only where it gets a core the compute threads leave free
+    monkeypatch.setattr("os.cpu_count", lambda: torch.get_num_threads())
+    assert not reader_has_core(torch.device("cpu"))
+    assert reader_has_core(torch.device("cuda"))
+    monkeypatch.setattr("os.cpu_count", lambda: torch.get_num_threads() + 1)
+    assert reader_has_core(torch.device("cpu"))
 
 
 @pytest.mark.parametrize("strategy", ["sum", "wsum", "function"])
