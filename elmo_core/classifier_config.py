@@ -35,6 +35,8 @@ class ClassifierConfig:
     max_minutes: float = 0.0  # wall-clock cap on training (0 = none)
     # validation without a gain: back to the best weights, lr *= this (1 = off)
     lr_decay: float = 1.0
+    # the first warmup_steps steps' learning rates rise linearly to lr (0 = off)
+    warmup_steps: int = 0
     seed: int = 7  # init, batch order, the `sum` strategy's random weights
     checkpoint_every: int = 200  # steps between mid-epoch checkpoints
     # auto | fp32 | bf16 autocast; auto = bf16 where the device runs it natively (AMX,
@@ -71,6 +73,8 @@ class ClassifierConfig:
             )
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+        if self.warmup_steps < 0:
+            raise ValueError(f"classifier warmup_steps must be >= 0, got {self.warmup_steps}")
         if not 0.0 < self.lr_decay <= 1.0:
             raise ValueError(f"lr_decay must be in (0, 1], got {self.lr_decay}")
         if self.lr <= 0.0 or self.weight_decay < 0.0:

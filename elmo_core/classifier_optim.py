@@ -65,6 +65,21 @@ class Optimizers:
         for o in self.all:
             o.step()
 
+    def warm_up(self, step: int, steps: int) -> None:
+        """Linear warm-up: optimizer step ``step`` (0-based) of the first ``steps`` trains at
+        ``(step + 1) / steps`` of each group's learning rate (its ``peak_lr``, kept in the group
+        so that it travels with the optimizer's state through a checkpoint)."""
+        for g in self.param_groups:
+            peak = g.setdefault("peak_lr", g["lr"])
+            g["lr"] = peak * min(1.0, (step + 1) / steps)
+
+    def scale_lr(self, factor: float) -> None:
+        """Every group's learning rate (and its warm-up target) times ``factor``."""
+        for g in self.param_groups:
+            g["lr"] *= factor
+            if "peak_lr" in g:
+                g["peak_lr"] *= factor
+
     def state_dict(self) -> list[dict[str, Any]]:
         return [o.state_dict() for o in self.all]
 

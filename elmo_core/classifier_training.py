@@ -190,7 +190,8 @@ def train_classifier(
 
     With ``config.lr_decay < 1`` a validation without a gain also sends the model back to its
     best weights and shrinks every group's learning rate (restored on resume with the
-    optimizer's state)."""
+    optimizer's state). With ``config.warmup_steps`` the first steps' learning rates rise
+    linearly to their set values."""
     device = device or pick_device()
     torch.manual_seed(config.seed)
     model.to(device).train()
@@ -284,8 +285,7 @@ def train_classifier(
             if config.lr_decay < 1.0:  # overshot: go back to the best weights, smaller steps
                 model.load_state_dict(best_state)
                 ema.reset(model)
-                for g in opt.param_groups:
-                    g["lr"] *= config.lr_decay
+                opt.scale_lr(config.lr_decay)
         return why_stop()
 
     def why_stop() -> str:
@@ -313,6 +313,8 @@ def train_classifier(
         epochs_cap = -(-config.max_steps // steps_per_epoch)
         with closing(prefetched(train, batches, batch_i, background)) as reader:
             for batch in reader:
+                if step < config.warmup_steps:
+                    opt.warm_up(step, config.warmup_steps)
                 loss, mask = train_step(model, opt, ema, params, batch, device, config.precision)
                 batch_i += 1
                 step += 1

@@ -1,5 +1,6 @@
-"""The learning-curve bench's subset helpers (its figures come from a real run; these pin that a
-subset is a stratified, seeded choice of whole documents)."""
+"""The benches' helpers (their figures come from real runs; these pin that a learning-curve
+subset is a stratified, seeded choice of whole documents, that the dataset builders keep their
+splits, and that an lr-schedule setting is a typed classifier field)."""
 
 from __future__ import annotations
 
@@ -128,3 +129,21 @@ def test_full_memory_sampler_records_a_peak_and_stops(tmp_path):
     assert sampler.peak[0] >= len(block) and 0 < sampler.peak[1] < 5
     counts = full_memory.replicate(full_memory.LARGE, tmp_path / "x", 60_000)
     assert counts == {"train_rows": 60_000, "distinct_train_rows": 49_163, "test_rows": 7_600}
+
+
+def test_lr_schedule_settings_are_typed_classifier_fields_and_bad_ones_raise():
+    spec = importlib.util.spec_from_file_location(
+        "lr_schedule", Path(__file__).resolve().parents[1] / "bench" / "lr_schedule.py"
+    )
+    lr_schedule = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(lr_schedule)
+    from elmo_core.classifier_config import ClassifierConfig
+
+    config = ClassifierConfig()
+    got = lr_schedule.parse_setting("warmup_steps=100, lr_decay=0.5", config)
+    assert got == {"warmup_steps": 100, "lr_decay": 0.5}
+    assert isinstance(got["warmup_steps"], int) and lr_schedule.parse_setting("", config) == {}
+    with pytest.raises(ValueError, match="'warmup=100'"):
+        lr_schedule.parse_setting("warmup=100", config)
+    with pytest.raises(ValueError, match="'precision=fp32': only numeric"):
+        lr_schedule.parse_setting("precision=fp32", config)

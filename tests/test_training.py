@@ -13,7 +13,7 @@ from elmo_core.checkpoint import CheckpointError, safe_load
 from elmo_core.classifier import ELMoClassifier
 from elmo_core.classifier_checkpoint import load_classifier, save_classifier
 from elmo_core.classifier_config import ClassifierConfig, MixConfig
-from elmo_core.classifier_optim import classifier_param_groups
+from elmo_core.classifier_optim import Optimizers, classifier_param_groups
 from elmo_core.classifier_training import (
     EMA_DECAY,
     ema_decay,
@@ -214,6 +214,26 @@ def test_lr_decay_returns_to_the_best_weights_with_a_smaller_lr():
     assert decays >= 1 and hist[0]["lr"] == cfg.lr
     after = float((predict_proba(model, val, CPU).argmax(1) == val.labels).mean())
     assert after == pytest.approx(res.best_val_accuracy)
+
+
+def test_warm_up_raises_the_lr_linearly_then_holds_it_and_lr_decay_scales_its_target():
+    model, _, _ = _classifier("wsum")
+    cfg = _budget(eval_every=1, patience=50, min_steps=0, max_steps=8, warmup_steps=4)
+    hist: list[dict[str, float]] = []
+    train_classifier(
+        model, _separable_store(200, 1), _noise_val(), cfg, lambda m, s: hist.append(m), device=CPU
+    )
+    # validated after each step: the lr that step trained with
+    assert [h["lr"] for h in hist] == pytest.approx(
+        [cfg.lr * k / 4 for k in (1, 2, 3, 4, 4, 4, 4, 4)]
+    )
+    opt = Optimizers([{"params": [torch.nn.Parameter(torch.zeros(2))], "lr": 0.1}], 0.1, 0.0)
+    opt.warm_up(0, 10)
+    opt.scale_lr(0.5)  # a validation without a gain during warm-up: the target halves too
+    opt.warm_up(9, 10)
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.05)
+    with pytest.raises(ValueError, match="warmup_steps must be >= 0, got -1"):
+        _budget(warmup_steps=-1)
 
 
 def _budget(**kw: float) -> ClassifierConfig:
