@@ -69,6 +69,14 @@ def subset_store(store: LayerStore, idx: np.ndarray) -> LayerStore:
     )
 
 
+def run_classifier_config(run: dict, model_key: str) -> ClassifierConfig:
+    """The classifier settings a finished run trained ``model_key`` with, without checkpoints
+    (a bench's fits are not resumed)."""
+    saved = read_json(Path(run["models"][model_key]["dir"]) / "config.json")["classifier"]
+    config = ClassifierConfig(**{**saved, "mlp_hidden": tuple(saved["mlp_hidden"])})
+    return replace(config, checkpoint_every=0)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--home", default=None)
@@ -83,9 +91,7 @@ def main() -> None:
     model_key = f"classifier-{args.strategy}"
     if model_key not in run["models"]:
         raise ValueError(f"the latest run under {home.root} has no {model_key}")
-    saved = read_json(Path(run["models"][model_key]["dir"]) / "config.json")["classifier"]
-    config = ClassifierConfig(**{**saved, "mlp_hidden": tuple(saved["mlp_hidden"])})
-    config = replace(config, checkpoint_every=0)
+    config = run_classifier_config(run, model_key)
     set_threads()
     import torch
 

@@ -20,10 +20,15 @@ import sys
 import time
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.learning_curve import stratified_subset, subset_store  # noqa: E402
+from bench.learning_curve import (  # noqa: E402
+    run_classifier_config,
+    stratified_subset,
+    subset_store,
+)
 from bench.machine import machine, write_report  # noqa: E402
 from elmo_core.classifier_config import ClassifierConfig  # noqa: E402
 from elmo_core.classifier_training import predict_proba, train_classifier  # noqa: E402
@@ -33,10 +38,10 @@ from tasks.common import set_threads  # noqa: E402
 from tasks.features import layer_store  # noqa: E402
 
 
-def parse_setting(text: str, config: ClassifierConfig) -> dict[str, int | float]:
+def parse_setting(text: str, config: ClassifierConfig) -> dict[str, Any]:
     """``"warmup_steps=100,lr_decay=0.5"`` -> overrides typed as the config's own fields; an
     unknown field or a bad value raises ValueError naming it."""
-    out: dict[str, int | float] = {}
+    out: dict[str, Any] = {}
     for item in filter(None, (s.strip() for s in text.split(","))):
         key, sep, value = item.partition("=")
         if not sep or not hasattr(config, key):
@@ -61,10 +66,9 @@ def main() -> None:
     home = Home(args.home)
     run = home.latest_run()
     key = next(k for k in run["models"] if k.startswith("classifier-"))
-    saved = read_json(Path(run["models"][key]["dir"]) / "config.json")["classifier"]
-    base = ClassifierConfig(**{**saved, "mlp_hidden": tuple(saved["mlp_hidden"])})
-    base = replace(base, checkpoint_every=0)
-    settings = {s: parse_setting(s, base) for s in args.setting}
+    base = run_classifier_config(run, key)
+    # report label -> classifier overrides ("" is the run's own settings)
+    settings = {(s or "(run's own)"): parse_setting(s, base) for s in args.setting}
     set_threads()
     import torch
 
@@ -76,7 +80,7 @@ def main() -> None:
     classes = len(read_json(Path(run["dataset"]) / "labels.json"))
     n_layers, dim = train.layer_shape
     fits = []
-    for text, overrides in settings.items():
+    for label, overrides in settings.items():
         for strategy in args.strategy:
             for seed in args.seeds:
                 config = replace(base, seed=seed, **overrides)
@@ -85,7 +89,7 @@ def main() -> None:
                 res = train_classifier(model, sub, val, config, device=torch.device("cpu"))
                 pred = predict_proba(model, test).argmax(1)
                 fit = {
-                    "setting": text or "(run's own)",
+                    "setting": label,
                     "strategy": strategy,
                     "seed": seed,
                     "test_accuracy": float((pred == test.labels).mean()),
@@ -98,16 +102,16 @@ def main() -> None:
                 fits.append(fit)
                 print(json.dumps(fit), flush=True)
     summary = []
-    for text in settings:
+    for label in settings:
         for strategy in args.strategy:
             accs = [
                 f["test_accuracy"]
                 for f in fits
-                if f["setting"] == (text or "(run's own)") and f["strategy"] == strategy
+                if f["setting"] == label and f["strategy"] == strategy
             ]
             summary.append(
                 {
-                    "setting": text or "(run's own)",
+                    "setting": label,
                     "strategy": strategy,
                     "test_accuracy_mean": statistics.mean(accs),
                     "test_accuracy_std": statistics.stdev(accs) if len(accs) > 1 else 0.0,
