@@ -29,7 +29,10 @@ class ClassifierConfig:
     # after `patience` validations without a gain once min_steps are done, or at max_steps, or
     # after max_minutes of training (0 = no time cap; a time cap makes runs machine-dependent)
     eval_every: int = 200
-    patience: int = 3  # validations without a val-accuracy gain before stopping
+    patience: int = 3  # validations without a gain before stopping
+    # what a validation compares to keep the best average: "accuracy" or "loss" (mean NLL: a
+    # finer-grained score where a small split moves accuracy in coarse steps)
+    select_on: str = "accuracy"
     min_steps: int = 600  # floor: no early stop before this many steps
     max_steps: int = 6000  # cap
     max_minutes: float = 0.0  # wall-clock cap on training (0 = none)
@@ -88,6 +91,10 @@ class ClassifierConfig:
             )
         if self.embedding_lr_scale <= 0.0:
             raise ValueError(f"embedding_lr_scale must be > 0, got {self.embedding_lr_scale}")
+        if self.select_on not in ("accuracy", "loss"):
+            raise ValueError(
+                f"classifier select_on must be accuracy or loss, got {self.select_on!r}"
+            )
         check_precision(self.precision)
 
 

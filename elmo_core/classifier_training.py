@@ -9,6 +9,7 @@ resumes from its checkpoint file.
 from __future__ import annotations
 
 import copy
+import math
 import os
 import time
 from collections.abc import Generator, Sequence
@@ -81,6 +82,7 @@ class ClassifierResult:
     epochs_run: float  # passes over the train split (steps / steps per epoch)
     seconds: float
     stop_reason: str  # a key of STOP_REASONS
+    selected_on: str  # what chose the kept average: "accuracy" or "loss" (config.select_on)
 
 
 # why a classifier stopped training (recorded in its metrics and the run's summary)
@@ -171,6 +173,12 @@ def train_step(
     return loss.detach(), mask
 
 
+def validation_loss(probs: np.ndarray, labels: np.ndarray) -> float:
+    """Mean negative log-likelihood of the true classes: (N, C) probabilities, (N,) labels."""
+    p = probs[np.arange(len(labels)), labels]  # (N,)
+    return float(-np.log(np.clip(p, 1e-12, None)).mean())
+
+
 def train_classifier(
     model: ELMoClassifier | FineTunedClassifier,
     train: DocumentBatches,
@@ -184,7 +192,8 @@ def train_classifier(
     """Adam on a budget in optimizer steps: the weight average (``EMA_DECAY``) is validated
     every ``config.eval_every`` steps, and training stops after ``config.patience`` validations
     without a gain once ``config.min_steps`` are done, at ``config.max_steps`` or after
-    ``config.max_minutes``; ``model`` ends holding the best average. The task token embedding
+    ``config.max_minutes``; ``model`` ends holding the best average (highest accuracy, or
+    lowest loss as ``config.select_on`` says). The task token embedding
     trains as the rows the train split uses (``restrict_to_rows``: the same updates as the
     whole table's, cheaper) and ends as the whole table again.
 
@@ -205,11 +214,13 @@ def train_classifier(
     gen = torch.Generator().manual_seed(config.seed)
     epoch, batch_i, step, seconds = 0, 0, 0, 0.0
     best_acc, best_step, bad, stop = -1.0, 0, 0, ""
+    best_score = -math.inf  # the selection score of the kept average (higher is better)
     # what is evaluated and kept: an exponential moving average of the trained weights
     ema = WeightAverage(model, ema_decay)
     best_state = copy.deepcopy(model.state_dict())
     epoch_gen_state = gen.get_state()
     steps_per_epoch = 1
+    select_on_loss = config.select_on == "loss"
     background = reader_has_core(device)  # read the next batch while this one computes
     state = try_resume(checkpoint, "classifier-train")
     if state is not None:
@@ -230,6 +241,7 @@ def train_classifier(
             state["stop"],
         )
         best_state = state["best_model"]
+        best_score = state.get("best_score", best_acc)
         ema.load_averaged_state(state["ema"])
         run_loss, run_n = state["run_loss"], state["run_n"]
     else:
@@ -249,6 +261,7 @@ def train_classifier(
                     "step": step,
                     "seconds": seconds,
                     "best_acc": best_acc,
+                    "best_score": best_score,
                     "best_step": best_step,
                     "bad": bad,
                     "stop": stop,
@@ -262,23 +275,26 @@ def train_classifier(
 
     def validate() -> str:
         """Validate the average at ``step``, keep it if best; returns why to stop, or ""."""
-        nonlocal best_acc, best_step, bad, best_state
+        nonlocal best_acc, best_score, best_step, bad, best_state
         ema.sync(model)
         probs = predict_proba(cast(ELMoClassifier, ema.module), val, device)
         model.train()
         pred = probs.argmax(1)
         acc = float((pred == val.labels).mean())
+        loss = validation_loss(probs, val.labels)
+        score = -loss if select_on_loss else acc
         log_metrics(
             {
                 "train_loss": run_loss / max(run_n, 1),  # since the last validation
+                "val_loss": loss,
                 "val_accuracy": acc,
                 "val_macro_f1": macro_f1(val.labels, pred, probs.shape[1]),
                 "lr": opt.param_groups[0]["lr"],  # the lr these steps trained with
             },
             step,
         )
-        if acc > best_acc:
-            best_acc, best_step, bad = acc, step, 0
+        if score > best_score:
+            best_acc, best_score, best_step, bad = acc, score, step, 0
             best_state = copy.deepcopy(ema.module.state_dict())
         else:
             bad += 1
@@ -352,5 +368,11 @@ def train_classifier(
     restore_full(head)
     model.eval()
     return ClassifierResult(
-        best_acc, best_step, step, step / max(steps_per_epoch, 1), seconds, stop
+        best_acc,
+        best_step,
+        step,
+        step / max(steps_per_epoch, 1),
+        seconds,
+        stop,
+        "loss" if select_on_loss else "accuracy",
     )

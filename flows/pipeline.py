@@ -54,10 +54,12 @@ def elmo_gains(rows: list[dict[str, Any]]) -> dict[str, float]:
 
 
 def _steps(metrics: dict[str, Any]) -> str:
-    """A classifier's optimizer steps and, in brackets, the kept (best) step."""
+    """A classifier's optimizer steps and, in brackets, the kept (best) step, with what chose
+    it when that was the validation loss (a small validation split)."""
     if "steps" not in metrics:
         return ""
-    return f"{metrics['steps']} ({metrics['best_step']})"
+    on = ", on val loss" if metrics.get("selected_on") == "loss" else ""
+    return f"{metrics['steps']} ({metrics['best_step']}{on})"
 
 
 def summary_markdown(rows: list[dict[str, Any]], timings: dict[str, float]) -> str:

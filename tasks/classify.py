@@ -147,6 +147,7 @@ def _build(
                 "epochs_run": res.epochs_run,
                 "train_s": res.seconds,
                 "stop_reason": res.stop_reason,
+                "selected_on": res.selected_on,
                 "wall_s": time.perf_counter() - t0,
             }
         )

@@ -147,3 +147,40 @@ def test_lr_schedule_settings_are_typed_classifier_fields_and_bad_ones_raise():
         lr_schedule.parse_setting("warmup=100", config)
     with pytest.raises(ValueError, match="'precision=fp32': only numeric"):
         lr_schedule.parse_setting("precision=fp32", config)
+
+
+@pytest.mark.parametrize("select_on", ["accuracy", "loss"])
+def test_selection_replay_keeps_and_stops_where_the_training_loop_does(select_on):
+    """The bench replays selection rules on recorded validations: on the loop's own record it
+    must keep the step the loop kept and stop where the loop stopped."""
+    import torch
+
+    from elmo_core.classifier_config import ClassifierConfig
+    from elmo_core.classifier_training import train_classifier
+    from tests.test_training import _classifier, _noise_val, _separable_store
+
+    selection = _bench("selection")
+    model, _, cfg = _classifier("wsum")
+    cfg = ClassifierConfig(
+        **{**cfg.__dict__, "eval_every": 1, "patience": 4, "min_steps": 4, "max_steps": 200}
+    )
+    cfg = ClassifierConfig(**{**cfg.__dict__, "select_on": select_on})
+    hist: list[dict] = []
+    res = train_classifier(
+        model,
+        _separable_store(200, 1),
+        _noise_val(),
+        cfg,
+        lambda m, s: hist.append({"step": s, "small": m}),
+        device=torch.device("cpu"),
+    )
+    assert res.stop_reason == "patience"
+    trace = [{"step": h["step"], "small": {**h["small"], "accuracy": h["small"]["val_accuracy"],
+              "loss": h["small"]["val_loss"]}} for h in hist]  # fmt: skip
+    got = selection.replay(trace, selection.RULES[select_on], cfg.patience, cfg.min_steps)
+    assert not got["truncated"]
+    if select_on == "accuracy":  # a tie with the best keeps the earlier average
+        assert any(t["small"]["accuracy"] == trace[got["kept"]]["small"]["accuracy"]
+                   for t in trace[got["kept"] + 1 :])  # fmt: skip
+    assert trace[got["kept"]]["step"] == res.best_step
+    assert trace[got["stopped"]]["step"] == res.steps

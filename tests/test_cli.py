@@ -94,6 +94,7 @@ def _cli_env(tmp_path: Path) -> dict[str, str]:
         (["run", "--data", str(AG), "--pretrain-corpus", "/no/corpus.txt"], "error: /no/corpus.txt: pretrain corpus folder or file does not exist"),
         (["run", "--data", str(AG), "--set", "classifier.lr=-1"], "error: classifier lr must be > 0"),
         (["run", "--data", str(AG), "--set", "classifierlr=1"], "error: --set expects section.field=value"),
+        (["run", "--data", str(AG), "--set", "classifier.select_on=f1"], "error: classifier select_on must be accuracy or loss, got 'f1'"),
         (["predict", "--model", "models:/no-such-model@champion", "--input", str(AG / "test.csv"), "--output", "p.parquet"], "error: models:/no-such-model@champion: no such model version"),
         (["predict", "--input", "/no/input.csv", "--output", "p.parquet"], "error: /no/input.csv: input folder or file does not exist"),
         (["run", "--data", str(AG), "--bilm", "models:/elmo-news-bilm/7"], "error: models:/elmo-news-bilm/7: no such model version"),

@@ -1,6 +1,7 @@
 """Training loops: they learn, checkpoint atomically and resume to the same result."""
 
 import pickle
+from typing import Any
 
 import numpy as np
 import pytest
@@ -22,6 +23,7 @@ from elmo_core.classifier_training import (
     prefetched,
     reader_has_core,
     train_classifier,
+    validation_loss,
 )
 from elmo_core.device import autocast, bf16_native, resolve_precision
 from elmo_core.extraction import doc_lengths, extract_layers, window_pieces
@@ -236,7 +238,38 @@ def test_warm_up_raises_the_lr_linearly_then_holds_it_and_lr_decay_scales_its_ta
         _budget(warmup_steps=-1)
 
 
-def _budget(**kw: float) -> ClassifierConfig:
+def test_selecting_on_loss_keeps_the_average_with_the_lowest_validation_loss():
+    model, _, _ = _classifier("wsum")
+    cfg = _budget(eval_every=1, patience=50, min_steps=0, max_steps=40, select_on="loss")
+    hist: list[tuple[int, dict[str, float]]] = []
+    res = train_classifier(
+        model,
+        _separable_store(200, 1),
+        _noise_val(),
+        cfg,
+        lambda m, s: hist.append((s, m)),
+        device=CPU,
+    )
+    losses = [m["val_loss"] for _, m in hist]
+    best = int(np.argmin(losses))
+    accs = [m["val_accuracy"] for _, m in hist]
+    assert accs[best] < max(accs)  # noise labels: the two criteria keep different steps
+    assert res.best_step == hist[best][0]
+    assert res.best_val_accuracy == hist[best][1]["val_accuracy"]
+    after = predict_proba(model, _noise_val(), CPU)  # the model holds the kept average
+    assert validation_loss(after, _noise_val().labels) == pytest.approx(losses[best], rel=1e-5)
+
+
+def test_validation_loss_is_the_mean_nll_and_select_on_is_checked():
+    probs = np.array([[0.5, 0.5], [0.1, 0.9], [1.0, 0.0]])
+    labels = np.array([0, 1, 1])  # the last one is certain and wrong: clipped, not infinite
+    expected = -(np.log(0.5) + np.log(0.9) + np.log(1e-12)) / 3
+    assert validation_loss(probs, labels) == pytest.approx(expected)
+    with pytest.raises(ValueError, match="select_on must be accuracy or loss, got 'f1'"):
+        _budget(select_on="f1")
+
+
+def _budget(**kw: Any) -> ClassifierConfig:
     _, _, cfg = _classifier("wsum")
     return ClassifierConfig(**{**cfg.__dict__, **kw})
 
