@@ -164,6 +164,9 @@ def test_flow_end_to_end(harness, env, ag_slice):
     # why training stopped: a tag on the run, a word in the summary table
     sum_run = by_name["classifier-sum"].data
     assert sum_run.tags["stop_reason"] in STOP_REASONS
+    assert sum_run.tags["selected_on"] == "accuracy"  # the default: best validation accuracy
+    loss_hist = client.get_metric_history(by_name["classifier-sum"].info.run_id, "val_loss")
+    assert [h.step for h in loss_hist] == [h.step for h in hist]
     assert sum_run.metrics["best_step"] <= sum_run.metrics["steps"] <= 340  # smoke's max_steps
     # the 480-row slice is far too little text for an in-run biLM: the summary says so
     assert len(first["notes"]) == 1 and "--bilm models:/elmo-news-bilm/N" in first["notes"][0]
