@@ -42,10 +42,17 @@ def _flatten(obj: Any, prefix: str = "") -> list[tuple[str, Any]]:
     return [(prefix, obj)]
 
 
+def _is_cell(value: Any) -> bool:
+    """A scalar, or a list of scalars (shown comma-separated)."""
+    if isinstance(value, list):
+        return not any(isinstance(v, (dict, list)) for v in value)
+    return not isinstance(value, dict)
+
+
 def _records(rows: list[dict[str, Any]]) -> str:
     keys: list[str] = []
     for r in rows:
-        keys += [k for k in r if k not in keys and not isinstance(r[k], (dict, list))]
+        keys += [k for k in r if k not in keys and _is_cell(r[k])]
     lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
     lines += ["| " + " | ".join(_fmt(r.get(k, "")) for k in keys) + " |" for r in rows]
     return "\n".join(lines)
