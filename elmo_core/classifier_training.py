@@ -82,7 +82,6 @@ class ClassifierResult:
     epochs_run: float  # passes over the train split (steps / steps per epoch)
     seconds: float
     stop_reason: str  # a key of STOP_REASONS
-    selected_on: str  # what chose the kept average: "accuracy" or "loss" (config.select_on)
 
 
 # why a classifier stopped training (recorded in its metrics and the run's summary)
@@ -241,7 +240,7 @@ def train_classifier(
             state["stop"],
         )
         best_state = state["best_model"]
-        best_score = state.get("best_score", best_acc)
+        best_score = state["best_score"]
         ema.load_averaged_state(state["ema"])
         run_loss, run_n = state["run_loss"], state["run_n"]
     else:
@@ -368,11 +367,5 @@ def train_classifier(
     restore_full(head)
     model.eval()
     return ClassifierResult(
-        best_acc,
-        best_step,
-        step,
-        step / max(steps_per_epoch, 1),
-        seconds,
-        stop,
-        "loss" if select_on_loss else "accuracy",
+        best_acc, best_step, step, step / max(steps_per_epoch, 1), seconds, stop
     )

@@ -54,8 +54,8 @@ def elmo_gains(rows: list[dict[str, Any]]) -> dict[str, float]:
 
 
 def _steps(metrics: dict[str, Any]) -> str:
-    """A classifier's optimizer steps and, in brackets, the kept (best) step, with what chose
-    it when that was the validation loss (a small validation split)."""
+    """A classifier's optimizer steps and, in brackets, the kept (best) step, and what chose
+    it when that was not validation accuracy."""
     if "steps" not in metrics:
         return ""
     on = ", on val loss" if metrics.get("selected_on") == "loss" else ""

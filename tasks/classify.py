@@ -147,7 +147,7 @@ def _build(
                 "epochs_run": res.epochs_run,
                 "train_s": res.seconds,
                 "stop_reason": res.stop_reason,
-                "selected_on": res.selected_on,
+                "selected_on": config.select_on,  # what chose the kept average
                 "wall_s": time.perf_counter() - t0,
             }
         )
