@@ -77,6 +77,24 @@ def run_classifier_config(run: dict, model_key: str) -> ClassifierConfig:
     return replace(config, checkpoint_every=0)
 
 
+def split_texts(run: dict) -> dict[str, list[str]]:
+    """The train and test documents' texts of a finished run's dataset, in split order (the
+    order of its layer stores)."""
+    return {
+        s: read_dataset(Path(run["dataset"]) / f"{s}.parquet")["text"].to_list()
+        for s in ("train", "test")
+    }
+
+
+def tfidf_test_accuracy(
+    texts: dict[str, list[str]], idx: np.ndarray, labels: np.ndarray, test_labels: np.ndarray
+) -> float:
+    """The TF-IDF baseline fitted on the train documents ``idx`` (labels ``labels``): its test
+    accuracy."""
+    vec, clf = fit_baseline([texts["train"][i] for i in idx], labels, BaselineConfig())
+    return float((clf.predict(vec.transform(texts["test"])) == test_labels).mean())
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--home", default=None)
@@ -97,10 +115,7 @@ def main() -> None:
 
     train, val, test = (layer_store(run["features"], s) for s in ("train", "val", "test"))
     label_names = read_json(Path(run["dataset"]) / "labels.json")
-    texts = {
-        s: read_dataset(Path(run["dataset"]) / f"{s}.parquet")["text"].to_list()
-        for s in ("train", "test")
-    }
+    texts = split_texts(run)
     n_layers, dim = train.layer_shape
     points = []
     for fraction in sorted(args.fractions):
@@ -117,8 +132,7 @@ def main() -> None:
             fits[strategy] = (acc, res, time.perf_counter() - t0)
         elmo_acc, res, elmo_s = fits[args.strategy]
         static_acc, static_res, _ = fits[ABLATION]
-        vec, clf = fit_baseline([texts["train"][i] for i in idx], sub.labels, BaselineConfig())
-        base_acc = float((clf.predict(vec.transform(texts["test"])) == test.labels).mean())
+        base_acc = tfidf_test_accuracy(texts, idx, sub.labels, test.labels)
         point = {
             "fraction": fraction,
             "train_docs": len(idx),

@@ -32,13 +32,13 @@ import numpy as np  # noqa: E402
 import elmo_core.classifier_training as training  # noqa: E402
 from bench.learning_curve import (  # noqa: E402
     run_classifier_config,
+    split_texts,
     stratified_subset,
     subset_store,
+    tfidf_test_accuracy,
 )
 from bench.machine import machine, write_report  # noqa: E402
-from storage.datasets import read_dataset  # noqa: E402
 from storage.paths import Home, read_json  # noqa: E402
-from tasks.baseline import BaselineConfig, fit_baseline  # noqa: E402
 from tasks.classify import new_classifier  # noqa: E402
 from tasks.common import set_threads  # noqa: E402
 from tasks.features import layer_store  # noqa: E402
@@ -71,8 +71,9 @@ def replay(
     patience: int,
     min_steps: int,
 ) -> dict[str, Any]:
-    """The training loop's keep-the-best and patience stop, on recorded validations: the kept
-    step, its test accuracy, where it stopped, and whether the trace ended first."""
+    """The training loop's keep-the-best and patience stop, on recorded validations: the
+    indices of the kept and the last validation, and whether the trace ended before the
+    patience stop."""
     best, best_i, bad = None, 0, 0
     for i, v in enumerate(trace):
         k = key(v)
@@ -110,12 +111,7 @@ def main() -> None:
     small = subset_store(val, stratified_subset(val.labels, args.val_docs / len(val), 1))
     classes = len(read_json(Path(run["dataset"]) / "labels.json"))
     n_layers, dim = train.layer_shape
-    texts = {
-        s: read_dataset(Path(run["dataset"]) / f"{s}.parquet")["text"].to_list()
-        for s in ("train", "test")
-    }
-    vec, clf = fit_baseline([texts["train"][i] for i in idx], sub.labels, BaselineConfig())
-    tfidf = float((clf.predict(vec.transform(texts["test"])) == test.labels).mean())
+    tfidf = tfidf_test_accuracy(split_texts(run), idx, sub.labels, test.labels)
 
     # each validation of the small subset also scores the same average on the whole
     # validation split and the test split (the loop only reports aggregates)

@@ -161,10 +161,8 @@ def test_selection_replay_keeps_and_stops_where_the_training_loop_does(select_on
 
     selection = _bench("selection")
     model, _, cfg = _classifier("wsum")
-    cfg = ClassifierConfig(
-        **{**cfg.__dict__, "eval_every": 1, "patience": 4, "min_steps": 4, "max_steps": 200}
-    )
-    cfg = ClassifierConfig(**{**cfg.__dict__, "select_on": select_on})
+    budget = {"eval_every": 1, "patience": 4, "min_steps": 4, "max_steps": 200}
+    cfg = ClassifierConfig(**{**cfg.__dict__, **budget, "select_on": select_on})
     hist: list[dict] = []
     res = train_classifier(
         model,
