@@ -15,7 +15,9 @@ accuracy and macro F1, why each classifier stopped, time per epoch, wall time).
   reads a test document.
 - ``ag500`` / ``ag2000``: that many train documents drawn stratified (seed 0) from
   ``ag_news_sample``'s train split; its whole test split. The in-run biLM reads the train
-  split alone: the small-data case.
+  split alone: the small-data case. With ``--unlabeled``, the rest of that train split's
+  documents, text only (no label), go in as ``--pretrain-corpus``: a few labels beside much
+  unlabeled text of the task, which the in-run biLM pretrains on and a reused biLM adapts on.
 
 A reused biLM must not have read a test document: ``elmo-news pretrain --profile news --corpus
 ../shared/data/news_corpus/news_corpus.parquet`` (no AG News and no Reuters-21578 text) once
@@ -102,31 +104,47 @@ def build_reuters(reuters: Path, out: Path, name: str) -> dict[str, int]:
 
 def build_ag_subset(ag: Path, out: Path, n: int, seed: int = 0) -> dict[str, int]:
     """``out``/train.csv: ``n`` documents of ``ag``'s train.csv, stratified by class (each
-    class's share kept, seeded); test.csv: a link to its whole test split."""
+    class's share kept, seeded); test.csv: a link to its whole test split; unlabeled.parquet:
+    the text (title and description) of the train documents not drawn, without labels."""
     train = pl.read_csv(ag / "train.csv", has_header=False, infer_schema=False)
     labels = train[:, 0].to_numpy()
-    idx, _ = train_test_split(
+    idx, rest = train_test_split(
         np.arange(len(labels)), train_size=n, stratify=labels, random_state=seed
     )
     idx = np.sort(idx)
     out.mkdir(parents=True, exist_ok=True)
     train[idx].write_csv(out / "train.csv", include_header=False, quote_style="always")
+    text = train.select(pl.concat_str([pl.nth(1), pl.nth(2)], separator=" ").alias("text"))
+    text[np.sort(rest)].write_parquet(out.parent / f"{out.name}-unlabeled.parquet")
     test = out / "test.csv"
     test.unlink(missing_ok=True)
     test.symlink_to((ag / "test.csv").resolve())
     n_test = pl.read_csv(test, has_header=False, infer_schema=False).height
-    return {"train_docs": len(idx), "test_docs": n_test, "classes": len(np.unique(labels))}
+    return {
+        "train_docs": len(idx),
+        "test_docs": n_test,
+        "classes": len(np.unique(labels)),
+        "unlabeled_docs": len(rest),
+    }
 
 
-def build(name: str, home: Path) -> tuple[Path, dict[str, int], dict[str, Any]]:
-    """The dataset's folder under ``home``, its counts, and how ``elmo_news`` reads it."""
+def build(
+    name: str, home: Path, unlabeled: bool = False
+) -> tuple[Path, dict[str, int], dict[str, Any]]:
+    """The dataset's folder under ``home``, its counts, and how ``elmo_news`` reads it (with
+    ``unlabeled``, an AG subset's undrawn train documents as unlabeled text)."""
     data = home / name
     if name in ("r8", "r52"):
+        if unlabeled:
+            raise SystemExit("--unlabeled: only for the AG News subsets")
         counts = build_reuters(REUTERS, data, name)
         read = {"text_columns": ["title", "body"], "label_column": "topic"}
         return data, counts, {**read, "pretrain_corpus": [str(data / "pretrain.parquet")]}
     counts = build_ag_subset(AG_SAMPLE, data, DATASETS[name])
-    return data, counts, {"pretrain_corpus": []}
+    corpus = [str(home / f"{name}-unlabeled.parquet")] if unlabeled else []
+    if not unlabeled:
+        counts.pop("unlabeled_docs")
+    return data, counts, {"pretrain_corpus": corpus}
 
 
 def _per_epoch_s(metrics: dict[str, Any]) -> float | None:
@@ -149,6 +167,7 @@ def row(name: str, bilm: str, counts: dict[str, int], summary: dict[str, Any], w
         "train docs": counts["train_docs"],
         "test docs": counts["test_docs"],
         "classes": counts["classes"],
+        "unlabeled docs": counts.get("unlabeled_docs", 0),
         "mean tokens": rows.get("doc_tokens_mean_train"),
     }
     out.update({f"acc {k}": v for k, v in acc.items()})
@@ -173,6 +192,11 @@ def main() -> None:
     ap.add_argument("--home", required=True, help="the run's home (stages, MLflow store)")
     ap.add_argument("--profile", default="sample")
     ap.add_argument("--bilm", default="", help="reuse this pretrained biLM (see the docstring)")
+    ap.add_argument(
+        "--unlabeled",
+        action="store_true",
+        help="AG subsets: the undrawn train documents, text only, as --pretrain-corpus",
+    )
     ap.add_argument("--build-only", action="store_true", help="write the data and stop")
     ap.add_argument("--out", default=str(RESULTS))
     args = ap.parse_args()
@@ -185,11 +209,11 @@ def main() -> None:
     from flows.pipeline import elmo_news
 
     home = Path(args.home)
-    data, counts, read = build(args.dataset, home)
+    data, counts, read = build(args.dataset, home, args.unlabeled)
     print(json.dumps(counts), flush=True)
     if args.build_only:
         return
-    if args.bilm:
+    if args.bilm and not args.unlabeled:  # Reuters' non-test text is the in-run biLM's
         read["pretrain_corpus"] = []
     t0 = time.perf_counter()
     summary = elmo_news(
@@ -209,9 +233,12 @@ def main() -> None:
     command = " ".join([Path(sys.executable).name, *sys.argv])
     out = Path(args.out)
     report = json.loads(out.read_text()) if out.exists() else {"command": [], "runs": []}
-    key = (new["dataset"], new["biLM"])
-    report["runs"] = [r for r in report["runs"] if (r["dataset"], r["biLM"]) != key] + [new]
-    report["runs"].sort(key=lambda r: (list(DATASETS).index(r["dataset"]), r["biLM"]))
+
+    def key(r: dict[str, Any]) -> tuple[str, str, int]:
+        return r["dataset"], r["biLM"], r.get("unlabeled docs", 0)
+
+    report["runs"] = [r for r in report["runs"] if key(r) != key(new)] + [new]
+    report["runs"].sort(key=lambda r: (list(DATASETS).index(r["dataset"]), *key(r)[1:]))
     report["command"] = sorted({*report["command"], command})
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2) + "\n")

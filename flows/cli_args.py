@@ -167,7 +167,13 @@ DataOpt = Annotated[
 ]
 
 
-CorpusOpt = Annotated[list[str] | None, typer.Option(help="extra unlabeled text (repeatable)")]
+CorpusOpt = Annotated[
+    list[str] | None,
+    typer.Option(
+        help="extra unlabeled text (repeatable): pretrained on beside the train split, or "
+        "with --bilm, what the reused biLM adapts on beside it"
+    ),
+]
 
 
 HomeOpt = Annotated[

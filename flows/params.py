@@ -275,7 +275,9 @@ class RunParams(BaseModel):
 
     profile: Profile = "smoke"
     data: str = AG_NEWS_URL  # folder, file or URL of a labelled dataset (train + test)
-    pretrain_corpus: list[str] = Field(default_factory=list)  # extra unlabeled text files
+    # extra unlabeled text files: pretrained on with the train split, or, with ``bilm``, what
+    # the reused biLM adapts on beside it (``adapt.epochs`` passes)
+    pretrain_corpus: list[str] = Field(default_factory=list)
     home: str | None = None  # default: $ELMO_NEWS_HOME or ./.elmo-news
     strategies: list[Strategy] = Field(
         default_factory=lambda: list[Strategy](["sum", "wsum", "function"])
@@ -297,7 +299,12 @@ class RunParams(BaseModel):
     def _check(self) -> RunParams:
         if not self.strategies:
             raise ValueError("strategies must name at least one of sum, wsum, function")
-        self.resolve()  # raises on bad values
+        resolved = self.resolve()  # raises on bad values
+        if self.bilm and self.pretrain_corpus and not resolved.adapt.epochs:
+            raise ValueError(
+                "pretrain_corpus with bilm is text to adapt the reused biLM on: adapt.epochs "
+                "must be > 0, got 0"
+            )
         self.runner()
         return self
 

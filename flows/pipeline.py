@@ -104,7 +104,8 @@ def small_bilm_note(params: RunParams, bilm_dir: str) -> str:
         f"{SMALL_BILM_CORPUS_TOKENS:,} below which an in-run biLM added little over static word "
         "vectors in our measurements. Pretrain one once on a news corpus and reuse it: "
         "`elmo-news pretrain --profile news --corpus NEWS_TEXT`, then `elmo-news run ... "
-        "--bilm models:/elmo-news-bilm/N` (or add unlabeled text with `--pretrain-corpus`)."
+        "--bilm models:/elmo-news-bilm/N`, with any unlabeled text of your own as "
+        "`--pretrain-corpus` beside it (the reused biLM adapts on it)."
     )
 
 
@@ -167,10 +168,10 @@ def upstream(
             tracker.client.set_tag(parent, k, v)
         tracker.link_input_model(parent, bilm_info.get("bilm_model_id"))
         log.info("reusing biLM %s (%s)", bilm_info["bilm_source"], bilm_dir)
-        # a few LM passes over the train split's text first; a biLM without an LM softmax
-        # (published ELMo weights) only learns the split's words
+        # a few LM passes over the train split's text and the unlabeled corpora first; a
+        # biLM without an LM softmax (published ELMo weights) only learns their words
         if cfg.adapt.epochs or not has_lm_head(bilm_dir):
-            bilm_dir = in_home(adapt, h)(bilm_dir, dataset, cfg.adapt, ctx)
+            bilm_dir = in_home(adapt, h)(bilm_dir, dataset, cfg.adapt, ctx, corpora)
     else:
         vocab = in_home(build_vocab, h)(dataset, corpora, cfg.vocab, ctx)
         ids = in_home(encode_ids, h)(dataset, corpora, vocab, cfg.pretrain.seed, ctx)

@@ -1,9 +1,11 @@
 """Stage ``adapt-bilm``: a reused biLM trained a few more passes as a language model on a
-task's train split (its vocabulary kept, or grown by the split's frequent words)."""
+task's train split and any unlabeled text given with it (its vocabulary kept, or grown by that
+text's frequent words)."""
 
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -29,27 +31,43 @@ if TYPE_CHECKING:
     import polars as pl
 
 ADAPT = stage(
-    "bilm-adapt", __name__, inputs=["bilm_dir", "dataset"], config=["config"], folder="bilm"
+    "bilm-adapt",
+    __name__,
+    inputs=["bilm_dir", "dataset", "corpora"],
+    config=["config"],
+    folder="bilm",
 )
 
 
 @ADAPT.task(name="adapt-bilm")
-def adapt(bilm_dir: str, dataset: str, config: AdaptConfig, ctx: StageContext) -> str:
+def adapt(
+    bilm_dir: str,
+    dataset: str,
+    config: AdaptConfig,
+    ctx: StageContext,
+    corpora: Sequence[str] = (),
+) -> str:
     """A reused biLM trained ``config.epochs`` more passes as a language model on the train
-    split's text (its vocabulary kept, or grown by the split's words it lacks with
-    ``config.new_words_min_count``): a new biLM stage folder, the original untouched. Its
-    validation perplexity on the val split is measured before and after."""
+    split's text plus the training documents of ``corpora`` (``read-corpus`` folders: the
+    task's unlabeled text, where a few labelled documents come with many unlabeled ones), its
+    vocabulary kept or grown by that text's words it lacks (``config.new_words_min_count``):
+    a new biLM stage folder, the original untouched. Its validation perplexity on the val
+    split is measured before and after."""
     return ADAPT.build(
-        locals(), lambda d: _build_adapt(bilm_dir, dataset, d, config, ctx.device, ctx.tracking)
+        locals(),
+        lambda d: _build_adapt(
+            bilm_dir, dataset, list(corpora), d, config, ctx.device, ctx.tracking
+        ),
     )
 
 
 def _grow_vocabulary(
     model: BiLM, v: Vocab, train: pl.Series, config: AdaptConfig
 ) -> tuple[BiLM, Vocab, dict[str, float]]:
-    """The biLM and vocabulary grown by the train split's frequent words it lacks. Their
-    counts are put on the pretraining corpus's scale (by the ratio of corpus to train counts
-    over the words both share) so the softmax proposal and the new words' starting share of
+    """The biLM and vocabulary grown by the frequent words of the adaptation text (``train``:
+    the train split's documents, then the unlabeled ones) it lacks. Their counts are put on
+    the pretraining corpus's scale (by the ratio of corpus to adaptation-text counts over the
+    words both share) so the softmax proposal and the new words' starting share of
     <unk>'s probability are comparable with the old words'."""
     counts = train.explode().drop_nulls().value_counts(name="count")
     known = set(v.tokens)
@@ -59,7 +77,7 @@ def _grow_vocabulary(
     task = dict(counts.iter_rows())
     total = max(1, sum(task.values()))
 
-    def unk_rate(vocab: set[str]) -> float:  # share of the train split's tokens read as <unk>
+    def unk_rate(vocab: set[str]) -> float:  # share of the adaptation text read as <unk>
         return sum(c for t, c in task.items() if t not in vocab) / total
 
     grown = v.extend(task, config.new_words_min_count, config.new_words_max)
@@ -86,7 +104,7 @@ def _spell_task_words(
     model: BiLM, v: Vocab, train: pl.Series, config: AdaptConfig, out: Path, bilm_dir: str
 ) -> None:
     """A biLM imported from published weights has no LM softmax, so no LM pass can adapt it:
-    it only learns the train split's words (at least ``new_words_min_count`` times, 1 if
+    it only learns the adaptation text's words (at least ``new_words_min_count`` times, 1 if
     unset), spelled by its character encoder, so the classifier's task token embedding starts
     from those words' vectors instead of <unk>'s."""
     min_count = max(1, config.new_words_min_count)
@@ -107,9 +125,25 @@ def _spell_task_words(
     mark_complete(out)
 
 
+def _read_unlabeled(corpora: list[str], seed: int) -> list[pl.Series]:
+    """The training documents' tokens of each ``read-corpus`` shard (held-out ones never),
+    each shard in a seeded order."""
+    import polars as pl
+
+    from tasks.corpus import token_shards
+    from tasks.ids import shuffled
+
+    return [
+        shuffled(pl.read_parquet(p, columns=["tokens"])["tokens"], seed)
+        for c in corpora
+        for p in token_shards(c)
+    ]
+
+
 def _build_adapt(
     bilm_dir: str,
     dataset: str,
+    corpora: list[str],
     out: Path,
     config: AdaptConfig,
     device: str,
@@ -127,14 +161,25 @@ def _build_adapt(
         s: shuffled(read_dataset(Path(dataset) / f"{s}.parquet")["tokens"], config.seed)
         for s in ("train", "val")
     }
+    unlabeled = _read_unlabeled(corpora, config.seed)
+    text = pl.concat([tokens["train"], *unlabeled]) if unlabeled else tokens["train"]
     grown: dict[str, float] = {"new_words": 0}
     if not model.config.lm_head:  # published weights: no softmax to adapt through
-        _spell_task_words(model, v, tokens["train"], config, out, bilm_dir)
+        _spell_task_words(model, v, text, config, out, bilm_dir)
         return
     if config.new_words_min_count:
-        model, v, grown = _grow_vocabulary(model, v, tokens["train"], config)
+        model, v, grown = _grow_vocabulary(model, v, text, config)
     index = pl.DataFrame({"token": list(v.tokens), "id": np.arange(len(v), dtype=np.int32)})
     split = {s: encode_docs(t, index) for s, t in tokens.items()}
+    extra = [encode_docs(t, index) for t in unlabeled]  # one id stream per corpus shard
+    if unlabeled:
+        logger().info(
+            "adapt: %d train-split documents + %d unlabeled documents (%d tokens) from %d corpora",
+            len(tokens["train"]),
+            sum(len(t) for t in unlabeled),
+            sum(len(e) for e in extra),
+            len(corpora),
+        )
     train = config.pretrain_config()
     val_ids = split["val"][: max(train.val_tokens, train.window)]
     before = perplexity(model.to(dev), make_windows(val_ids, train.window), dev)
@@ -145,7 +190,7 @@ def _build_adapt(
         model.train()
         res = pretrain_bilm(
             model,
-            TokenWindows([split["train"]], train.window),
+            TokenWindows([split["train"], *extra], train.window),
             val_ids,
             train,
             hist,
@@ -172,6 +217,8 @@ def _build_adapt(
                 "train_steps": res.steps,
                 "tokens_per_s": res.tokens / max(res.seconds, 1e-9),
                 "wall_s": time.perf_counter() - t0,
+                "unlabeled_docs": sum(len(t) for t in unlabeled),
+                "unlabeled_tokens": sum(len(e) for e in extra),
                 **grown,
             },
         )

@@ -107,9 +107,21 @@ def test_ag_subsets_are_stratified_and_keep_the_whole_test_split(tmp_path):
 
     from tests.conftest import AG
 
-    counts = _bench("datasets").build_ag_subset(AG, tmp_path, 500)
-    assert counts == {"train_docs": 500, "test_docs": 7600, "classes": 4}
-    sub = pl.read_csv(tmp_path / "train.csv", has_header=False)[:, 0].value_counts()
+    out = tmp_path / "ag500"
+    counts = _bench("datasets").build_ag_subset(AG, out, 500)
+    full_rows = pl.read_csv(AG / "train.csv", has_header=False, infer_schema=False)
+    rest = full_rows.height - 500
+    assert counts == {"train_docs": 500, "test_docs": 7600, "classes": 4, "unlabeled_docs": rest}
+    drawn = pl.read_csv(out / "train.csv", has_header=False, infer_schema=False)
+    # the undrawn documents, text only: title and description of every row not drawn
+    unlabeled = pl.read_parquet(tmp_path / "ag500-unlabeled.parquet")
+    assert unlabeled.columns == ["text"] and unlabeled.height == rest
+
+    def texts(df: pl.DataFrame) -> list[str]:
+        return df.select(pl.concat_str([pl.nth(1), pl.nth(2)], separator=" "))[:, 0].to_list()
+
+    assert sorted(unlabeled["text"].to_list() + texts(drawn)) == sorted(texts(full_rows))
+    sub = pl.read_csv(out / "train.csv", has_header=False)[:, 0].value_counts()
     full = pl.read_csv(AG / "train.csv", has_header=False)[:, 0].value_counts()
     share = dict(zip(full[:, 0], full["count"] / full["count"].sum(), strict=True))
     for label, n in zip(sub[:, 0], sub["count"], strict=True):

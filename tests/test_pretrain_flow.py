@@ -18,7 +18,7 @@ from elmo_core.bilm_checkpoint import load_bilm
 from elmo_core.classifier_checkpoint import load_classifier
 from flows.params import PretrainParams
 from tasks.stage import StageContext
-from tests.conftest import REUTERS, smoke_params
+from tests.conftest import AG, REUTERS, smoke_params
 from tests.test_flow_e2e import _task_states
 
 pytestmark = pytest.mark.e2e
@@ -273,3 +273,44 @@ def test_adapting_a_reused_biLM_lowers_its_perplexity_on_the_task_text(pretraine
     assert a.embedding.weight.shape[0] == len(va) and not torch.equal(
         a.forward_lstms[0].weight_ih_l0, b.forward_lstms[0].weight_ih_l0
     )
+
+
+def test_adaptation_also_reads_the_unlabeled_corpora_given_with_a_reused_biLM(
+    pretrained, ag_slice, tmp_path
+):
+    """Few labels, much unlabeled text: the reused biLM adapts on both, and learns the words
+    only the unlabeled text has; without corpora it is the split alone (another stage)."""
+    import polars as pl
+
+    from elmo_core.pretrain_config import AdaptConfig
+    from storage.datasets import read_dataset
+    from tasks.adapt import adapt
+    from tasks.corpus import CorpusConfig, read_pretrain_corpus
+    from tasks.ingest import IngestConfig, ingest
+    from tasks.registry import fetch_bilm
+
+    home, _, _ = pretrained
+    ctx = StageContext(str(tmp_path / "h"))
+    dataset = ingest.fn(str(ag_slice), IngestConfig(), ctx)
+    # 300 other AG train rows, text only (none of the slice's rows: it takes every 30th)
+    rows = (AG / "train.csv").read_text(encoding="utf-8").splitlines()[15 : 300 * 30 : 30]
+    texts = pl.read_csv("\n".join(rows).encode(), has_header=False, infer_schema=False)
+    unlabeled = tmp_path / "unlabeled.parquet"
+    texts.select(pl.concat_str([pl.nth(1), pl.nth(2)], separator=" ").alias("text")).write_parquet(
+        unlabeled
+    )
+    corpus = read_pretrain_corpus.fn(str(unlabeled), CorpusConfig(holdout_fraction=0.0), ctx)
+    bilm_dir, _ = fetch_bilm.fn("models:/elmo-news-bilm/1", str(home))
+    config = AdaptConfig(epochs=1, batch_size=16, val_tokens=500, new_words_min_count=2)
+    alone = Path(adapt.fn(str(bilm_dir), dataset, config, ctx))
+    both = Path(adapt.fn(str(bilm_dir), dataset, config, ctx, [corpus]))
+    assert alone != both
+    m_alone = json.loads((alone / "metrics.json").read_text())
+    m_both = json.loads((both / "metrics.json").read_text())
+    assert m_alone["unlabeled_docs"] == 0 and m_both["unlabeled_docs"] == 300
+    train_tokens = read_dataset(Path(dataset) / "train.parquet")["tokens"].list.len().sum()
+    assert m_both["train_tokens"] > m_alone["train_tokens"]  # more windows an epoch
+    assert m_both["unlabeled_tokens"] > train_tokens / 2
+    _, v_alone = load_bilm(alone / "bilm.pt")
+    _, v_both = load_bilm(both / "bilm.pt")
+    assert set(v_alone.tokens) < set(v_both.tokens)  # the unlabeled text's own words too

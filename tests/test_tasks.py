@@ -104,6 +104,8 @@ def test_latest_run_is_the_newest_summary(tmp_path):
             for p in ("smoke", "sample", "full", "seed", "news", "elmo-original")
         ),
         ({"overrides": {"adapt": {"epochs": -1}}}, "adapt"),
+        # unlabeled text beside a reused biLM is adaptation text: no passes would drop it
+        ({"bilm": "models:/b/1", "pretrain_corpus": ["u.txt"]}, "adapt.epochs must be > 0"),
         ({"overrides": {"pretrain": {"world_size": 3}}}, "world_size"),
         ({"overrides": {"bilm": {"projection_dim": 300, "hidden_dim": 256}}}, "projection_dim"),
     ],
@@ -111,6 +113,13 @@ def test_latest_run_is_the_newest_summary(tmp_path):
 def test_bad_run_parameters_fail_before_a_run(kwargs, needle):
     with pytest.raises(ValueError, match=needle):
         RunParams(**kwargs)
+
+
+def test_a_reused_biLM_with_unlabeled_text_and_adaptation_passes_is_accepted():
+    p = RunParams(
+        profile="sample", bilm="models:/b/1", pretrain_corpus=["u.txt"]
+    )  # the sample profile adapts 2 passes
+    assert p.resolve().adapt.epochs == 2 and p.pretrain_corpus == ["u.txt"]
 
 
 @pytest.mark.parametrize(
