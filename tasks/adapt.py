@@ -127,7 +127,8 @@ def _spell_task_words(
 
 def _read_unlabeled(corpora: list[str], seed: int) -> list[pl.Series]:
     """The training documents' tokens of each ``read-corpus`` shard (held-out ones never),
-    each shard in a seeded order."""
+    each shard in a seeded order. Held in memory whole: sized for a task's own unlabeled
+    articles; a pretraining corpus goes to ``elmo-news pretrain``, which streams it."""
     import polars as pl
 
     from tasks.corpus import token_shards
