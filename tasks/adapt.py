@@ -173,12 +173,16 @@ def _build_adapt(
     index = pl.DataFrame({"token": list(v.tokens), "id": np.arange(len(v), dtype=np.int32)})
     split = {s: encode_docs(t, index) for s, t in tokens.items()}
     extra = [encode_docs(t, index) for t in unlabeled]  # one id stream per corpus shard
+    more = {
+        "unlabeled_docs": sum(len(t) for t in unlabeled),
+        "unlabeled_tokens": sum(len(e) for e in extra),
+    }
     if unlabeled:
         logger().info(
             "adapt: %d train-split documents + %d unlabeled documents (%d tokens) from %d corpora",
             len(tokens["train"]),
-            sum(len(t) for t in unlabeled),
-            sum(len(e) for e in extra),
+            more["unlabeled_docs"],
+            more["unlabeled_tokens"],
             len(corpora),
         )
     train = config.pretrain_config()
@@ -218,8 +222,7 @@ def _build_adapt(
                 "train_steps": res.steps,
                 "tokens_per_s": res.tokens / max(res.seconds, 1e-9),
                 "wall_s": time.perf_counter() - t0,
-                "unlabeled_docs": sum(len(t) for t in unlabeled),
-                "unlabeled_tokens": sum(len(e) for e in extra),
+                **more,
                 **grown,
             },
         )
