@@ -104,8 +104,9 @@ def build_reuters(reuters: Path, out: Path, name: str) -> dict[str, int]:
 
 def build_ag_subset(ag: Path, out: Path, n: int, seed: int = 0) -> dict[str, int]:
     """``out``/train.csv: ``n`` documents of ``ag``'s train.csv, stratified by class (each
-    class's share kept, seeded); test.csv: a link to its whole test split; unlabeled.parquet:
-    the text (title and description) of the train documents not drawn, without labels."""
+    class's share kept, seeded); test.csv: a link to its whole test split; and beside
+    ``out``, ``<out name>-unlabeled.parquet``: the text (title and description) of the train
+    documents not drawn, without labels (outside ``out``, so ingestion never reads it)."""
     train = pl.read_csv(ag / "train.csv", has_header=False, infer_schema=False)
     labels = train[:, 0].to_numpy()
     idx, rest = train_test_split(
