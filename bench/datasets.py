@@ -183,6 +183,14 @@ def row(name: str, bilm: str, counts: dict[str, int], summary: dict[str, Any], w
     out["stopped"] = ", ".join(sorted({m["stop_reason"] for m in clfs.values()}))
     per_epoch = [_per_epoch_s(m) for m in clfs.values()]
     out["s per classifier epoch"] = float(np.mean([p for p in per_epoch if p is not None]))
+    adapted = Path(summary["bilm"]) / "metrics.json"
+    if bilm and adapted.exists() and "passes" in json.loads(adapted.read_text()):
+        # the reused biLM's adaptation (LM passes): how far it went, why it stopped
+        m = json.loads(adapted.read_text())
+        out["adapt passes"] = m.get("passes")
+        out["adapt stopped"] = m.get("stop_reason")
+        before = (m["val_perplexity_forward_before"] * m["val_perplexity_backward_before"]) ** 0.5
+        out["adapt val ppl before, after"] = [before, m["val_perplexity"]]
     out["wall s"] = wall
     return out
 

@@ -15,7 +15,10 @@ class PretrainConfig:
     lr: float = 2e-3  # Adam learning rate
     clip_norm: float = 5.0  # gradient-norm clip
     val_tokens: int = 50_000  # tokens held out for the exact (full-softmax) perplexity
-    max_steps: int = 0  # stop after this many steps (0 = no cap); for smoke runs
+    max_steps: int = 0  # stop after this many steps (0 = no cap)
+    # stop once a pass lowers the validation perplexity by less than this fraction of the
+    # best so far, keeping the best pass's weights (0 = run every epoch)
+    min_gain: float = 0.0
     checkpoint_every: int = 500  # steps between mid-epoch checkpoints
     seed: int = 13  # drives init, window order and negative sampling
     precision: str = "auto"  # auto | fp32 | bf16 (autocast; auto = bf16 where native)
@@ -35,6 +38,14 @@ class PretrainConfig:
             )
         if self.lr <= 0:
             raise ValueError(f"lr must be > 0, got {self.lr}")
+        if self.min_gain and self.world_size > 1:
+            # only rank 0 measures the perplexity the stop depends on
+            raise ValueError(f"min_gain needs world_size 1, got {self.world_size}")
+        if not 0 <= self.min_gain < 1 or self.max_steps < 0:
+            raise ValueError(
+                f"0 <= min_gain < 1 and max_steps >= 0 required; got {self.min_gain}, "
+                f"{self.max_steps}"
+            )
         check_precision(self.precision)
 
 
@@ -45,7 +56,13 @@ class AdaptConfig:
     there and helps the task). Used with ``run --bilm`` only; the biLM's vocabulary is kept
     unless ``new_words_min_count`` adds the task's own frequent words to it."""
 
-    epochs: int = 0  # passes over the train split's text (0 = reuse the biLM as it is)
+    # at most this many passes over the adaptation text (0 = reuse the biLM as it is)
+    epochs: int = 0
+    # stop once a pass lowers the val split's perplexity by less than this fraction of the
+    # best so far, keeping the best pass (0 = every pass): few documents stop after a few
+    # passes, many unlabeled ones go on while they still teach the biLM something
+    min_gain: float = 0.0
+    max_steps: int = 0  # at most this many steps over all passes (0 = no cap)
     window: int = 20  # T: tokens per window
     batch_size: int = 128  # B: windows per step
     lr: float = 1e-3  # Adam learning rate (fresh optimizer state)
@@ -69,11 +86,18 @@ class AdaptConfig:
                 f"adapt: epochs >= 0, window >= 2, batch_size >= 1, lr > 0 required; got "
                 f"{self.epochs}, {self.window}, {self.batch_size}, {self.lr}"
             )
+        if not 0 <= self.min_gain < 1 or self.max_steps < 0:
+            raise ValueError(
+                f"adapt: 0 <= min_gain < 1 and max_steps >= 0 required; got {self.min_gain}, "
+                f"{self.max_steps}"
+            )
         check_precision(self.precision)
 
     def pretrain_config(self) -> PretrainConfig:
         return PretrainConfig(
             epochs=max(1, self.epochs),
+            min_gain=self.min_gain,
+            max_steps=self.max_steps,
             window=self.window,
             batch_size=self.batch_size,
             lr=self.lr,

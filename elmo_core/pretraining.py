@@ -113,6 +113,11 @@ class PretrainResult:
     seconds: float
     val_perplexity_forward: float
     val_perplexity_backward: float
+    # why training ended: "epochs" (every pass run), "max_steps" (the step cap) or "plateau"
+    # (a pass lowered the validation perplexity by less than ``min_gain``)
+    stop_reason: str = "epochs"
+    passes: int = 0  # passes completed (the last, when the cap cut it short, not counted)
+    best_pass: int = 0  # the pass whose weights the model holds (``min_gain`` > 0), else passes
 
     @property
     def val_perplexity(self) -> float:
@@ -137,6 +142,10 @@ def pretrain_bilm(
     Epoch e visits the windows in the order of a generator seeded by (seed, e), and negatives come
     from a generator whose state is checkpointed, so a resumed run repeats an uninterrupted one.
 
+    With ``config.min_gain`` > 0 training stops once a pass lowers the validation perplexity
+    by less than that fraction of the best one so far, and the model keeps the best pass's
+    weights: the number of passes fits the amount of text rather than a fixed count.
+
     Under ``dist_ctx`` (torchrun) every rank runs this with the same arguments: each takes its
     slice of every global batch, gradients are averaged (DDP + the sparse rows' all-gather),
     and only rank 0 logs and writes the checkpoint (which every rank then resumes from; it
@@ -160,6 +169,8 @@ def pretrain_bilm(
     opts = bilm_optimizers(model, config.lr)
     neg_gen = torch.Generator(device=model.softmax.proposal.device).manual_seed(config.seed + 1)
     epoch, batch_i, step, tokens, seconds = 0, 0, 0, 0, 0.0
+    stop_reason, best_ppl, best_pass = "epochs", math.inf, 0
+    best_state: dict[str, torch.Tensor] | None = None
     state = try_resume(checkpoint, "bilm-train")
     if state is not None:
         saved_world = int(state.get("world_size", 1))
@@ -175,6 +186,9 @@ def pretrain_bilm(
         set_rng_state(state["rng_ranks"][ctx.rank] if "rng_ranks" in state else state["rng"])
         epoch, batch_i, step = state["epoch"], state["batch"], state["step"]
         tokens, seconds = state["tokens"], state["seconds"]
+        stop_reason = state.get("stop_reason", "epochs")
+        best_ppl, best_pass = state.get("best_ppl", math.inf), state.get("best_pass", 0)
+        best_state = state.get("best_state")
         log_metrics({"resumed_from_step": step}, step)
 
     def save() -> None:
@@ -196,6 +210,10 @@ def pretrain_bilm(
                     "step": step,
                     "tokens": tokens,
                     "seconds": seconds,
+                    "stop_reason": stop_reason,
+                    "best_ppl": best_ppl,
+                    "best_pass": best_pass,
+                    **({"best_state": best_state} if best_state is not None else {}),
                 },
                 checkpoint_out,
             )
@@ -209,6 +227,9 @@ def pretrain_bilm(
         after_backward = lambda: all_reduce_sparse_rows(sparse, ctx)  # noqa: E731
     done = False
     ppl = (float("nan"), float("nan"))
+    if stop_reason == "max_steps":  # a longer cap goes on from where the shorter one stopped
+        stop_reason = "epochs"
+    done = stop_reason == "plateau"  # a resumed run that had plateaued stays stopped
     while epoch < config.epochs and not done:
         n_batches = -(-len(train_w) // config.batch_size)
         batches = epoch_batches(len(train_w), config.batch_size, config.seed, epoch, batch_i)
@@ -216,7 +237,10 @@ def pretrain_bilm(
         t_epoch, tokens_epoch = time.perf_counter(), 0
         while batch_i < n_batches:
             if config.max_steps and step >= config.max_steps:
-                done = True  # position is kept as is: a longer run resumes from here
+                done, stop_reason = (
+                    True,
+                    "max_steps",
+                )  # position is kept as is: a longer run resumes from here
                 break
             x = shard_batch(train_w.get(next(batches)), ctx).to(device)  # (B / ranks, T)
             loss = bilm_step(
@@ -266,8 +290,38 @@ def pretrain_bilm(
         )
         if not done:
             epoch, batch_i = epoch + 1, 0
+            if config.min_gain > 0:
+                geo = math.sqrt(ppl[0] * ppl[1])
+                stop_reason, best_ppl, best_pass, best_state = _plateau(
+                    model, geo, epoch, best_ppl, best_pass, best_state, config.min_gain
+                )
+                done = stop_reason == "plateau"
         save()
-    if math.isnan(ppl[0]) and ctx.is_main:  # resumed from a finished run
+    if best_state is not None and best_pass < epoch:  # the last pass made it worse
+        model.load_state_dict(best_state)
+        ppl = (float("nan"), float("nan"))
+    if math.isnan(ppl[0]) and ctx.is_main:  # resumed from a finished run, or best restored
         ppl = perplexity(model, val_w, device)
     model.eval()
-    return PretrainResult(step, tokens, seconds, ppl[0], ppl[1])
+    return PretrainResult(
+        step, tokens, seconds, ppl[0], ppl[1], stop_reason, epoch, best_pass or epoch
+    )
+
+
+def _plateau(
+    model: BiLM,
+    ppl: float,
+    passes: int,
+    best_ppl: float,
+    best_pass: int,
+    best_state: dict[str, torch.Tensor] | None,
+    min_gain: float,
+) -> tuple[str, float, int, dict[str, torch.Tensor] | None]:
+    """After pass ``passes``: (stop reason, best perplexity, best pass, its weights). A pass
+    that lowers the best perplexity becomes the best (its weights copied); training stops
+    ("plateau") once a pass gains less than ``min_gain`` of the best."""
+    gain = 1.0 - ppl / best_ppl if math.isfinite(best_ppl) else 1.0
+    if ppl < best_ppl:
+        best_ppl, best_pass = ppl, passes
+        best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    return ("plateau" if gain < min_gain else "epochs"), best_ppl, best_pass, best_state

@@ -47,7 +47,8 @@ def adapt(
     ctx: StageContext,
     corpora: Sequence[str] = (),
 ) -> str:
-    """A reused biLM trained ``config.epochs`` more passes as a language model on the train
+    """A reused biLM trained more passes as a language model (up to ``config.epochs``, fewer
+    once a pass stops lowering the val split's perplexity by ``config.min_gain``) on the train
     split's text plus the training documents of ``corpora`` (``read-corpus`` folders: the
     task's unlabeled text, where a few labelled documents come with many unlabeled ones), its
     vocabulary kept or grown by that text's words it lacks (``config.new_words_min_count``):
@@ -220,6 +221,9 @@ def _build_adapt(
                 "val_perplexity": res.val_perplexity,
                 "train_tokens": res.tokens,
                 "train_steps": res.steps,
+                "passes": res.passes,
+                "best_pass": res.best_pass,
+                "stop_reason": res.stop_reason,
                 "tokens_per_s": res.tokens / max(res.seconds, 1e-9),
                 "wall_s": time.perf_counter() - t0,
                 **more,

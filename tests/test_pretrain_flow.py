@@ -263,6 +263,7 @@ def test_adapting_a_reused_biLM_lowers_its_perplexity_on_the_task_text(pretraine
     adapted = Path(summary["bilm"])
     assert adapted.name != Path(pre["bilm"]).name  # a new folder; the registered one untouched
     m = json.loads((adapted / "metrics.json").read_text())
+    assert (m["passes"], m["best_pass"], m["stop_reason"]) == (2, 2, "epochs")
     assert m["val_perplexity_forward"] < m["val_perplexity_forward_before"]
     assert m["val_perplexity_backward"] < m["val_perplexity_backward_before"]
     # the AG words the corpus biLM lacked got ids of their own, after the old ones

@@ -30,8 +30,8 @@ from elmo_core.extraction import doc_lengths, extract_layers, window_pieces
 from elmo_core.layers_config import LayersConfig
 from elmo_core.mix import build_mix
 from elmo_core.optim import LazyAdam
-from elmo_core.pretrain_config import PretrainConfig
-from elmo_core.pretraining import pretrain_bilm
+from elmo_core.pretrain_config import AdaptConfig, PretrainConfig
+from elmo_core.pretraining import perplexity, pretrain_bilm
 from elmo_core.vocab import Vocab
 from elmo_core.vocab_config import VocabConfig
 from elmo_core.windows import make_windows
@@ -98,6 +98,82 @@ def test_pretraining_resume_matches_uninterrupted(tmp_path, precision):
     pretrain_bilm(resumed, _stream(), _stream(500, 1), cfg, checkpoint=ckpt, device=CPU)
     for a, b in zip(full.state_dict().values(), resumed.state_dict().values(), strict=True):
         assert torch.equal(a, b)
+
+
+def _scripted_perplexity(monkeypatch, values: list[float]) -> None:
+    """The loop's validation perplexity after each pass read from ``values`` (both LMs)."""
+    import elmo_core.pretraining as pt
+
+    left = list(values)
+    real = pt.perplexity
+    monkeypatch.setattr(
+        pt, "perplexity", lambda m, w, d: (left[0], left.pop(0)) if left else real(m, w, d)
+    )
+
+
+def test_min_gain_stops_on_a_plateau_and_keeps_the_best_pass(monkeypatch):
+    """A pass that makes the perplexity worse ends training, and the model goes back to the
+    weights of the best pass; the result says why and which pass it holds."""
+    cfg = PretrainConfig(epochs=6, window=10, batch_size=16, lr=2e-2, val_tokens=500, min_gain=0.05)
+    _scripted_perplexity(monkeypatch, [100.0, 80.0, 90.0])  # pass 3 is worse than pass 2
+    after: dict[int, dict[str, torch.Tensor]] = {}
+    model = _bilm()
+
+    def log(m: dict[str, float], step: int) -> None:
+        if "val_perplexity" in m:  # logged once a pass, with the pass number as its step
+            after[step] = {k: v.clone() for k, v in model.state_dict().items()}
+
+    res = pretrain_bilm(model, _stream(), _stream(500, 1), cfg, log, device=CPU)
+    assert (res.stop_reason, res.passes, res.best_pass) == ("plateau", 3, 2)
+    assert any(not torch.equal(v, after[3][k]) for k, v in after[2].items())  # pass 3 moved
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, after[2][k]), k
+    # the perplexity reported is the restored weights' own, measured again
+    val = make_windows(_stream(500, 1), 10)
+    assert (res.val_perplexity_forward, res.val_perplexity_backward) == perplexity(model, val, CPU)
+
+
+def test_min_gain_goes_on_while_passes_gain_enough_and_a_small_gain_keeps_the_last(monkeypatch):
+    cfg = PretrainConfig(epochs=6, window=10, batch_size=16, lr=2e-2, val_tokens=500, min_gain=0.05)
+    # gains 20 %, 10 %, then 2 %: the fourth pass is still the best, and the last one run
+    _scripted_perplexity(monkeypatch, [100.0, 80.0, 72.0, 70.56])
+    res = pretrain_bilm(_bilm(), _stream(), _stream(500, 1), cfg, device=CPU)
+    assert (res.stop_reason, res.passes, res.best_pass) == ("plateau", 4, 4)
+    # without min_gain every pass runs
+    _scripted_perplexity(monkeypatch, [100.0, 80.0, 72.0, 70.56])
+    every = PretrainConfig(**{**cfg.__dict__, "min_gain": 0.0, "epochs": 5})
+    res = pretrain_bilm(_bilm(), _stream(), _stream(500, 1), every, device=CPU)
+    assert (res.stop_reason, res.passes, res.best_pass) == ("epochs", 5, 5)
+
+
+def test_a_run_stopped_on_a_plateau_resumes_as_stopped(tmp_path, monkeypatch):
+    cfg = PretrainConfig(epochs=6, window=10, batch_size=16, lr=2e-2, val_tokens=500, min_gain=0.05)
+    ckpt = tmp_path / "state.pt"
+    _scripted_perplexity(monkeypatch, [100.0, 80.0, 90.0])
+    first = _bilm()
+    pretrain_bilm(first, _stream(), _stream(500, 1), cfg, checkpoint=ckpt, device=CPU)
+    again = _bilm()
+    res = pretrain_bilm(again, _stream(), _stream(500, 1), cfg, checkpoint=ckpt, device=CPU)
+    assert (res.stop_reason, res.passes, res.best_pass) == ("plateau", 3, 2)
+    for a, b in zip(first.state_dict().values(), again.state_dict().values(), strict=True):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize(
+    ("kw", "match"),
+    [
+        ({"min_gain": 1.0}, "min_gain"),
+        ({"min_gain": -0.1}, "min_gain"),
+        ({"max_steps": -1}, "max_steps"),
+        ({"min_gain": 0.01, "world_size": 2, "batch_size": 16}, "world_size 1"),
+    ],
+)
+def test_stopping_settings_are_checked(kw, match):
+    with pytest.raises(ValueError, match=match):
+        PretrainConfig(**kw)
+    if "world_size" not in kw:
+        with pytest.raises(ValueError, match=f"adapt: .*{match}"):
+            AdaptConfig(epochs=2, **kw)
 
 
 def test_precision_resolves_per_machine_and_bad_names_raise():
