@@ -144,7 +144,8 @@ def pretrain_bilm(
 
     With ``config.min_gain`` > 0 training stops once a pass lowers the validation perplexity
     by less than that fraction of the best one so far, and the model keeps the best pass's
-    weights: the number of passes fits the amount of text rather than a fixed count.
+    weights (a pass that ``max_steps`` cuts short keeps the weights it reached): the number of
+    passes fits the amount of text rather than a fixed count.
 
     Under ``dist_ctx`` (torchrun) every rank runs this with the same arguments: each takes its
     slice of every global batch, gradients are averaged (DDP + the sparse rows' all-gather),

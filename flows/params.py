@@ -278,7 +278,7 @@ class RunParams(BaseModel):
     profile: Profile = "smoke"
     data: str = AG_NEWS_URL  # folder, file or URL of a labelled dataset (train + test)
     # extra unlabeled text files: pretrained on with the train split, or, with ``bilm``, what
-    # the reused biLM adapts on beside it (``adapt.epochs`` passes)
+    # the reused biLM adapts on beside it (up to ``adapt.epochs`` passes)
     pretrain_corpus: list[str] = Field(default_factory=list)
     home: str | None = None  # default: $ELMO_NEWS_HOME or ./.elmo-news
     strategies: list[Strategy] = Field(
