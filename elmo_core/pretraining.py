@@ -226,7 +226,6 @@ def pretrain_bilm(
         sparse = model.sparse_parameters()
         loss_fn = ddp_loss(model, sparse, ctx)
         after_backward = lambda: all_reduce_sparse_rows(sparse, ctx)  # noqa: E731
-    done = False
     ppl = (float("nan"), float("nan"))
     if stop_reason == "max_steps":  # a longer cap goes on from where the shorter one stopped
         stop_reason = "epochs"
@@ -238,10 +237,8 @@ def pretrain_bilm(
         t_epoch, tokens_epoch = time.perf_counter(), 0
         while batch_i < n_batches:
             if config.max_steps and step >= config.max_steps:
-                done, stop_reason = (
-                    True,
-                    "max_steps",
-                )  # position is kept as is: a longer run resumes from here
+                # position is kept as is: a longer run resumes from here
+                done, stop_reason = True, "max_steps"
                 break
             x = shard_batch(train_w.get(next(batches)), ctx).to(device)  # (B / ranks, T)
             loss = bilm_step(
