@@ -184,9 +184,8 @@ def row(name: str, bilm: str, counts: dict[str, int], summary: dict[str, Any], w
     per_epoch = [_per_epoch_s(m) for m in clfs.values()]
     out["s per classifier epoch"] = float(np.mean([p for p in per_epoch if p is not None]))
     adapted = Path(summary["bilm"]) / "metrics.json"
-    if bilm and adapted.exists() and "passes" in json.loads(adapted.read_text()):
-        # the reused biLM's adaptation (LM passes): how far it went, why it stopped
-        m = json.loads(adapted.read_text())
+    m = json.loads(adapted.read_text()) if bilm and adapted.exists() else {}
+    if "passes" in m:  # the reused biLM's LM adaptation: how far it went, why it stopped
         out["adapt passes"] = m.get("passes")
         out["adapt stopped"] = m.get("stop_reason")
         before = (m["val_perplexity_forward_before"] * m["val_perplexity_backward_before"]) ** 0.5

@@ -59,8 +59,7 @@ class AdaptConfig:
     # at most this many passes over the adaptation text (0 = reuse the biLM as it is)
     epochs: int = 0
     # stop once a pass lowers the val split's perplexity by less than this fraction of the
-    # best so far, keeping the best pass (0 = every pass): few documents stop after a few
-    # passes, many unlabeled ones go on while they still teach the biLM something
+    # best so far, keeping the best pass (0 = every pass): the passes follow the text's size
     min_gain: float = 0.0
     max_steps: int = 0  # at most this many steps over all passes (0 = no cap)
     window: int = 20  # T: tokens per window
