@@ -85,9 +85,10 @@ def summary_markdown(rows: list[dict[str, Any]], timings: dict[str, float]) -> s
 
 # below this many tokens of pretraining text (train split + --pretrain-corpus) the run says its
 # in-run biLM is too small and how to reuse one. Measured bracket (bench/datasets.py, docs'
-# "What was tried"): the AG News 500-document run's in-run biLM (tens of thousands of tokens)
-# put every contextual strategy under the static ablation and far under the reused news biLM;
-# make run's (AG sample + Reuters, millions of tokens) matched static within seed noise
+# "What was tried", results page): the AG News 500- and 2,000-document runs' in-run biLMs
+# (tens of thousands of tokens) put every contextual strategy under the static ablation and far
+# under the reused news biLM; make run's (AG sample + Reuters, millions of tokens) matched
+# static within seed noise
 SMALL_BILM_CORPUS_TOKENS = 1_000_000
 
 
@@ -101,8 +102,9 @@ def small_bilm_note(params: RunParams, bilm_dir: str) -> str:
         return ""
     return (
         f"The biLM was pretrained in this run on {tokens:,} tokens, under the "
-        f"{SMALL_BILM_CORPUS_TOKENS:,} below which an in-run biLM added little over static word "
-        "vectors in our measurements. Pretrain one once on a news corpus and reuse it: "
+        f"{SMALL_BILM_CORPUS_TOKENS:,} below which an in-run biLM's contextual layers did worse "
+        "than its own static word vectors in our measurements. Pretrain one once on a news "
+        "corpus and reuse it: "
         "`elmo-news pretrain --profile news --corpus NEWS_TEXT`, then `elmo-news run ... "
         "--bilm models:/elmo-news-bilm/N`, with any unlabeled text of your own as "
         "`--pretrain-corpus` beside it (the reused biLM adapts on it)."

@@ -123,6 +123,21 @@ def test_a_reused_biLM_with_unlabeled_text_and_adaptation_passes_is_accepted():
     assert adapt.epochs > 1 and adapt.min_gain > 0 and p.pretrain_corpus == ["u.txt"]
 
 
+def test_the_summary_says_when_the_in_run_biLM_read_too_little_text(tmp_path):
+    from flows.pipeline import SMALL_BILM_CORPUS_TOKENS, small_bilm_note
+
+    bilm_dir = tmp_path / "bilm"
+    bilm_dir.mkdir()
+    assert small_bilm_note(RunParams(), str(bilm_dir)) == ""  # no metrics: nothing to say
+    write_json(bilm_dir / "metrics.json", {"corpus_tokens": SMALL_BILM_CORPUS_TOKENS - 1})
+    note = small_bilm_note(RunParams(), str(bilm_dir))
+    assert f"{SMALL_BILM_CORPUS_TOKENS - 1:,} tokens" in note and "--bilm models:/" in note
+    # a reused biLM was not pretrained on the run's text, whatever its metrics say
+    assert small_bilm_note(RunParams(bilm="models:/b/1"), str(bilm_dir)) == ""
+    write_json(bilm_dir / "metrics.json", {"corpus_tokens": SMALL_BILM_CORPUS_TOKENS})
+    assert small_bilm_note(RunParams(), str(bilm_dir)) == ""
+
+
 @pytest.mark.parametrize(
     ("kwargs", "needle"),
     [
