@@ -16,8 +16,9 @@ Measures tokens/s (a token = one position of a training window, seen by both dir
   3. the same full step with a full softmax output layer instead of the sampled one,
 plus the forward-only layer extraction and one classifier training step, and projects the `full`
 profile on 120k AG News from these figures. Steps 1-3 run at the precision the pipeline picks on
-this machine (``auto``: bf16 autocast where the CPU has AMX / AVX512-BF16, else fp32; the LSTM-only
-reference runs at the same precision); where that is bf16 the fp32 pair is measured too. The ratio
+this machine (``auto``: bf16 autocast where it beats float32, ``elmo_core.device.bf16_native``,
+else fp32; the LSTM-only reference runs at the same precision); where that is bf16 the fp32 pair
+is measured too. The ratio
 is measured in blocks and interleaved; the last line, full_step_vs_lstm_only=<ratio>, is the lower
 of the two at the pipeline's precision. Like the pipeline's flow, the script first tunes glibc's
 allocator (``flows.runtime.tune_allocator``); ``ELMO_NEWS_MALLOC_TUNING=0`` measures without.

@@ -42,8 +42,8 @@ class ClassifierConfig:
     warmup_steps: int = 0
     seed: int = 7  # init, batch order, the `sum` strategy's random weights
     checkpoint_every: int = 200  # steps between mid-epoch checkpoints
-    # auto | fp32 | bf16 autocast; auto = bf16 where the device runs it natively (AMX,
-    # AVX512-BF16, CUDA), else fp32. Weights, Adam and the weight average stay float32
+    # auto | fp32 | bf16 autocast; auto = bf16 where the device runs it faster than fp32
+    # (device.bf16_native), else fp32. Weights, Adam and the weight average stay float32
     precision: str = "auto"
     # ULMFiT-style fine-tuning: the biLM runs inside the classifier on each batch (whole
     # documents up to max_len, no stored layers) and trains with it; off = frozen stored layers

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+import time
 from contextlib import nullcontext
 from typing import Any
 
@@ -23,18 +25,49 @@ def pick_device(prefer: str = "auto") -> torch.device:
     return torch.device(prefer)
 
 
+# how much faster than float32 a CPU's bf16 matmul must run for ``auto`` to pick bf16: far
+# from what was seen (AMX: bf16 matmuls several times float32's; AMD Zen 5's AVX512-BF16: bf16
+# biLM steps ~1.8x; an Intel Xeon with the flag but AMX hidden: bf16 matmuls 0.5-0.7x), so one
+# machine always makes the same choice
+BF16_MIN_GAIN = 1.25
+
+
 def bf16_native(device: torch.device) -> bool:
-    """Does ``device`` run bf16 matmuls natively? CUDA with bf16 support; a CPU with AMX or
-    AVX512-BF16 (elsewhere bf16 is emulated: slower than float32)."""
+    """Does ``device`` run bf16 faster than float32? CUDA with bf16 support; a CPU with AMX; a
+    CPU with AVX512-BF16 alone where its bf16 matmul beats float32 by ``BF16_MIN_GAIN`` (timed
+    once a process: the flag alone does not say it, see ``cpu_bf16_speedup``). Elsewhere bf16 is
+    emulated: slower than float32."""
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported()
     if device.type == "cpu":
-        cpu = torch.cpu
-        return any(
-            bool(getattr(cpu, name, lambda: False)())
-            for name in ("_is_amx_tile_supported", "_is_avx512_bf16_supported")
-        )
+        cpu: Any = torch.cpu
+        if getattr(cpu, "_is_amx_tile_supported", lambda: False)():
+            return True
+        if getattr(cpu, "_is_avx512_bf16_supported", lambda: False)():
+            return cpu_bf16_speedup() >= BF16_MIN_GAIN
     return False
+
+
+@functools.cache
+def cpu_bf16_speedup(size: int = 768, repeats: int = 5) -> float:
+    """float32 time / bf16 time of a ``size``-square matmul on this CPU's compute threads (best
+    of ``repeats`` each, after a warm-up): > 1 where bf16 is the faster."""
+
+    gen = torch.Generator().manual_seed(0)  # the global generator stays where a seed put it
+
+    def best(dtype: torch.dtype) -> float:
+        a = torch.randn(size, size, generator=gen).to(dtype)
+        b = torch.randn(size, size, generator=gen).to(dtype)
+        torch.mm(a, b)
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            torch.mm(a, b)
+            times.append(time.perf_counter() - start)
+        return min(times)
+
+    with torch.no_grad():
+        return best(torch.float32) / best(torch.bfloat16)
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:

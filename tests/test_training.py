@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 
+from elmo_core import device
 from elmo_core.bilm import BiLM
 from elmo_core.bilm_checkpoint import load_bilm, save_bilm
 from elmo_core.bilm_config import BiLMConfig
@@ -190,6 +191,36 @@ def test_precision_resolves_per_machine_and_bad_names_raise():
         assert (a @ b).dtype == torch.bfloat16
     with autocast(CPU, "fp32"):
         assert (a @ b).dtype == torch.float32
+
+
+@pytest.mark.parametrize(
+    ("amx", "avx512_bf16", "speedup", "native"),
+    [
+        (True, True, 0.5, True),  # AMX: no timing needed
+        (False, True, 1.8, True),  # AVX512-BF16 that pays (AMD Zen 5)
+        (False, True, 0.6, False),  # AVX512-BF16 slower than float32 (Intel, AMX hidden)
+        (False, False, 9.0, False),  # no native bf16: emulated
+    ],
+)
+def test_auto_precision_picks_bf16_only_where_it_is_faster(
+    monkeypatch, amx, avx512_bf16, speedup, native
+):
+    timed = []
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx, raising=False)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16, raising=False)
+    monkeypatch.setattr(device, "cpu_bf16_speedup", lambda: timed.append(1) or speedup)
+    assert bf16_native(CPU) is native
+    assert resolve_precision("auto", CPU) == ("bf16" if native else "fp32")
+    assert resolve_precision("bf16", CPU) == "bf16"  # a precision set by hand is kept
+    assert bool(timed) == (avx512_bf16 and not amx)
+
+
+def test_timing_bf16_leaves_the_seeded_generator_alone():
+    torch.manual_seed(3)
+    before = torch.get_rng_state()
+    speedup = device.cpu_bf16_speedup.__wrapped__(64, 2)
+    assert speedup > 0
+    assert torch.equal(torch.get_rng_state(), before)
 
 
 def test_bf16_pretraining_learns_like_fp32():
