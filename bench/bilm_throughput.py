@@ -32,7 +32,6 @@ import argparse
 import itertools
 import json
 import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -44,6 +43,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench.machine import machine  # noqa: E402
 from elmo_core.bilm import BiLM  # noqa: E402
 from elmo_core.bilm_config import BiLMConfig  # noqa: E402
 from elmo_core.classifier import ELMoClassifier  # noqa: E402
@@ -258,13 +258,10 @@ def main() -> None:
     extract_s = (120_000 + 7_600) * 44 / tps["extract_forward_only"]
     clf_s = 3 * cp.max_steps * cp.batch_size * 44 / tps["classifier_step"]
     report = {
+        "command": " ".join(["python", *sys.argv]),
         "machine": {
-            "platform": platform.platform(),
-            "processor": platform.processor() or platform.machine(),
-            "cpus": os.cpu_count(),
-            "torch": torch.__version__,
+            **machine(),
             "threads": torch.get_num_threads(),
-            "cpu_capability": torch.backends.cpu.get_cpu_capability(),
             "allocator_tuned": allocator_tuned,
         },
         "precision": precision,
