@@ -35,8 +35,8 @@ BF16_MIN_GAIN = 1.25
 def bf16_native(device: torch.device) -> bool:
     """Does ``device`` run bf16 faster than float32? CUDA with bf16 support; a CPU with AMX; a
     CPU with AVX512-BF16 alone where its bf16 matmul beats float32 by ``BF16_MIN_GAIN`` (timed
-    once a process: the flag alone does not say it, see ``cpu_bf16_speedup``). Elsewhere bf16 is
-    emulated: slower than float32."""
+    once a process: the flag alone does not say it, see ``cpu_bf16_speedup``). A CPU with
+    neither emulates bf16: slower than float32."""
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported()
     if device.type == "cpu":
@@ -71,7 +71,7 @@ def cpu_bf16_speedup(size: int = 768, repeats: int = 5) -> float:
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:
-    """``auto`` -> ``bf16`` where the device runs it natively, else ``fp32``."""
+    """``auto`` -> ``bf16`` where the device runs it faster (``bf16_native``), else ``fp32``."""
     check_precision(precision)
     if precision == "auto":
         return "bf16" if bf16_native(device) else "fp32"
