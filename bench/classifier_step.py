@@ -35,7 +35,7 @@ from torch.profiler import ProfilerActivity, profile
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.elmo_speed import matmul_gflops  # noqa: E402
-from bench.machine import bf16_flags, machine, write_report  # noqa: E402
+from bench.machine import machine, write_report  # noqa: E402
 from elmo_core.classifier_optim import (  # noqa: E402
     Optimizers,
     classifier_param_groups,
@@ -48,7 +48,7 @@ from elmo_core.classifier_training import (  # noqa: E402
     train_classifier,
     train_step,
 )
-from elmo_core.device import autocast, resolve_precision  # noqa: E402
+from elmo_core.device import autocast, cpu_has_bf16, resolve_precision  # noqa: E402
 from elmo_core.ema import WeightAverage  # noqa: E402
 from elmo_core.task_embedding import restrict_to_rows  # noqa: E402
 from flows.params import RunParams  # noqa: E402
@@ -139,9 +139,8 @@ def main() -> None:
 
     # bf16 is timed too wherever the CPU has it, picked or not: the report shows why ``auto``
     # chose as it did
-    has_bf16 = bf16_flags().startswith(("AMX", "AVX512"))
     precisions = sorted(
-        {precision, "fp32", *(["bf16"] if has_bf16 else [])}, key=lambda p: p != precision
+        {precision, "fp32", *(["bf16"] if cpu_has_bf16() else [])}, key=lambda p: p != precision
     )
     step = {p: time_step(p, config.sparse_embedding) for p in precisions}
     other = time_step(precision, not config.sparse_embedding)

@@ -40,12 +40,21 @@ def bf16_native(device: torch.device) -> bool:
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported()
     if device.type == "cpu":
-        cpu: Any = torch.cpu
-        if getattr(cpu, "_is_amx_tile_supported", lambda: False)():
+        if _cpu_has("_is_amx_tile_supported"):
             return True
-        if getattr(cpu, "_is_avx512_bf16_supported", lambda: False)():
+        if _cpu_has("_is_avx512_bf16_supported"):
             return cpu_bf16_speedup() >= BF16_MIN_GAIN
     return False
+
+
+def _cpu_has(check: str) -> bool:
+    """One of ``torch.cpu``'s private feature checks; False where this torch lacks it."""
+    return bool(getattr(torch.cpu, check, lambda: False)())
+
+
+def cpu_has_bf16() -> bool:
+    """bf16 in the CPU's hardware (AMX or AVX512-BF16), whether or not it is the faster."""
+    return _cpu_has("_is_amx_tile_supported") or _cpu_has("_is_avx512_bf16_supported")
 
 
 @functools.cache
