@@ -36,15 +36,16 @@ def bf16_flags() -> str:
 def machine() -> dict[str, Any]:
     import torch
 
-    from elmo_core.device import bf16_native, cpu_bf16_speedup
+    from elmo_core.device import bf16_native, cpu_bf16_speedup, cpu_has_bf16
 
     return {
         "platform": platform.platform(),
         "cpu": cpu_model(),
         "bf16": bf16_flags(),
-        # what precision "auto" picks here: AVX512-BF16 alone is timed against float32
+        # what precision "auto" picks here: AVX512-BF16 alone is timed against float32 (a CPU
+        # without bf16 hardware is not timed: its bf16 is emulated)
         "bf16_picked": bf16_native(torch.device("cpu")),
-        "bf16_matmul_speedup": round(cpu_bf16_speedup(), 3),
+        "bf16_matmul_speedup": round(cpu_bf16_speedup(), 3) if cpu_has_bf16() else None,
         "cpus": os.cpu_count(),
         "torch": torch.__version__,
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),

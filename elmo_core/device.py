@@ -75,8 +75,7 @@ def cpu_bf16_speedup(size: int = 768, repeats: int = 5) -> float:
             times.append(time.perf_counter() - start)
         return min(times)
 
-    with torch.no_grad():
-        return best(torch.float32) / best(torch.bfloat16)
+    return best(torch.float32) / best(torch.bfloat16)
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:
