@@ -127,14 +127,18 @@ class LayerStore:
         if self.features is None:  # tokens only: a fine-tuned biLM computes the layers
             return None, mask, torch.from_numpy(ids), labels
         n_layers, d = self.layer_shape
-        x = np.zeros((len(idx), t, n_layers, d), dtype=np.float32)  # (B, T, L, D)
+        # gathered in the stored dtype (plain copies), then widened to float32 by one vectorised
+        # torch conversion: numpy's per-document float16 -> float32 assignments took most of a
+        # batch's read
+        kinds = [self.features.dtype] + ([self.static.dtype] if self.static is not None else [])
+        x = np.zeros((len(idx), t, n_layers, d), dtype=np.result_type(*kinds))  # (B, T, L, D)
         first = int(self.static is not None)  # layer 0 from the table, the rest from features
         for r, i in enumerate(idx):
             lo, hi = self.offsets[i], self.offsets[i + 1]
             x[r, : lens[r], first:] = self.features[lo:hi]
             if self.static is not None and self.static_rows is not None:
                 x[r, : lens[r], 0] = self.static[self.static_rows[lo:hi]]
-        layers = torch.from_numpy(x).permute(2, 0, 1, 3)  # (L, B, T, D)
+        layers = torch.from_numpy(x).float().permute(2, 0, 1, 3)  # (L, B, T, D)
         return layers, mask, torch.from_numpy(ids), labels
 
     def batches(

@@ -275,6 +275,21 @@ def test_layer_store_batches_cover_every_document_once():
     assert tokens.shape == mask.shape and labels.tolist() == store.labels[:3].tolist()
 
 
+def test_a_batch_keeps_the_stored_values_exactly_and_pads_with_zeros():
+    """Rows are gathered in the stored dtype before widening: float32 layers must not pass
+    through float16 on the way."""
+    store = _separable_store(6, 1)
+    store.features = store.features.astype(np.float32) + np.float32(1e-4)  # not float16 values
+    idx = np.array([4, 1])
+    layers, mask, _, _ = store.batch(idx)
+    for r, i in enumerate(idx):
+        lo, hi = store.offsets[i], store.offsets[i + 1]
+        assert torch.equal(
+            layers[:, r, : hi - lo], torch.from_numpy(store.features[lo:hi]).permute(1, 0, 2)
+        )
+    assert not layers.permute(1, 2, 0, 3)[~mask].any()  # padding is zero
+
+
 def test_batches_read_in_background_or_in_line_are_the_same_from_any_start(monkeypatch):
     store = _separable_store(40, 0)
     order = list(store.batches(8, torch.Generator().manual_seed(0)))
