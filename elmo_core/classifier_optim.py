@@ -30,7 +30,8 @@ def clip_grad_norm(params: Sequence[torch.Tensor], max_norm: float) -> torch.Ten
         return torch.zeros(())
     total = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
     coef = (max_norm / (total + 1e-6)).clamp(max=1.0)
-    torch._foreach_mul_(grads, coef)
+    if bool(coef < 1.0):  # a multiply by exactly 1 changes nothing: skip the pass over them all
+        torch._foreach_mul_(grads, coef)
     return total
 
 

@@ -42,6 +42,27 @@ def test_classifier_output_ignores_padding():
     assert torch.allclose(a, model(layers, mask), atol=1e-6)
 
 
+@pytest.mark.parametrize("strategy", ["wsum", "function"])
+def test_a_document_pools_the_same_alone_and_beside_a_longer_one(strategy):
+    """Alone it fills its batch (pooling takes no mask); beside a longer document it is padded
+    (pooling masks): both give its logits, and the same gradient to the mix."""
+    torch.manual_seed(0)
+    cfg = ClassifierConfig(hidden_dim=4, mlp_hidden=(4,), dropout=0.0)
+    model = ELMoClassifier(cfg, build_mix(MixConfig(strategy, 2, 6)), 6, 3)
+    short, long = torch.randn(2, 1, 3, 6), torch.randn(2, 1, 5, 6)  # (L, B, T, D)
+    padded = torch.cat([torch.cat([short, torch.zeros(2, 1, 2, 6)], 2), long], 1)  # (L, 2, 5, D)
+    mask = torch.tensor([[True] * 3 + [False] * 2, [True] * 5])
+    alone = model(short, torch.ones(1, 3, dtype=torch.bool))
+    alone[0, 0].backward()
+    grads = [p.grad.clone() for p in model.mix.parameters()]
+    model.zero_grad()
+    beside = model(padded, mask)
+    beside[0, 0].backward()
+    torch.testing.assert_close(beside[:1], alone, atol=1e-6, rtol=0)
+    for g, p in zip(grads, model.mix.parameters(), strict=True):
+        torch.testing.assert_close(p.grad, g, atol=1e-6, rtol=1e-5)
+
+
 def test_fast_dropout_matches_nn_dropout_in_distribution_and_is_identity_in_eval():
     torch.manual_seed(0)
     x = torch.ones(200, 50, 40)

@@ -65,3 +65,14 @@ def test_clip_grad_norm_matches_torch_on_dense_and_sparse() -> None:
     torch.testing.assert_close(total, expected)
     torch.testing.assert_close(a.embedding.weight.grad.to_dense(), b.embedding.weight.grad)
     torch.testing.assert_close(a.out.weight.grad, b.out.weight.grad)
+
+
+def test_clip_grad_norm_under_the_limit_leaves_every_gradient_bit_for_bit() -> None:
+    torch.manual_seed(2)
+    m = Tiny()
+    m(torch.tensor([[1, 2, 3]])).sum().backward()
+    before = [p.grad.clone() for p in m.parameters() if p.grad is not None]
+    total = clip_grad_norm(list(m.parameters()), 1e6)
+    assert float(total) > 0
+    after = [p.grad for p in m.parameters() if p.grad is not None]
+    assert all(torch.equal(x.to_dense(), y.to_dense()) for x, y in zip(before, after, strict=True))
