@@ -26,7 +26,10 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def time_tree(home: str, profile: str, strategy: str, n_batches: int, passes: int) -> dict:
-    """In the child process (its tree first on ``sys.path``): tokens/s of the loop's step."""
+    """In the child process (its tree first on ``sys.path``): tokens/s of the loop's step.
+
+    The model and optimizer are set up here, not through ``bench/classifier_step.py``: only
+    what older trees have too may be called."""
     import torch
 
     import elmo_core
