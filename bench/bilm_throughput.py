@@ -19,8 +19,9 @@ profile on 120k AG News from these figures. Steps 1-3 run at the precision the p
 this machine (``auto``: bf16 autocast where it beats float32, ``elmo_core.device.bf16_native``,
 else fp32; the LSTM-only reference runs at the same precision); where that is bf16 the fp32 pair
 is measured too. The ratio is measured in blocks and interleaved; the last line,
-full_step_vs_lstm_only=<ratio>, is the lower of the two at the pipeline's precision. Like the pipeline's flow, the script first tunes glibc's
-allocator (``flows.runtime.tune_allocator``); ``ELMO_NEWS_MALLOC_TUNING=0`` measures without.
+full_step_vs_lstm_only=<ratio>, is the lower of the two at the pipeline's precision. Like the
+pipeline's flow, the script first tunes glibc's allocator (``flows.runtime.tune_allocator``);
+``ELMO_NEWS_MALLOC_TUNING=0`` measures without.
 
     .venv/bin/python bench/bilm_throughput.py [--steps 20] [--precision auto] [--data ../shared/data/ag_news_sample] [--pretrain-corpus ../shared/data/reuters21578/reuters21578.csv] [--out bench/results/bilm_throughput.json]
 """

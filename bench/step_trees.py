@@ -55,8 +55,7 @@ def time_tree(home: str, profile: str, strategy: str, n_batches: int, passes: in
     train = layer_store(run["features"], "train")
     n_layers, dim = train.layer_shape
     classes = len(read_json(Path(run["dataset"]) / "labels.json"))
-    order = list(train.batches(config.batch_size, torch.Generator().manual_seed(0)))
-    order = order[:n_batches]
+    order = list(train.batches(config.batch_size, torch.Generator().manual_seed(0)))[:n_batches]
     torch.manual_seed(0)
     model, _ = new_classifier(run["bilm"], strategy, config, n_layers, dim, classes)
     model.train()
@@ -79,15 +78,14 @@ def time_tree(home: str, profile: str, strategy: str, n_batches: int, passes: in
 
 
 def commit_of(tree: Path) -> str:
-    out = subprocess.run(
-        ["git", "-C", str(tree), "rev-parse", "--short", "HEAD"], capture_output=True, text=True
-    )
-    dirty = subprocess.run(
-        ["git", "-C", str(tree), "status", "--porcelain", "--untracked-files=no"],
-        capture_output=True,
-        text=True,
-    ).stdout.strip()
-    return out.stdout.strip() + ("+changes" if dirty else "") if out.returncode == 0 else "?"
+    """The tree's short commit, ``+changes`` when tracked files differ from it; ``?`` if none."""
+    git = ["git", "-C", str(tree)]
+    head = subprocess.run([*git, "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
+    if head.returncode != 0:
+        return "?"
+    status = [*git, "status", "--porcelain", "--untracked-files=no"]
+    dirty = subprocess.run(status, capture_output=True, text=True).stdout.strip()
+    return head.stdout.strip() + ("+changes" if dirty else "")
 
 
 def main() -> None:

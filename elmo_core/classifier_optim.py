@@ -30,7 +30,9 @@ def clip_grad_norm(params: Sequence[torch.Tensor], max_norm: float) -> torch.Ten
         return torch.zeros(())
     total = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
     coef = (max_norm / (total + 1e-6)).clamp(max=1.0)
-    if bool(coef < 1.0):  # a multiply by exactly 1 changes nothing: skip the pass over them all
+    # a multiply by exactly 1 changes nothing: on a CPU skip the pass over every gradient (on an
+    # accelerator the check would stall the step on a host sync, costlier than the multiply)
+    if coef.device.type != "cpu" or bool(coef < 1.0):
         torch._foreach_mul_(grads, coef)
     return total
 
