@@ -4,7 +4,7 @@ never committed) + its real test split, through ``elmo-news run`` in this proces
 
 Peak RSS is the larger of ``ru_maxrss`` of this process and of its children (tokenizer
 workers), and a 1 s sampler of this process + its live children (psutil) records when the peak
-happened, so a report says which stage holds it. The target (issue 13): ≤ 8 GB.
+happened, so a report says which stage holds it. The target: ≤ 8 GB.
 
     .venv/bin/python bench/full_memory.py --home /tmp/full-home [--rows 120000] \
         [--strategy wsum] [--set classifier.epochs=1] [--bilm models:/elmo-news-bilm/1]

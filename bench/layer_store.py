@@ -1,5 +1,5 @@
 """What the layer store costs on disk and in time, per layout: every biLM layer of every token
-(the store before round 17) against the contextual layers per token + layer 0 once per distinct
+(the store's first layout) against the contextual layers per token + layer 0 once per distinct
 token (``static_layer``; the features stage's layout now). Layer 0 is ``[x; x]``, a function of
 the token alone, so storing it per occurrence repeats the same row for every "the".
 
