@@ -33,6 +33,11 @@ class ClassifierConfig:
     # what a validation compares to keep the best average: "accuracy" or "loss" (mean NLL: a
     # finer-grained score where a small split moves accuracy in coarse steps)
     select_on: str = "accuracy"
+    # what else resets the patience: "" (only a gain in the select_on score) or "macro_f1" (a
+    # new best validation macro F1 too: on imbalanced data accuracy, which the frequent classes
+    # dominate, levels off while the rare classes are still being learned). The kept average is
+    # still the select_on best
+    patience_also_on: str = ""
     min_steps: int = 600  # floor: no early stop before this many steps
     max_steps: int = 6000  # cap
     max_minutes: float = 0.0  # wall-clock cap on training (0 = none)
@@ -94,6 +99,10 @@ class ClassifierConfig:
         if self.select_on not in ("accuracy", "loss"):
             raise ValueError(
                 f"classifier select_on must be accuracy or loss, got {self.select_on!r}"
+            )
+        if self.patience_also_on not in ("", "macro_f1"):
+            raise ValueError(
+                f"classifier patience_also_on must be '' or macro_f1, got {self.patience_also_on!r}"
             )
         check_precision(self.precision)
 

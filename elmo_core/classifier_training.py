@@ -192,7 +192,8 @@ def train_classifier(
     every ``config.eval_every`` steps, and training stops after ``config.patience`` validations
     without a gain once ``config.min_steps`` are done, at ``config.max_steps`` or after
     ``config.max_minutes``; ``model`` ends holding the best average (highest accuracy, or
-    lowest loss as ``config.select_on`` says). The task token embedding
+    lowest loss as ``config.select_on`` says; with ``config.patience_also_on`` a new best
+    validation macro F1 also counts as a gain for the patience). The task token embedding
     trains as the rows the train split uses (``restrict_to_rows``: the same updates as the
     whole table's, cheaper) and ends as the whole table again.
 
@@ -214,6 +215,7 @@ def train_classifier(
     epoch, batch_i, step, seconds = 0, 0, 0, 0.0
     best_acc, best_step, bad, stop = -1.0, 0, 0, ""
     best_score = -math.inf  # the selection score of the kept average (higher is better)
+    best_f1 = -math.inf  # the best validation macro F1 so far (config.patience_also_on)
     # what is evaluated and kept: an exponential moving average of the trained weights
     ema = WeightAverage(model, ema_decay)
     best_state = copy.deepcopy(model.state_dict())
@@ -241,6 +243,7 @@ def train_classifier(
         )
         best_state = state["best_model"]
         best_score = state["best_score"]
+        best_f1 = state["best_f1"]
         ema.load_averaged_state(state["ema"])
         run_loss, run_n = state["run_loss"], state["run_n"]
     else:
@@ -261,6 +264,7 @@ def train_classifier(
                     "seconds": seconds,
                     "best_acc": best_acc,
                     "best_score": best_score,
+                    "best_f1": best_f1,
                     "best_step": best_step,
                     "bad": bad,
                     "stop": stop,
@@ -274,7 +278,7 @@ def train_classifier(
 
     def validate() -> str:
         """Validate the average at ``step``, keep it if best; returns why to stop, or ""."""
-        nonlocal best_acc, best_score, best_step, bad, best_state
+        nonlocal best_acc, best_score, best_f1, best_step, bad, best_state
         ema.sync(model)
         probs = predict_proba(cast(ELMoClassifier, ema.module), val, device)
         model.train()
@@ -282,12 +286,15 @@ def train_classifier(
         acc = float((pred == val.labels).mean())
         loss = validation_loss(probs, val.labels)
         score = -loss if select_on_loss else acc
+        f1 = macro_f1(val.labels, pred, probs.shape[1])
+        f1_gain = f1 > best_f1
+        best_f1 = max(best_f1, f1)
         log_metrics(
             {
                 "train_loss": run_loss / max(run_n, 1),  # since the last validation
                 "val_loss": loss,
                 "val_accuracy": acc,
-                "val_macro_f1": macro_f1(val.labels, pred, probs.shape[1]),
+                "val_macro_f1": f1,
                 "lr": opt.param_groups[0]["lr"],  # the lr these steps trained with
             },
             step,
@@ -295,6 +302,8 @@ def train_classifier(
         if score > best_score:
             best_acc, best_score, best_step, bad = acc, score, step, 0
             best_state = copy.deepcopy(ema.module.state_dict())
+        elif config.patience_also_on == "macro_f1" and f1_gain:
+            bad = 0  # still learning the rare classes: not a validation without a gain
         else:
             bad += 1
             if config.lr_decay < 1.0:  # overshot: go back to the best weights, smaller steps

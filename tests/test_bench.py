@@ -161,8 +161,26 @@ def test_lr_schedule_settings_are_typed_classifier_fields_and_bad_ones_raise():
         lr_schedule.parse_setting("precision=fp32", config)
 
 
-@pytest.mark.parametrize("select_on", ["accuracy", "loss"])
-def test_selection_replay_keeps_and_stops_where_the_training_loop_does(select_on):
+def test_selection_replay_with_patience_on_two_scores_trains_on_while_either_improves():
+    """Accuracy levels off while macro F1 still climbs: counting patience on both scores goes
+    on past accuracy's patience stop, yet keeps the validation with the best accuracy."""
+    selection = _bench("selection")
+    acc = [0.80, 0.90, 0.90, 0.89, 0.90, 0.91, 0.90, 0.90, 0.90]
+    f1 = [0.30, 0.40, 0.45, 0.50, 0.49, 0.48, 0.47, 0.46, 0.45]
+    trace = [{"step": 100 * (i + 1), "small": {"accuracy": a, "macro_f1": f}}
+             for i, (a, f) in enumerate(zip(acc, f1, strict=True))]  # fmt: skip
+    key = selection.RULES["accuracy"]
+    alone = selection.replay(trace, key, 2, 0)
+    assert (alone["kept"], alone["stopped"]) == (1, 3)  # two validations without a gain
+    also = selection.PATIENCE_ON_TWO["accuracy, patience also on macro F1"][1]
+    both = selection.replay(trace, key, 2, 0, also)
+    assert (both["kept"], both["stopped"], both["truncated"]) == (5, 7, False)
+
+
+@pytest.mark.parametrize(
+    ("select_on", "also_on"), [("accuracy", ""), ("loss", ""), ("accuracy", "macro_f1")]
+)
+def test_selection_replay_keeps_and_stops_where_the_training_loop_does(select_on, also_on):
     """The bench replays selection rules on recorded validations: on the loop's own record it
     must keep the step the loop kept and stop where the loop stopped."""
     import torch
@@ -174,7 +192,9 @@ def test_selection_replay_keeps_and_stops_where_the_training_loop_does(select_on
     selection = _bench("selection")
     model, _, cfg = _classifier("wsum")
     budget = {"eval_every": 1, "patience": 4, "min_steps": 4, "max_steps": 200}
-    cfg = ClassifierConfig(**{**cfg.__dict__, **budget, "select_on": select_on})
+    cfg = ClassifierConfig(
+        **{**cfg.__dict__, **budget, "select_on": select_on, "patience_also_on": also_on}
+    )
     hist: list[dict] = []
     res = train_classifier(
         model,
@@ -186,11 +206,16 @@ def test_selection_replay_keeps_and_stops_where_the_training_loop_does(select_on
     )
     assert res.stop_reason == "patience"
     trace = [{"step": h["step"], "small": {**h["small"], "accuracy": h["small"]["val_accuracy"],
-              "loss": h["small"]["val_loss"]}} for h in hist]  # fmt: skip
-    got = selection.replay(trace, selection.RULES[select_on], cfg.patience, cfg.min_steps)
+              "loss": h["small"]["val_loss"], "macro_f1": h["small"]["val_macro_f1"]}}
+             for h in hist]  # fmt: skip
+    also = selection.PATIENCE_ON_TWO["accuracy, patience also on macro F1"][1] if also_on else None
+    got = selection.replay(trace, selection.RULES[select_on], cfg.patience, cfg.min_steps, also)
     assert not got["truncated"]
-    if select_on == "accuracy":  # a tie with the best keeps the earlier average
+    if select_on == "accuracy" and not also_on:  # a tie with the best keeps the earlier average
         assert any(t["small"]["accuracy"] == trace[got["kept"]]["small"]["accuracy"]
                    for t in trace[got["kept"] + 1 :])  # fmt: skip
+    if also_on:  # the macro F1 gains kept it training past accuracy's own patience stop
+        alone = selection.replay(trace, selection.RULES[select_on], cfg.patience, cfg.min_steps)
+        assert alone["stopped"] < got["stopped"]
     assert trace[got["kept"]]["step"] == res.best_step
     assert trace[got["stopped"]]["step"] == res.steps

@@ -389,6 +389,8 @@ def test_validation_loss_is_the_mean_nll_and_select_on_is_checked():
     assert validation_loss(probs, labels) == pytest.approx(expected)
     with pytest.raises(ValueError, match="select_on must be accuracy or loss, got 'f1'"):
         _budget(select_on="f1")
+    with pytest.raises(ValueError, match="patience_also_on must be '' or macro_f1, got 'f1'"):
+        _budget(patience_also_on="f1")
 
 
 def _budget(**kw: Any) -> ClassifierConfig:
