@@ -172,7 +172,7 @@ def test_selection_replay_with_patience_on_two_scores_trains_on_while_either_imp
     key = selection.RULES["accuracy"]
     alone = selection.replay(trace, key, 2, 0)
     assert (alone["kept"], alone["stopped"]) == (1, 3)  # two validations without a gain
-    also = selection.PATIENCE_ON_TWO["accuracy, patience also on macro F1"][1]
+    also = selection.RULES[selection.PATIENCE_ON_TWO["accuracy, patience also on macro F1"][1]]
     both = selection.replay(trace, key, 2, 0, also)
     assert (both["kept"], both["stopped"], both["truncated"]) == (5, 7, False)
 
@@ -208,7 +208,8 @@ def test_selection_replay_keeps_and_stops_where_the_training_loop_does(select_on
     trace = [{"step": h["step"], "small": {**h["small"], "accuracy": h["small"]["val_accuracy"],
               "loss": h["small"]["val_loss"], "macro_f1": h["small"]["val_macro_f1"]}}
              for h in hist]  # fmt: skip
-    also = selection.PATIENCE_ON_TWO["accuracy, patience also on macro F1"][1] if also_on else None
+    two = selection.PATIENCE_ON_TWO["accuracy, patience also on macro F1"]
+    also = selection.RULES[two[1]] if also_on else None
     got = selection.replay(trace, selection.RULES[select_on], cfg.patience, cfg.min_steps, also)
     assert not got["truncated"]
     if select_on == "accuracy" and not also_on:  # a tie with the best keeps the earlier average
